@@ -1,0 +1,45 @@
+"""vllm-moe-reuse plugin: live MoE expert-reuse telemetry inside vLLM.
+
+`register()` is the `vllm.general_plugins` entry point. vLLM calls it in every process (front end,
+engine core, each worker), possibly more than once, so it is idempotent, cheap, and imports vLLM
+only inside the seam. Installed but not enabled, it changes nothing: the hooks it installs are
+pass-throughs unless `--additional-config '{"moe_reuse": {...}}'` is given, and it never touches
+vLLM's config (so not its compile cache either).
+"""
+
+from __future__ import annotations
+
+import logging
+
+__all__ = ["register"]
+
+_registered = False
+logger = logging.getLogger("vllm.moe_reuse")
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from .snapshot import ensure_run_id
+
+    ensure_run_id()  # before vLLM spawns anything, so every child shares this server's run id
+    try:
+        from . import vllm_seam
+
+        vllm_seam.install_config_validation()
+        vllm_seam.install_worker_hook()
+        _register_collector()
+    except ImportError as exc:  # vLLM missing: the predictor and CLI still work
+        logger.debug("moe_reuse: vLLM hooks not installed: %s", exc)
+
+
+def _register_collector() -> None:
+    """Expose the workers' snapshots on this process's /metrics (single-API-server mode)."""
+    from prometheus_client import REGISTRY
+
+    from .exporters.prometheus import SnapshotCollector
+    from .snapshot import run_dir
+
+    REGISTRY.register(SnapshotCollector(run_dir))  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""Exporters: snapshot -> Prometheus families, multiprocess bridge, OpenTelemetry."""

@@ -1,0 +1,1 @@
+"""Recording core: device counters, the ring and its flusher. Imports torch, never vLLM."""

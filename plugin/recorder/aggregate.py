@@ -1,0 +1,179 @@
+"""Off-step aggregation: a block of per-step counts -> cumulative totals (numpy only).
+
+Runs in the flusher thread, never in the forward. Everything exported is a cumulative counter
+(Prometheus derives rates), so a block of n steps is folded into `Totals` with vectorised numpy
+and the per-step detail is dropped: memory stays fixed whatever the uptime.
+
+HBM bytes per step (documented in the README, "How bytes are counted"):
+- routed experts: for every MoE layer, distinct experts that received at least one token of the
+  step (prefill or decode) x the bytes of one expert on this rank (all its weight and scale tensors);
+- shared experts, dense FFN layers, attention projections and the LM head: read once per step;
+- KV cache: sum over the step's requests of their context length (tokens already computed plus the
+  scheduled ones) x KV bytes per token per rank (vLLM's own page size / block size, over layers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .ring import DECODE, PAD, PREFILL
+
+PHASES = ("prefill", "decode")
+KINDS = ("decode", "prefill", "mixed")
+KIND_DECODE, KIND_PREFILL, KIND_MIXED = 0, 1, 2
+COMPONENTS = ("routed_experts", "shared_experts", "dense_ffn", "attention", "embedding", "kv_cache")
+COMM_OPS = ("all_reduce", "all_to_all")
+HIST_BOUNDS = np.array([1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096], dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class ByteModel:
+    """Bytes one step reads, per component, for this rank (measured from the loaded tensors)."""
+
+    expert_bytes_per_layer: tuple[int, ...]
+    shared_expert_bytes: int = 0
+    dense_ffn_bytes: int = 0
+    attention_bytes: int = 0
+    embedding_bytes: int = 0
+    kv_bytes_per_token: int = 0
+
+
+class StepMeta:
+    """Host-side ring of per-step facts that the device counters do not hold."""
+
+    def __init__(self, ring_steps: int) -> None:
+        n = ring_steps
+        self.kind = np.zeros(n, dtype=np.int8)
+        self.tokens = np.zeros((n, 2), dtype=np.int64)
+        self.requests = np.zeros((n, 2), dtype=np.int64)
+        self.context = np.zeros((n, 2), dtype=np.int64)
+        self.duration_ns = np.zeros(n, dtype=np.int64)
+        self.comm_ns = np.zeros((n, len(COMM_OPS)), dtype=np.int64)
+
+    def take(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        return {k: v[start:stop].copy() for k, v in vars(self).items()}
+
+
+@dataclass
+class Totals:
+    """Cumulative counters for one rank. Shapes are fixed by (layers, experts) at start-up."""
+
+    num_layers: int
+    num_experts: int
+    steps: np.ndarray = field(init=False)
+    duration_s: np.ndarray = field(init=False)
+    tokens: np.ndarray = field(init=False)
+    padding_tokens: int = 0
+    requests: np.ndarray = field(init=False)
+    context: np.ndarray = field(init=False)
+    assignments: np.ndarray = field(init=False)
+    touched: np.ndarray = field(init=False)
+    max_load: np.ndarray = field(init=False)
+    hist_buckets: np.ndarray = field(init=False)
+    hist_sum: np.ndarray = field(init=False)
+    expert_tokens: np.ndarray = field(init=False)
+    hbm_bytes: np.ndarray = field(init=False)
+    comm_s: np.ndarray = field(init=False)
+    dropped_steps: int = 0
+
+    def __post_init__(self) -> None:
+        L, E = self.num_layers, self.num_experts
+        self.steps = np.zeros(len(KINDS), dtype=np.int64)
+        self.duration_s = np.zeros(len(KINDS), dtype=np.float64)
+        self.tokens = np.zeros(2, dtype=np.int64)
+        self.requests = np.zeros(2, dtype=np.int64)
+        self.context = np.zeros(2, dtype=np.int64)
+        self.assignments = np.zeros((L, 2), dtype=np.int64)
+        self.touched = np.zeros((L, 2), dtype=np.int64)
+        self.max_load = np.zeros((L, 2), dtype=np.int64)
+        self.hist_buckets = np.zeros((2, len(HIST_BOUNDS) + 1), dtype=np.int64)
+        self.hist_sum = np.zeros(2, dtype=np.int64)
+        self.expert_tokens = np.zeros((L, 2, E), dtype=np.int64)
+        self.hbm_bytes = np.zeros(len(COMPONENTS), dtype=np.float64)
+        self.comm_s = np.zeros(len(COMM_OPS), dtype=np.float64)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        out = {k: v for k, v in vars(self).items() if isinstance(v, np.ndarray)}
+        out["padding_tokens"] = np.array(self.padding_tokens, dtype=np.int64)
+        out["dropped_steps"] = np.array(self.dropped_steps, dtype=np.int64)
+        return out
+
+
+def step_kind(tokens: np.ndarray) -> int:
+    """decode / prefill / mixed from the step's [prefill, decode] token counts."""
+    has_p, has_d = tokens[PREFILL] > 0, tokens[DECODE] > 0
+    if has_d and not has_p:
+        return KIND_DECODE
+    if has_p and not has_d:
+        return KIND_PREFILL
+    return KIND_MIXED
+
+
+@dataclass(frozen=True)
+class BlockStats:
+    """Per-step derived figures of one flushed block (used by the live comparison window)."""
+
+    decode_touched: np.ndarray  # [n] distinct experts touched by decode tokens, summed over layers
+    decode_assign: np.ndarray  # [n] decode assignments summed over layers
+    distinct_all: np.ndarray  # [L, n] distinct experts touched by any token
+    expert_decode: np.ndarray  # [L, E] decode tokens per expert over the block
+
+
+def fold_block(
+    totals: Totals,
+    counts: np.ndarray,
+    meta: dict[str, np.ndarray],
+    bytes_model: ByteModel,
+    top_k: int,
+) -> BlockStats:
+    """Fold n finished steps into `totals`.
+
+    counts: [L, n, 3, E] per-step expert counts from the device ring; meta: StepMeta.take().
+    """
+    c = counts[:, :, :PAD].astype(np.int64)  # [L, n, 2, E], padding sink dropped
+    n = c.shape[1]
+    if n == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return BlockStats(empty, empty, np.zeros((c.shape[0], 0), np.int64), c.sum(axis=(1, 2)))
+    kinds = meta["kind"].astype(np.int64)
+    totals.steps += np.bincount(kinds, minlength=len(KINDS))[: len(KINDS)]
+    totals.duration_s += (
+        np.bincount(kinds, weights=meta["duration_ns"], minlength=len(KINDS))[: len(KINDS)] / 1e9
+    )
+    totals.tokens += meta["tokens"].sum(axis=0)
+    totals.requests += meta["requests"].sum(axis=0)
+    totals.context += meta["context"].sum(axis=0)
+    totals.comm_s += meta["comm_ns"].sum(axis=0) / 1e9
+    # Padding: rows in the sink of a real step (first layer; every layer routes the same rows).
+    totals.padding_tokens += int(counts[0, :, PAD].sum()) // max(top_k, 1)
+
+    present = c > 0
+    totals.assignments += c.sum(axis=(1, 3))
+    totals.touched += present.sum(axis=(1, 3))
+    totals.max_load += c.max(axis=3).sum(axis=1)
+    totals.expert_tokens += c.sum(axis=1)
+    for p in range(2):
+        vals = c[:, :, p][present[:, :, p]]
+        if vals.size:
+            idx = np.searchsorted(HIST_BOUNDS, vals, side="left")
+            totals.hist_buckets[p] += np.bincount(idx, minlength=len(HIST_BOUNDS) + 1)
+            totals.hist_sum[p] += int(vals.sum())
+
+    distinct_all = (c.sum(axis=2) > 0).sum(axis=2)  # [L, n]
+    bm = bytes_model
+    routed = float((distinct_all.sum(axis=1) * np.asarray(bm.expert_bytes_per_layer)).sum())
+    kv = float(meta["context"].sum()) * bm.kv_bytes_per_token
+    per_step = np.array(
+        [0.0, bm.shared_expert_bytes, bm.dense_ffn_bytes, bm.attention_bytes, bm.embedding_bytes, 0.0]
+    )
+    totals.hbm_bytes += per_step * n
+    totals.hbm_bytes[0] += routed
+    totals.hbm_bytes[COMPONENTS.index("kv_cache")] += kv
+    return BlockStats(
+        decode_touched=present[:, :, DECODE].sum(axis=(0, 2)),
+        decode_assign=c[:, :, DECODE].sum(axis=(0, 2)),
+        distinct_all=distinct_all,
+        expert_decode=c[:, :, DECODE].sum(axis=1),
+    )

@@ -1,0 +1,165 @@
+"""Per-step expert counters on the device: the only code that runs inside the model forward.
+
+Why a ring of per-step slots rather than one cumulative counter: the figures users need (distinct
+experts touched per step, the largest expert load, the expert-local batch histogram) are functions
+of one step's counts, and a counter read while a step is writing to it tears. Each step writes only
+its own slot; the flusher copies finished slots off the device in batches, never the slot in use.
+
+Layout: `counts[layer_slot, ring_slot, phase, expert]` (int32). Phases are prefill, decode and a
+sink that absorbs padded rows. Ring slot `ring_steps` is the idle slot: outside a real step (the
+compile warm-up's dummy batch, CUDA-graph capture, data-parallel dummy steps) every row points at
+its sink, so those tokens are never counted.
+
+The hot path (`capture`) is two tensor ops per MoE layer, on preallocated buffers: an add that
+forms flat indices from `tok_base` (per token: ring_slot*3*E + phase*E, written by the host before
+the forward) and the top-k ids, and an `index_add_` into that layer's counters. No host sync, no
+Python per token, nothing that breaks torch.compile or CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PREFILL, DECODE, PAD = 0, 1, 2
+NUM_PHASES = 3
+RING_BYTES_BUDGET = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class RingLayout:
+    """Shapes fixed at start-up; memory never grows with uptime."""
+
+    num_layers: int
+    num_experts: int
+    top_k: int
+    max_tokens: int
+    ring_steps: int
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_experts", "top_k", "max_tokens", "ring_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RingLayout.{name} must be >= 1, got {getattr(self, name)}")
+
+    @staticmethod
+    def auto_ring_steps(num_layers: int, num_experts: int, requested: int = 0) -> int:
+        """Ring length: as many steps as fit RING_BYTES_BUDGET, between 8 and 512."""
+        if requested > 0:
+            return requested
+        per_step = num_layers * NUM_PHASES * num_experts * 4
+        return int(max(8, min(512, RING_BYTES_BUDGET // max(per_step, 1))))
+
+    @property
+    def idle_slot(self) -> int:
+        return self.ring_steps
+
+    @property
+    def slot_stride(self) -> int:
+        return NUM_PHASES * self.num_experts
+
+
+class RoutingRing:
+    """Device counters plus the host-side protocol that fills `tok_base` around each step."""
+
+    def __init__(self, layout: RingLayout, device: torch.device | str = "cpu") -> None:
+        self.layout = layout
+        self.device = torch.device(device)
+        lay = layout
+        self.counts = torch.zeros(
+            (lay.num_layers, lay.ring_steps + 1, NUM_PHASES, lay.num_experts),
+            dtype=torch.int32,
+            device=self.device,
+        )
+        # One contiguous flat view per layer: index_add_ needs a 1-D destination.
+        self._layer_flat = [self.counts[i].view(-1) for i in range(lay.num_layers)]
+        self._ones = torch.ones(lay.max_tokens * lay.top_k, dtype=torch.int32, device=self.device)
+        idle = lay.idle_slot * lay.slot_stride + PAD * lay.num_experts
+        self._idle_base = idle
+        self.tok_base = torch.full((lay.max_tokens,), idle, dtype=torch.int64, device=self.device)
+        pin = self.device.type == "cuda"
+        self._idle_host = torch.full((lay.max_tokens,), idle, dtype=torch.int64, pin_memory=pin)
+        # Staging buffers for tok_base, round-robin so a non-blocking H2D copy never reads a host
+        # buffer that is being refilled (an event guards each one on CUDA).
+        self._stage = [
+            torch.empty((lay.max_tokens,), dtype=torch.int64, pin_memory=pin) for _ in range(4)
+        ]
+        self._stage_events: list[torch.cuda.Event | None] = [None] * 4
+        self._stage_next = 0
+        self._copy_events: dict[int, torch.cuda.Event] = {}
+
+    # ---- hot path: inside the forward -------------------------------------------------------
+    def capture(self, layer_slot: int, topk_ids: torch.Tensor) -> None:
+        """Count one MoE layer's routing. Tensor ops only (traced by Dynamo, captured by graphs)."""
+        idx = self.tok_base[: topk_ids.shape[0]].unsqueeze(1) + topk_ids
+        flat = idx.reshape(-1)
+        self._layer_flat[layer_slot].index_add_(0, flat, self._ones[: flat.shape[0]])
+
+    # ---- host side, between steps -----------------------------------------------------------
+    def begin_step(self, ring_slot: int, phases: np.ndarray) -> None:
+        """Point this step's rows at `ring_slot` and zero that slot. `phases`: one per token."""
+        lay = self.layout
+        n = int(phases.shape[0])
+        if n > lay.max_tokens:
+            raise ValueError(f"step has {n} tokens, ring was sized for {lay.max_tokens}")
+        i = self._stage_next
+        self._stage_next = (i + 1) % len(self._stage)
+        event = self._stage_events[i]
+        if event is not None:
+            event.synchronize()  # only blocks if the device is 4 steps behind the host
+        host = self._stage[i].numpy()
+        host[:n] = ring_slot * lay.slot_stride + phases.astype(np.int64) * lay.num_experts
+        host[n:] = ring_slot * lay.slot_stride + PAD * lay.num_experts  # padded rows
+        if self.device.type == "cuda":
+            copy_done = self._copy_events.pop(ring_slot, None)
+            if copy_done is not None:  # the flusher's D2H copy of this slot must finish first
+                torch.cuda.current_stream(self.device).wait_event(copy_done)
+        self.counts[:, ring_slot].zero_()
+        self.tok_base.copy_(self._stage[i], non_blocking=True)
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event()
+            ev.record()
+            self._stage_events[i] = ev
+
+    def end_step(self) -> None:
+        """Point every row back at the idle sink, so dummy forwards between steps count nothing."""
+        self.tok_base.copy_(self._idle_host, non_blocking=True)
+
+    def note_copied(self, ring_slots: list[int], event: torch.cuda.Event) -> None:
+        for s in ring_slots:
+            self._copy_events[s] = event
+
+    def read_range(self, start: int, stop: int, out: torch.Tensor) -> torch.cuda.Event | None:
+        """Copy ring slots [start, stop) into host tensor `out` [L, stop-start, 3, E].
+
+        Called by the flusher thread. On CUDA the copy runs on a side stream, ordered after the
+        last finished step's event, and the returned event marks its completion; the step thread
+        never waits for it (begin_step orders the slot's next zeroing after it on the device).
+        """
+        src = self.counts[:, start:stop]
+        if self.device.type != "cuda":
+            out.copy_(src)
+            return None
+        stream = self._side_stream()
+        stream.wait_event(self._last_step_event)
+        with torch.cuda.stream(stream):
+            out.copy_(src, non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+        return ev
+
+    _side: torch.cuda.Stream | None = None
+    _last_step_event: torch.cuda.Event
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        return self._side
+
+    def mark_step_done(self) -> None:
+        """Record an event after the step's work so the flusher's copy can be ordered after it."""
+        if self.device.type == "cuda":
+            ev = torch.cuda.Event()
+            ev.record()
+            self._last_step_event = ev

@@ -1,0 +1,245 @@
+"""One rank's recording session: the step protocol, the flusher thread and fault isolation.
+
+The seam to vLLM (`moe_reuse.plugin.vllm_seam`) calls four things, all off the forward:
+`step_started()` when execute_model begins, `step_prepared(...)` once the batch layout is known,
+`step_finished()` after sampling, and `capture_fn(slot)` once per MoE router at bind time. This
+module imports torch and numpy, never vLLM, so it can be driven and benchmarked with torch alone.
+
+A fault anywhere in here must never reach the engine: every entry point catches, disables the
+session (the forward keeps running the two counting ops into the idle sink, which is harmless),
+counts the error, logs one line, and keeps publishing snapshots that say `enabled = 0`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .aggregate import COMM_OPS, BlockStats, ByteModel, StepMeta, Totals, fold_block, step_kind
+from .ring import DECODE, PREFILL, RingLayout, RoutingRing
+
+logger = logging.getLogger("vllm.moe_reuse")
+
+Publisher = Callable[[dict[str, Any]], None]
+BlockListener = Callable[[BlockStats, dict[str, np.ndarray], "RecorderSession"], None]
+
+
+class InjectedFault(RuntimeError):
+    """Raised on purpose by `inject_fault_after_steps` (tests of fault isolation)."""
+
+
+class RecorderSession:
+    def __init__(
+        self,
+        layout: RingLayout,
+        bytes_model: ByteModel,
+        *,
+        device: torch.device | str = "cpu",
+        labels: dict[str, str],
+        info: dict[str, str],
+        layer_ids: list[int],
+        publish: Publisher,
+        flush_interval_s: float = 1.0,
+        inject_fault_after_steps: int = 0,
+        clock: Callable[[], int] = time.perf_counter_ns,
+    ) -> None:
+        self.layout = layout
+        self.bytes_model = bytes_model
+        self.ring = RoutingRing(layout, device)
+        self.meta = StepMeta(layout.ring_steps)
+        self.totals = Totals(layout.num_layers, layout.num_experts)
+        self.labels = dict(labels)
+        self.info = dict(info)
+        self.layer_ids = list(layer_ids)
+        self.publish = publish
+        self.flush_interval_s = flush_interval_s
+        self.inject_after = inject_fault_after_steps
+        self.clock = clock
+        self.enabled = True
+        self.errors: dict[str, int] = {}
+        self.listeners: list[BlockListener] = []
+        self.gauges: dict[str, Any] = {}  # filled by listeners (live comparison)
+        self._lock = threading.Lock()  # serialises flushes (thread vs close)
+        self._steps_begun = 0  # steps given a ring slot (== completed once finished)
+        self._completed = 0
+        self._read = 0
+        self._in_step = False
+        self._recording = False
+        self._t0 = 0
+        self._slot = 0
+        self._comm_ns = np.zeros(len(COMM_OPS), dtype=np.int64)
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._host = torch.empty(
+            (layout.num_layers, layout.ring_steps, 3, layout.num_experts), dtype=torch.int32,
+            pin_memory=self.ring.device.type == "cuda",
+        )
+
+    # ---- binding -----------------------------------------------------------------------------
+    def capture_fn(self, layer_slot: int) -> Callable[[torch.Tensor], None]:
+        ring = self.ring
+
+        def capture(topk_ids: torch.Tensor) -> None:
+            ring.capture(layer_slot, topk_ids)
+
+        return capture
+
+    # ---- step protocol (engine thread, between forwards) ---------------------------------------
+    def step_started(self) -> None:
+        if self.enabled:
+            self._t0 = self.clock()
+            self._in_step = True
+
+    def step_prepared(
+        self, num_scheduled: np.ndarray, num_computed: np.ndarray, num_prompt: np.ndarray
+    ) -> None:
+        """Batch layout in input-batch order (one entry per request); vectorised, no token loop."""
+        if not (self.enabled and self._in_step):
+            return
+        try:
+            lay = self.layout
+            if self._steps_begun - self._read >= lay.ring_steps:
+                self.totals.dropped_steps += 1  # ring full: never overwrite an unread slot
+                self._recording = False
+                return
+            is_decode = num_computed >= num_prompt
+            phases = np.repeat(np.where(is_decode, DECODE, PREFILL).astype(np.int8), num_scheduled)
+            slot = self._steps_begun % lay.ring_steps
+            self.ring.begin_step(slot, phases)
+            m = self.meta
+            sched = num_scheduled.astype(np.int64)
+            ctx = num_computed.astype(np.int64) + sched
+            m.tokens[slot] = (sched[~is_decode].sum(), sched[is_decode].sum())
+            m.requests[slot] = (int((~is_decode).sum()), int(is_decode.sum()))
+            m.context[slot] = (ctx[~is_decode].sum(), ctx[is_decode].sum())
+            m.kind[slot] = step_kind(m.tokens[slot])
+            self._comm_ns[:] = 0
+            self._slot = slot
+            self._recording = True
+        except Exception as exc:  # noqa: BLE001 - never let the plugin stop serving
+            self.fault("step_prepared", exc)
+
+    def add_comm_ns(self, op: int, ns: int) -> None:
+        """Called from the timed collective (host time) during the forward."""
+        self._comm_ns[op] += ns
+
+    def step_finished(self) -> None:
+        if not self._in_step:
+            return
+        self._in_step = False
+        if not (self.enabled and self._recording):
+            return
+        self._recording = False
+        try:
+            self.ring.end_step()
+            self.ring.mark_step_done()
+            slot = self._slot
+            self.meta.duration_ns[slot] = self.clock() - self._t0
+            self.meta.comm_ns[slot] = self._comm_ns
+            self._steps_begun += 1
+            self._completed = self._steps_begun
+            if self.inject_after and self._completed >= self.inject_after:
+                raise InjectedFault(f"inject_fault_after_steps={self.inject_after} reached")
+            if self._completed - self._read >= self.layout.ring_steps // 2:
+                self._wake.set()
+        except Exception as exc:  # noqa: BLE001
+            self.fault("step_finished", exc)
+
+    # ---- faults --------------------------------------------------------------------------------
+    def fault(self, stage: str, exc: BaseException) -> None:
+        """Disable recording, count the error, log once. Never raises."""
+        try:
+            first = self.enabled
+            self.enabled = False
+            self.errors[stage] = self.errors.get(stage, 0) + 1
+            try:
+                self.ring.end_step()
+            except Exception:  # noqa: BLE001
+                pass
+            if first:
+                logger.error(
+                    "moe_reuse: disabled after a fault in %s: %s: %s (serving continues; see "
+                    "moe_reuse_errors_total)", stage, type(exc).__name__, exc,
+                )
+            self._wake.set()
+        except Exception:  # noqa: BLE001
+            pass
+
+    # ---- flushing (flusher thread) ------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="moe_reuse-flusher", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self.flush()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.flush_interval_s)
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            try:
+                if self.enabled:
+                    self._fold_pending()
+            except Exception as exc:  # noqa: BLE001
+                self.fault("flush", exc)
+            try:
+                self.publish(self.snapshot())
+            except Exception as exc:  # noqa: BLE001
+                self.fault("publish", exc)
+
+    def _fold_pending(self) -> None:
+        S = self.layout.ring_steps
+        done, read = self._completed, self._read
+        n = done - read
+        if n <= 0:
+            return
+        start = read % S
+        ranges = [(start, min(start + n, S))]
+        if start + n > S:
+            ranges.append((0, start + n - S))
+        host = self._host
+        offset = 0
+        for a, b in ranges:
+            ev = self.ring.read_range(a, b, host[:, offset : offset + b - a])
+            if ev is not None:
+                self.ring.note_copied(list(range(a, b)), ev)
+                ev.synchronize()  # this thread waits; the engine's stream never does
+            offset += b - a
+        meta_parts = [self.meta.take(a, b) for a, b in ranges]
+        meta = {k: np.concatenate([p[k] for p in meta_parts]) for k in meta_parts[0]}
+        counts = host[:, :n].numpy()
+        stats = fold_block(self.totals, counts, meta, self.bytes_model, self.layout.top_k)
+        self._read = done
+        for listener in self.listeners:
+            listener(stats, meta, self)
+
+    def snapshot(self) -> dict[str, Any]:
+        """A step-consistent copy of everything exported (plain data, picklable)."""
+        return {
+            "version": 1,
+            "time": time.time(),
+            "labels": dict(self.labels),
+            "info": dict(self.info),
+            "layer_ids": list(self.layer_ids),
+            "top_k": self.layout.top_k,
+            "enabled": bool(self.enabled),
+            "errors": dict(self.errors),
+            "comm_mode": self.info.get("comm_mode", "none"),
+            "totals": {k: v.copy() for k, v in self.totals.arrays().items()},
+            "gauges": dict(self.gauges),
+        }
