@@ -13,6 +13,7 @@ vLLM process that loads the plugin, before it spawns anything, and every child i
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -50,7 +51,8 @@ def encode(snapshot: dict[str, Any]) -> bytes:
     header = {k: v for k, v in snapshot.items() if k != "totals"}
     arrays = {f"t_{k}": np.asarray(v) for k, v in snapshot["totals"].items()}
     buf = io.BytesIO()
-    np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8), **arrays)
+    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     return buf.getvalue()
 
 
@@ -70,10 +72,8 @@ def write_snapshot(path: Path, snapshot: dict[str, Any]) -> None:
             f.write(encode(snapshot))
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 

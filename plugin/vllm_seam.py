@@ -95,12 +95,13 @@ def _module_bytes(m: torch.nn.Module) -> int:
     The CPU backend prepacks linear weights and drops the original parameters, so sizes come from
     vLLM's own per-partition shape attributes rather than from the parameters that remain.
     """
-    dtype = getattr(m, "params_dtype", None) or torch.bfloat16
+    m_any: Any = m
+    dtype = getattr(m_any, "params_dtype", None) or torch.bfloat16
     item = torch.empty((), dtype=dtype).element_size()
     if hasattr(m, "input_size_per_partition") and hasattr(m, "output_size_per_partition"):
-        return int(m.input_size_per_partition) * int(m.output_size_per_partition) * item
+        return int(m_any.input_size_per_partition) * int(m_any.output_size_per_partition) * item
     if hasattr(m, "num_embeddings_per_partition") and hasattr(m, "embedding_dim"):
-        return int(m.num_embeddings_per_partition) * int(m.embedding_dim) * item
+        return int(m_any.num_embeddings_per_partition) * int(m_any.embedding_dim) * item
     return sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
 
 
@@ -329,7 +330,7 @@ def _time_tp_all_reduce(session: RecorderSession) -> None:
     def timed(x: torch.Tensor) -> torch.Tensor:
         return torch.ops.moe_reuse.timed_all_reduce(x)
 
-    moe_runner.tensor_model_parallel_all_reduce = timed
+    moe_runner.tensor_model_parallel_all_reduce = timed  # type: ignore[assignment]
 
 
 def _time_ep_all_to_all(session: RecorderSession) -> None:

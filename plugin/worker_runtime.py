@@ -6,6 +6,7 @@ Kept apart from the seam so the seam stays about vLLM internals only.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 from typing import Any
 
@@ -30,10 +31,8 @@ def make_publisher(cfg: PluginConfig, labels: dict[str, str]) -> Publisher:
             bridge.publish(snapshot)
 
     def _remove() -> None:
-        try:
+        with contextlib.suppress(OSError):
             path.unlink()
-        except OSError:
-            pass
 
     atexit.register(_remove)
     return publish

@@ -114,7 +114,7 @@ def run_demo(
             done = threading.Event()
             prev = scrape(server.metrics_text())
 
-            def watch(prev: dict[str, float] = prev) -> None:
+            def watch(prev: dict[str, float] = prev, done: threading.Event = done) -> None:
                 while not done.wait(2.0):
                     cur = scrape(server.metrics_text())
                     say(live_line(prev, cur, facts))

@@ -12,6 +12,7 @@ counts the error, logs one line, and keeps publishing snapshots that say `enable
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -159,10 +160,8 @@ class RecorderSession:
             first = self.enabled
             self.enabled = False
             self.errors[stage] = self.errors.get(stage, 0) + 1
-            try:
+            with contextlib.suppress(Exception):
                 self.ring.end_step()
-            except Exception:  # noqa: BLE001
-                pass
             if first:
                 logger.error(
                     "moe_reuse: disabled after a fault in %s: %s: %s (serving continues; see "

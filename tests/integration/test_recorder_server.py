@@ -62,7 +62,9 @@ def _check_conservation(text: str, before: str, facts, sent, ranks=("0",)) -> No
     prefill_tokens = prompt_tokens - hits
     k = facts.top_k
     for rank in ranks:
-        d = lambda name, **lb: sum_rank(text, name, rank, **lb) - sum_rank(before, name, rank, **lb)  # noqa: E731
+        def d(name: str, rank: str = rank, **lb: str) -> float:
+            return sum_rank(text, name, rank, **lb) - sum_rank(before, name, rank, **lb)
+
         assert d("moe_reuse_tokens_total", phase="prefill") == prefill_tokens
         assert d("moe_reuse_tokens_total", phase="decode") == decode_tokens
         assert d("moe_reuse_padding_tokens_total") == 0
@@ -80,6 +82,13 @@ def _check_conservation(text: str, before: str, facts, sent, ranks=("0",)) -> No
             for li in facts.moe_layer_indices
         )
         assert touched >= steps * k * len(facts.moe_layer_indices)
+        # bytes: the LM head (bf16, vocab x hidden, split over TP ranks) is read once per step
+        all_steps = sum(d("moe_reuse_steps_total", kind=kd) for kd in ("decode", "prefill", "mixed"))
+        hbm = {c: d("moe_reuse_hbm_read_bytes_total", component=c) for c in
+               ("routed_experts", "shared_experts", "attention", "embedding", "kv_cache")}
+        assert hbm["embedding"] == all_steps * facts.vocab_size * facts.hidden_size * 2 / len(ranks)
+        assert hbm["routed_experts"] > 0 and hbm["attention"] > 0 and hbm["kv_cache"] > 0
+        assert (hbm["shared_experts"] > 0) == (facts.num_shared_experts > 0)
 
 
 @pytest.mark.parametrize("eager", [False, True], ids=["compiled", "eager"])
