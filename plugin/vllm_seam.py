@@ -250,7 +250,6 @@ def _comm_mode(vc: Any) -> str:
 def _wrap_runner(runner: Any, session: RecorderSession) -> None:
     """Instance-level wrappers around the model runner's step methods (host side, off the forward)."""
     execute, prepare, sample = runner.execute_model, runner._prepare_inputs, runner.sample_tokens
-    batch = runner.input_batch
 
     def execute_model(*args: Any, **kwargs: Any) -> Any:
         session.step_started()
@@ -263,6 +262,7 @@ def _wrap_runner(runner: Any, session: RecorderSession) -> None:
         try:
             if session.bytes_model.kv_bytes_per_token == 0:
                 _set_kv_bytes(session, runner)
+            batch = runner.input_batch  # re-created after KV init for some models (llama4)
             n = int(batch.num_reqs)
             session.step_prepared(
                 np.asarray(num_scheduled[:n]),
