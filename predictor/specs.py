@@ -1,0 +1,431 @@
+"""Frozen input types of the cost model: model, hardware, accounting policy, partition.
+
+Everything inside is in SI base units with the unit in the field name (bytes,
+bytes_per_second, flops_per_second, seconds). Conversion from GB, TB/s and TFLOP/s happens
+once, in `loading.py`; these classes only check that values are in range, so that a spec
+built in code (the plugin does that) gets the same checks as one read from a file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from types import MappingProxyType
+from typing import Any
+
+from .errors import SpecError
+
+# Bytes per parameter or cache element. MXFP4 carries one 8-bit scale per 32 values.
+DTYPE_BYTES: Mapping[str, float] = MappingProxyType(
+    {
+        "fp32": 4.0,
+        "bf16": 2.0,
+        "fp16": 2.0,
+        "fp8": 1.0,
+        "int8": 1.0,
+        "int4": 0.5,
+        "fp4": 0.5,
+        "mxfp4": 4.25 / 8.0,
+        "nvfp4": 4.5 / 8.0,
+    }
+)
+_DTYPE_ALIASES: Mapping[str, str] = MappingProxyType(
+    {
+        "float32": "fp32",
+        "float": "fp32",
+        "bfloat16": "bf16",
+        "float16": "fp16",
+        "half": "fp16",
+        "fp8_e4m3": "fp8",
+        "fp8_e5m2": "fp8",
+        "float8_e4m3fn": "fp8",
+        "e4m3": "fp8",
+        "auto": "bf16",
+    }
+)
+ATTENTION_KINDS = ("mha", "gqa", "mqa", "mla")
+MLA_KV_SHARDINGS = ("latent", "replicated", "tokens")
+TP_POLICIES = ("max", "search")
+FFN_SHARD_SCOPES = ("stage", "node")
+
+
+def normalize_dtype(value: str, field_name: str) -> str:
+    """Map a dtype spelling (`bfloat16`, `float8_e4m3fn`, ...) to a key of DTYPE_BYTES."""
+    key = str(value).strip().lower()
+    key = _DTYPE_ALIASES.get(key, key)
+    if key not in DTYPE_BYTES:
+        raise SpecError(
+            field_name, f"unknown dtype {value!r}", f"use one of {', '.join(DTYPE_BYTES)}"
+        )
+    return key
+
+
+def dtype_bytes(dtype: str) -> float:
+    return DTYPE_BYTES[dtype]
+
+
+def _check_int(obj: object, name: str, minimum: int) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(name, f"must be an integer, got {value!r}")
+    if value < minimum:
+        raise SpecError(name, f"must be >= {minimum}, got {value}")
+
+
+def _check_float(
+    obj: object, name: str, minimum: float, *, strict: bool, maximum: float | None = None
+) -> None:
+    value = getattr(obj, name)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SpecError(name, f"must be a number, got {value!r}")
+    if value != value or (strict and value <= minimum) or (not strict and value < minimum):
+        raise SpecError(name, f"must be {'>' if strict else '>='} {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise SpecError(name, f"must be <= {maximum}, got {value}")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One decoder-only transformer, dense or MoE, as the cost model sees it.
+
+    Layers are described by counts, not by index lists: the model is position-independent, so
+    "which" layers are MoE or sliding-window only matters through how many there are.
+    `num_experts == 0` is a dense model. Routed experts and shared experts are separate so the
+    plugin can account them separately; `shared_expert_intermediate_size` is per shared expert.
+    """
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    intermediate_size: int = 0
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    num_moe_layers: int = 0
+    num_shared_experts: int = 0
+    shared_expert_intermediate_size: int = 0
+    gated_ffn: bool = True
+    attention_kind: str = "gqa"
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    sliding_window_tokens: int = 0
+    num_sliding_window_layers: int = 0
+    tie_word_embeddings: bool = False
+    weight_dtype: str = "bf16"
+    expert_weight_dtype: str = ""
+    kv_dtype: str = "bf16"
+    activation_dtype: str = "bf16"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SpecError("name", "must be a non-empty string")
+        for name in (
+            "hidden_size",
+            "num_layers",
+            "num_attention_heads",
+            "num_kv_heads",
+            "head_dim",
+            "vocab_size",
+        ):
+            _check_int(self, name, 1)
+        for name in (
+            "intermediate_size",
+            "num_experts",
+            "experts_per_token",
+            "moe_intermediate_size",
+            "num_moe_layers",
+            "num_shared_experts",
+            "shared_expert_intermediate_size",
+            "q_lora_rank",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
+            "sliding_window_tokens",
+            "num_sliding_window_layers",
+        ):
+            _check_int(self, name, 0)
+        if self.attention_kind not in ATTENTION_KINDS:
+            raise SpecError(
+                "attention_kind",
+                f"unknown kind {self.attention_kind!r}",
+                f"use one of {', '.join(ATTENTION_KINDS)}",
+            )
+        if (
+            self.num_kv_heads > self.num_attention_heads
+            or self.num_attention_heads % self.num_kv_heads
+        ):
+            raise SpecError(
+                "num_kv_heads",
+                f"{self.num_kv_heads} must divide num_attention_heads={self.num_attention_heads}",
+            )
+        if self.attention_kind == "mla" and (
+            self.kv_lora_rank <= 0
+            or self.v_head_dim <= 0
+            or self.qk_nope_head_dim + self.qk_rope_head_dim <= 0
+        ):
+            raise SpecError(
+                "kv_lora_rank",
+                "MLA needs kv_lora_rank, qk_nope_head_dim/qk_rope_head_dim and v_head_dim > 0",
+            )
+        if self.num_experts > 0:
+            if not 1 <= self.experts_per_token <= self.num_experts:
+                raise SpecError(
+                    "experts_per_token",
+                    f"top-k must be in 1..num_experts={self.num_experts}, got {self.experts_per_token}",
+                )
+            if self.moe_intermediate_size <= 0:
+                raise SpecError("moe_intermediate_size", "must be > 0 for an MoE model")
+            if not 1 <= self.num_moe_layers <= self.num_layers:
+                raise SpecError(
+                    "num_moe_layers",
+                    f"must be in 1..num_layers={self.num_layers}, got {self.num_moe_layers}",
+                )
+        elif self.experts_per_token or self.num_moe_layers:
+            raise SpecError(
+                "num_experts", "is 0 (dense) but experts_per_token or num_moe_layers is set"
+            )
+        if self.num_layers - self.num_moe_layers > 0 and self.intermediate_size <= 0:
+            raise SpecError(
+                "intermediate_size",
+                f"{self.num_layers - self.num_moe_layers} dense layers need intermediate_size > 0",
+            )
+        if self.num_sliding_window_layers > self.num_layers:
+            raise SpecError("num_sliding_window_layers", f"exceeds num_layers={self.num_layers}")
+        if self.num_sliding_window_layers and not self.sliding_window_tokens:
+            raise SpecError(
+                "sliding_window_tokens", "must be > 0 when num_sliding_window_layers > 0"
+            )
+        for name in ("weight_dtype", "kv_dtype", "activation_dtype"):
+            object.__setattr__(self, name, normalize_dtype(getattr(self, name), name))
+        expert = self.expert_weight_dtype or self.weight_dtype
+        object.__setattr__(
+            self, "expert_weight_dtype", normalize_dtype(expert, "expert_weight_dtype")
+        )
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0 and self.num_moe_layers > 0
+
+    @property
+    def num_dense_layers(self) -> int:
+        return self.num_layers - self.num_moe_layers
+
+    @property
+    def sparsity(self) -> float:
+        """s = k/E, the fraction of routed-expert parameters one token touches (1.0 if dense)."""
+        return self.experts_per_token / self.num_experts if self.is_moe else 1.0
+
+    @property
+    def shared_intermediate(self) -> int:
+        return self.shared_expert_intermediate_size or self.moe_intermediate_size
+
+    def with_dtypes(
+        self, weight_dtype: str | None = None, kv_dtype: str | None = None
+    ) -> ModelSpec:
+        """The same model stored differently; expert dtype follows the weight dtype."""
+        changes: dict[str, Any] = {}
+        if weight_dtype:
+            changes["weight_dtype"] = weight_dtype
+            changes["expert_weight_dtype"] = weight_dtype
+        if kv_dtype:
+            changes["kv_dtype"] = kv_dtype
+        return replace(self, **changes) if changes else self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """One accelerator type plus its fabric.
+
+    `peak_flops_per_second` maps a dtype to dense (non-sparse) peak. The efficiency ratios
+    scale the peaks to what kernels sustain. `expert_path_bandwidth_bytes_per_second` is the
+    rate at which the fused-MoE path streams expert weights; it defaults to the HBM rate and
+    exists because some backends (CPU) stream experts slower than a dense GEMV does.
+    """
+
+    name: str
+    hbm_capacity_bytes: float
+    hbm_bandwidth_bytes_per_second: float
+    peak_flops_per_second: Mapping[str, float]
+    intra_node_bandwidth_bytes_per_second: float
+    intra_node_latency_seconds: float
+    inter_node_bandwidth_bytes_per_second: float
+    inter_node_latency_seconds: float
+    gpus_per_node: int
+    hbm_efficiency_ratio: float = 1.0
+    compute_efficiency_ratio: float = 1.0
+    expert_path_bandwidth_bytes_per_second: float | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SpecError("name", "must be a non-empty string")
+        for name in (
+            "hbm_capacity_bytes",
+            "hbm_bandwidth_bytes_per_second",
+            "intra_node_bandwidth_bytes_per_second",
+            "inter_node_bandwidth_bytes_per_second",
+        ):
+            _check_float(self, name, 0.0, strict=True)
+        for name in ("intra_node_latency_seconds", "inter_node_latency_seconds"):
+            _check_float(self, name, 0.0, strict=False)
+        _check_int(self, "gpus_per_node", 1)
+        for name in ("hbm_efficiency_ratio", "compute_efficiency_ratio"):
+            _check_float(self, name, 0.0, strict=True, maximum=1.0)
+        if self.expert_path_bandwidth_bytes_per_second is not None:
+            _check_float(self, "expert_path_bandwidth_bytes_per_second", 0.0, strict=True)
+        if not isinstance(self.peak_flops_per_second, Mapping) or not self.peak_flops_per_second:
+            raise SpecError("peak_flops_per_second", "must map at least one dtype to FLOP/s")
+        peaks: dict[str, float] = {}
+        for dtype, value in self.peak_flops_per_second.items():
+            key = normalize_dtype(dtype, f"peak_flops_per_second.{dtype}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise SpecError(
+                    f"peak_flops_per_second.{dtype}", f"must be a number > 0, got {value!r}"
+                )
+            peaks[key] = float(value)
+        object.__setattr__(self, "peak_flops_per_second", MappingProxyType(peaks))
+
+    def peak_flops(self, dtype: str) -> float:
+        """Sustained FLOP/s for math in `dtype`; narrower dtypes fall back to the next wider peak."""
+        order = ("fp4", "mxfp4", "nvfp4", "int4", "fp8", "int8", "bf16", "fp16", "fp32")
+        start = order.index(dtype) if dtype in order else order.index("bf16")
+        for key in order[start:]:
+            if key in self.peak_flops_per_second:
+                return self.peak_flops_per_second[key] * self.compute_efficiency_ratio
+        return max(self.peak_flops_per_second.values()) * self.compute_efficiency_ratio
+
+    @property
+    def hbm_bytes_per_second(self) -> float:
+        return self.hbm_bandwidth_bytes_per_second * self.hbm_efficiency_ratio
+
+    @property
+    def expert_bytes_per_second(self) -> float:
+        raw = self.expert_path_bandwidth_bytes_per_second or self.hbm_bandwidth_bytes_per_second
+        return raw * self.hbm_efficiency_ratio
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["peak_flops_per_second"] = dict(self.peak_flops_per_second)
+        return out
+
+
+@dataclass(frozen=True)
+class Accounting:
+    """Every memory and scheduling knob the paper leaves unpublished, with our defaults.
+
+    usable_hbm_ratio: share of HBM that holds weights and KV. The default, 0.42, is the one
+        constant fitted to the paper: its Table 3 batches imply about 76 GB of the 180 GB per
+        GPU (docs/predictor.md). A vLLM deployment fills about 0.9 (gpu_memory_utilization).
+    reserved_bytes: per-GPU bytes held back on top (activations, CUDA graphs, comm buffers).
+    mla_kv_sharding: how TP ranks hold MLA's cache (latent + decoupled RoPE key, shared by all
+        heads). "latent" splits the latent channels over TP and keeps the small RoPE key whole
+        on every rank (the split the paper's batches imply); "replicated" keeps the whole cache
+        on every rank (vLLM without DCP); "tokens" splits it by position over TP (vLLM DCP).
+    ffn_shard_scope: "stage" shards FFN and expert weights over every GPU of a pipeline stage
+        (tp * kvp GPUs, re-provisioning the attention GPUs for the FFN as Helix does); "node"
+        keeps them inside one node and replicates them across nodes.
+    tp_policy / max_tp: "max" uses the largest TP <= max_tp that fits a node and the heads, as
+        the paper's operating points do (TP=8, KV-parallel over the rest); "search" tries all."""
+
+    usable_hbm_ratio: float = 0.42
+    reserved_bytes: float = 0.0
+    mla_kv_sharding: str = "latent"
+    ffn_shard_scope: str = "stage"
+    tp_policy: str = "max"
+    max_tp: int = 8
+    max_pp: int = 1
+    max_dp: int = 1
+    attention_overlap_ratio: float = 0.0
+    ffn_overlap_ratio: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_float(self, "usable_hbm_ratio", 0.0, strict=True, maximum=1.0)
+        _check_float(self, "reserved_bytes", 0.0, strict=False)
+        _check_int(self, "max_tp", 1)
+        _check_int(self, "max_pp", 1)
+        _check_int(self, "max_dp", 1)
+        for name in ("attention_overlap_ratio", "ffn_overlap_ratio"):
+            _check_float(self, name, 0.0, strict=False, maximum=1.0)
+        if self.mla_kv_sharding not in MLA_KV_SHARDINGS:
+            raise SpecError(
+                "mla_kv_sharding",
+                f"unknown value {self.mla_kv_sharding!r}",
+                f"use one of {', '.join(MLA_KV_SHARDINGS)}",
+            )
+        if self.tp_policy not in TP_POLICIES:
+            raise SpecError(
+                "tp_policy",
+                f"unknown value {self.tp_policy!r}",
+                f"use one of {', '.join(TP_POLICIES)}",
+            )
+        if self.ffn_shard_scope not in FFN_SHARD_SCOPES:
+            raise SpecError(
+                "ffn_shard_scope",
+                f"unknown value {self.ffn_shard_scope!r}",
+                f"use one of {', '.join(FFN_SHARD_SCOPES)}",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+DEFAULT_ACCOUNTING = Accounting()
+
+
+@dataclass(frozen=True, order=True)
+class Partition:
+    """How one serving instance spreads over GPUs: gpus = tp * kvp * pp * dp.
+
+    tp: tensor parallel inside attention (heads); kvp: KV-parallel, the KV cache of every
+    sequence split by position across kvp groups (decode context parallelism); pp: pipeline
+    stages; dp: independent replicas; ep: expert-parallel degree over the stage's FFN group
+    (1 for a dense model). The remaining factor of the FFN group shards each expert (etp).
+    """
+
+    tp: int = 1
+    kvp: int = 1
+    pp: int = 1
+    dp: int = 1
+    ep: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "kvp", "pp", "dp", "ep"):
+            _check_int(self, name, 1)
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.kvp * self.pp * self.dp
+
+    @property
+    def stage_gpus(self) -> int:
+        return self.tp * self.kvp
+
+    def to_dict(self) -> dict[str, int]:
+        return {"tp": self.tp, "kvp": self.kvp, "pp": self.pp, "dp": self.dp, "ep": self.ep}
+
+    def __str__(self) -> str:
+        return f"TP{self.tp}xKVP{self.kvp}xPP{self.pp}xDP{self.dp} EP{self.ep}"
+
+
+__all__ = [
+    "ATTENTION_KINDS",
+    "Accounting",
+    "DEFAULT_ACCOUNTING",
+    "DTYPE_BYTES",
+    "HardwareSpec",
+    "ModelSpec",
+    "Partition",
+    "dtype_bytes",
+    "normalize_dtype",
+]

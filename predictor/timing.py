@@ -1,0 +1,279 @@
+"""Time of one decode step: max(compute, HBM) + exposed communication (paper eq. 10).
+
+A step advances every in-flight sequence by one token. With pp stages the batch is cut into
+pp microbatches and a step takes pp stage-times; all parts below are per step and per GPU
+(every GPU of a stage does the same work). Expert reads follow the reuse model: a routed
+expert is read once per step if any token of the FFN group's microbatch chose it, so the
+bytes scale with the distinct experts touched, uniform expectation by default, or a measured
+value for live use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from . import comm
+from .errors import SpecError
+from .memory import layout
+from .reuse import expected_distinct_experts, reuse_from_counts
+from .sizes import (
+    attended_tokens_per_layer,
+    attention_core_flops_per_token_per_position,
+    attention_output_width,
+    attention_params_per_layer,
+    dense_ffn_params_per_layer,
+    expert_params,
+    kv_bytes_per_sequence,
+    router_params_per_moe_layer,
+    shared_params_per_moe_layer,
+    weight_bytes_breakdown,
+)
+from .specs import DEFAULT_ACCOUNTING, Accounting, HardwareSpec, ModelSpec, Partition, dtype_bytes
+
+COMPUTE_PARTS = ("projections", "attention", "dense_ffn", "shared_ffn", "routed_ffn", "lm_head")
+HBM_PARTS = ("projections", "kv", "dense_ffn", "shared_ffn", "routed_ffn", "lm_head")
+COMM_PARTS = ("attention", "ffn", "pipeline")
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """One decode step. Each *_seconds mapping sums to its *_total_seconds field."""
+
+    batch: float
+    context_tokens: float
+    partition: Partition
+    compute_seconds: Mapping[str, float]
+    hbm_seconds: Mapping[str, float]
+    comm_seconds: Mapping[str, float]
+    comm_exposed_seconds: Mapping[str, float]
+    compute_total_seconds: float
+    hbm_total_seconds: float
+    comm_total_seconds: float
+    comm_exposed_total_seconds: float
+    total_seconds: float
+    flops: Mapping[str, float] = field(default_factory=dict)
+    hbm_bytes: Mapping[str, float] = field(default_factory=dict)
+    distinct_experts_per_layer: float = 0.0
+    tokens_per_expert: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.batch / self.total_seconds if self.total_seconds > 0 else 0.0
+
+    @property
+    def seconds_per_token(self) -> float:
+        """Per-token time: step time over the tokens the step produces."""
+        return self.total_seconds / self.batch if self.batch > 0 else 0.0
+
+    @property
+    def bound(self) -> str:
+        return "compute" if self.compute_total_seconds > self.hbm_total_seconds else "hbm"
+
+    def critical_seconds(self) -> dict[str, float]:
+        """The step time split into parts that sum to total_seconds: the parts of the bound
+        side (HBM or compute) plus the exposed communication."""
+        side = self.compute_seconds if self.bound == "compute" else self.hbm_seconds
+        out = {f"{self.bound}:{k}": v for k, v in side.items()}
+        out.update({f"comm:{k}": v for k, v in self.comm_exposed_seconds.items()})
+        return out
+
+    @property
+    def ffn_seconds(self) -> float:
+        """FFN phase alone: max(FFN compute, FFN HBM) + its exposed communication."""
+        parts = ("dense_ffn", "shared_ffn", "routed_ffn")
+        return (
+            max(
+                sum(self.compute_seconds[k] for k in parts), sum(self.hbm_seconds[k] for k in parts)
+            )
+            + self.comm_exposed_seconds["ffn"]
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "batch": self.batch,
+            "context_tokens": self.context_tokens,
+            "partition": self.partition.to_dict(),
+            "compute_seconds": dict(self.compute_seconds),
+            "hbm_seconds": dict(self.hbm_seconds),
+            "comm_seconds": dict(self.comm_seconds),
+            "comm_exposed_seconds": dict(self.comm_exposed_seconds),
+            "compute_total_seconds": self.compute_total_seconds,
+            "hbm_total_seconds": self.hbm_total_seconds,
+            "comm_total_seconds": self.comm_total_seconds,
+            "comm_exposed_total_seconds": self.comm_exposed_total_seconds,
+            "total_seconds": self.total_seconds,
+            "tokens_per_second": self.tokens_per_second,
+            "bound": self.bound,
+            "flops": dict(self.flops),
+            "hbm_bytes": dict(self.hbm_bytes),
+            "distinct_experts_per_layer": self.distinct_experts_per_layer,
+            "tokens_per_expert": self.tokens_per_expert,
+        }
+
+
+def step_time(
+    model: ModelSpec,
+    hw: HardwareSpec,
+    partition: Partition,
+    batch: float,
+    context_tokens: float,
+    accounting: Accounting = DEFAULT_ACCOUNTING,
+    *,
+    distinct_experts_per_layer: float | None = None,
+    expert_counts: Sequence[int] | None = None,
+) -> StepTime:
+    """Evaluate one decode step of `batch` sequences (global) at `context_tokens` each.
+
+    distinct_experts_per_layer / expert_counts replace the uniform-routing expectation with a
+    measurement (mean distinct experts per MoE layer for the whole step, or one layer's
+    per-expert token counts); when the FFN group holds several weight copies the measurement is
+    taken to describe each copy's share.
+    """
+    if batch <= 0:
+        raise SpecError("batch", f"must be > 0, got {batch}")
+    if context_tokens <= 0:
+        raise SpecError("context_tokens", f"must be > 0, got {context_tokens}")
+    p, acc = partition, accounting
+    lay = layout(model, hw, p, acc)
+    w = weight_bytes_breakdown(model)
+    pp = p.pp
+    micro = batch / (p.dp * pp)  # tokens one stage processes at a time
+    group_tokens = micro / lay.ffn_replicas  # tokens one copy of the FFN weights serves
+    layers, dense_layers, moe_layers = (
+        model.num_layers / pp,
+        model.num_dense_layers / pp,
+        model.num_moe_layers / pp,
+    )
+    f = lay.ffn_group
+    act = dtype_bytes(model.activation_dtype)
+
+    # FLOPs per GPU per stage pass.
+    fl_proj = 2.0 * micro * layers * attention_params_per_layer(model) / p.tp
+    attended = attended_tokens_per_layer(model, context_tokens)
+    fl_attn = (
+        micro
+        * layers
+        * attention_core_flops_per_token_per_position(model)
+        * attended
+        / (p.tp * p.kvp)
+    )
+    fl_dense = 2.0 * group_tokens * dense_layers * dense_ffn_params_per_layer(model) / f
+    fl_shared = 2.0 * group_tokens * moe_layers * shared_params_per_moe_layer(model) / f
+    fl_routed = (
+        2.0
+        * group_tokens
+        * moe_layers
+        * (model.experts_per_token * expert_params(model) / f + router_params_per_moe_layer(model))
+    )
+    fl_head = 2.0 * micro * model.vocab_size * model.hidden_size / p.tp  # tied or not, it runs
+
+    # Distinct experts each FFN-weight copy reads per MoE layer.
+    distinct = 0.0
+    per_expert = 0.0
+    if model.is_moe:
+        if expert_counts is not None:
+            distinct = float(reuse_from_counts(expert_counts).distinct)
+        elif distinct_experts_per_layer is not None:
+            if not 0 <= distinct_experts_per_layer <= model.num_experts:
+                raise SpecError(
+                    "distinct_experts_per_layer",
+                    f"must be in 0..{model.num_experts}, got {distinct_experts_per_layer}",
+                )
+            distinct = float(distinct_experts_per_layer)
+        else:
+            distinct = expected_distinct_experts(
+                model.num_experts, model.experts_per_token, group_tokens
+            )
+        per_expert = group_tokens * model.experts_per_token / distinct if distinct > 0 else 0.0
+
+    # HBM bytes per GPU per stage pass.
+    by_proj = layers * w.attention_bytes_per_layer / p.tp
+    by_kv = micro * kv_bytes_per_sequence(model, context_tokens) * lay.kv_tp_fraction / (pp * p.kvp)
+    by_dense = dense_layers * w.dense_ffn_bytes_per_dense_layer / f
+    by_shared = moe_layers * w.shared_experts_bytes_per_moe_layer / f
+    by_routed = moe_layers * (distinct * w.routed_expert_bytes / f + w.router_bytes_per_moe_layer)
+    by_head = (w.lm_head_bytes or w.embedding_bytes) / p.tp
+
+    wdt, edt = model.weight_dtype, model.expert_weight_dtype
+    flops = {
+        "projections": fl_proj,
+        "attention": fl_attn,
+        "dense_ffn": fl_dense,
+        "shared_ffn": fl_shared,
+        "routed_ffn": fl_routed,
+        "lm_head": fl_head,
+    }
+    dtypes = {
+        "projections": wdt,
+        "attention": model.kv_dtype,
+        "dense_ffn": wdt,
+        "shared_ffn": wdt,
+        "routed_ffn": edt,
+        "lm_head": wdt,
+    }
+    compute = {k: pp * flops[k] / hw.peak_flops(dtypes[k]) for k in COMPUTE_PARTS}
+    hbm_bytes = {
+        "projections": by_proj,
+        "kv": by_kv,
+        "dense_ffn": by_dense,
+        "shared_ffn": by_shared,
+        "routed_ffn": by_routed,
+        "lm_head": by_head,
+    }
+    hbm = {k: pp * v / hw.hbm_bytes_per_second for k, v in hbm_bytes.items()}
+    hbm["routed_ffn"] = pp * by_routed / hw.expert_bytes_per_second
+
+    # Communication per stage pass.
+    c_attn = 0.0
+    if p.kvp > 1:
+        send = micro * attention_output_width(model) / p.tp * act
+        c_attn += layers * comm.all_to_all_seconds(hw, p.kvp, send, p.tp * p.kvp)
+    c_attn += layers * comm.all_reduce_seconds(hw, p.tp, micro * model.hidden_size * act, p.tp)
+    hidden_msg = group_tokens * model.hidden_size * act
+    c_ffn = dense_layers * comm.all_reduce_seconds(hw, f, hidden_msg, f)
+    if model.is_moe:
+        if p.ep > 1:
+            send = hidden_msg * model.experts_per_token / p.ep
+            moe_c = 2 * comm.all_to_all_seconds(hw, p.ep, send, f)
+            moe_c += comm.all_reduce_seconds(hw, lay.etp, send, f)
+            moe_c += comm.all_gather_seconds(hw, p.ep, hidden_msg, f)
+        else:
+            moe_c = comm.all_reduce_seconds(hw, f, hidden_msg, f)
+        c_ffn += moe_layers * moe_c
+    c_pipe = (
+        comm.send_seconds(hw, micro * model.hidden_size * act, 2 * p.stage_gpus) if pp > 1 else 0.0
+    )
+    comm_raw = {"attention": pp * c_attn, "ffn": pp * c_ffn, "pipeline": pp * c_pipe}
+
+    attn_window = max(compute["projections"] + compute["attention"], hbm["projections"] + hbm["kv"])
+    ffn_window = max(
+        compute["dense_ffn"] + compute["shared_ffn"] + compute["routed_ffn"],
+        hbm["dense_ffn"] + hbm["shared_ffn"] + hbm["routed_ffn"],
+    )
+    exposed = {
+        "attention": max(0.0, comm_raw["attention"] - acc.attention_overlap_ratio * attn_window),
+        "ffn": max(0.0, comm_raw["ffn"] - acc.ffn_overlap_ratio * ffn_window),
+        "pipeline": comm_raw["pipeline"],
+    }
+    compute_total = sum(compute.values())
+    hbm_total = sum(hbm.values())
+    exposed_total = sum(exposed.values())
+    return StepTime(
+        batch=batch,
+        context_tokens=context_tokens,
+        partition=p,
+        compute_seconds=compute,
+        hbm_seconds=hbm,
+        comm_seconds=comm_raw,
+        comm_exposed_seconds=exposed,
+        compute_total_seconds=compute_total,
+        hbm_total_seconds=hbm_total,
+        comm_total_seconds=sum(comm_raw.values()),
+        comm_exposed_total_seconds=exposed_total,
+        total_seconds=max(compute_total, hbm_total) + exposed_total,
+        flops={k: pp * v for k, v in flops.items()},
+        hbm_bytes={k: pp * v for k, v in hbm_bytes.items()},
+        distinct_experts_per_layer=distinct,
+        tokens_per_expert=per_expert,
+    )
