@@ -2,7 +2,8 @@
 
 Targets (issue): a full partition search for one case in at most 50 ms, a 1k-to-16M context
 sweep for one model in at most 1 s. Both are timed for the default search (the paper's
-operating points: TP fills the node, EP searched) and for the widest one (every TP, PP up to
+operating points: TP fills the node, EP searched), for the same search under PAPER_ACCOUNTING
+(cost_scope="weights", the headline's accounting) and for the widest one (every TP, PP up to
 8, DP up to the GPU count). Run: python benchmarks/bench_predictor.py
 """
 
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from moe_reuse.predictor import (
+    PAPER_ACCOUNTING,
     Accounting,
     candidate_partitions,
     load_hardware_preset,
@@ -37,7 +39,7 @@ def main() -> None:
     hw = load_hardware_preset("paper-reference")
     model = load_model_preset("deepseek-v3")
     print(f"{'benchmark':58} {'median':>9} {'max':>9} {'target':>7}")
-    for label, acc in (("default", Accounting()), ("wide", WIDE)):
+    for label, acc in (("default", Accounting()), ("paper", PAPER_ACCOUNTING), ("wide", WIDE)):
         n = len(candidate_partitions(model, hw, 64, acc))
         med, worst = timed(
             lambda acc=acc: search_partitions(model, hw, 64, 131072, accounting=acc), 20

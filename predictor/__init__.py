@@ -37,13 +37,21 @@ from .sizes import (
     total_params,
     weight_bytes_breakdown,
 )
-from .specs import DEFAULT_ACCOUNTING, Accounting, HardwareSpec, ModelSpec, Partition
+from .specs import (
+    DEFAULT_ACCOUNTING,
+    PAPER_ACCOUNTING,
+    Accounting,
+    HardwareSpec,
+    ModelSpec,
+    Partition,
+)
 from .timing import StepTime, step_time
 
 __all__ = [
     "DEFAULT_ACCOUNTING",
     "DEFAULT_Q",
     "KAPLAN_ALPHA",
+    "PAPER_ACCOUNTING",
     "Accounting",
     "CaseResult",
     "HardwareSpec",

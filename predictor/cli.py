@@ -124,6 +124,11 @@ def format_case(case: CaseResult) -> str:
         f"  reuse gap={_fmt(case.reuse_gap)}",
         f"  dense speedup (decode throughput)={_fmt(case.dense_speedup)}  FFN-phase only={_fmt(case.ffn_speedup)}",
     ]
+    if case.accounting.cost_scope != "full":
+        lines.append(
+            f"  cost scope {case.accounting.cost_scope!r}: weight path only "
+            "(KV reads, attention core and communication left off the step)"
+        )
     for label, r in (("MoE  ", case.moe), ("dense", case.dense)):
         if not r.feasible or r.step is None:
             lines.append(f"  {label}: infeasible (out of memory on every partition)")

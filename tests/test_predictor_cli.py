@@ -56,6 +56,26 @@ def test_predict_json_keys(capsys):
     )
 
 
+def test_predict_set_cost_scope_weights(capsys):
+    """--set cost_scope=weights: the paper's headline accounting through the CLI (about 4.5x for
+    DeepSeek-V3 on 64 GPUs at 128k), same batches as the default."""
+    argv = ["predict", "--model", "deepseek-v3", "--hardware", "paper-reference", "--gpus", "64"]
+    argv += ["--context", "131072", "--json"]
+    code, out, _ = run(capsys, *argv, "--set", "cost_scope=weights")
+    assert code == 0
+    paper = json.loads(out)
+    code, out, _ = run(capsys, *argv)
+    default = json.loads(out)
+    assert paper["accounting"]["cost_scope"] == "weights"
+    assert default["accounting"]["cost_scope"] == "full"
+    assert 4.05 <= paper["dense_speedup"] <= 4.95
+    assert 0.85 <= default["dense_speedup"] <= 1.2
+    for side in ("moe", "dense"):
+        assert paper[side]["batch"] == default[side]["batch"]
+    code, out, _ = run(capsys, *argv[:-1], "--set", "cost_scope=weights")
+    assert code == 0 and "cost scope 'weights'" in out
+
+
 def test_predict_fixed_batch_and_q(capsys):
     code, out, _ = run(
         capsys,
@@ -151,6 +171,19 @@ def test_predict_config_json_path(capsys, tmp_path):
         (
             ["--model", "deepseek-v3", "--gpus", "64", "--context", "128k", "--set", "nope=1"],
             "--set",
+        ),
+        (
+            [
+                "--model",
+                "deepseek-v3",
+                "--gpus",
+                "64",
+                "--context",
+                "128k",
+                "--set",
+                "cost_scope=ffn",
+            ],
+            "cost_scope",
         ),
         (
             [

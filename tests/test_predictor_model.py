@@ -155,6 +155,33 @@ def test_breakdowns_sum_to_totals(name, context):
     ) == pytest.approx(m.weights_bytes, rel=REL)
 
 
+@pytest.mark.parametrize("name", ["deepseek-v3", "grok-1", "switch-c-2048"])
+def test_weights_cost_scope_times_only_the_weight_path(name):
+    """cost_scope="weights": KV, attention core and exposed communication are zero in the timed
+    breakdowns, the rest equal the full step's; bytes, FLOPs and raw communication still report
+    the physical step; breakdowns still sum to totals and total = max + exposed (= max)."""
+    model = load_model_preset(name)
+    full = step_time(model, HW, P, 64, 131072)
+    w = step_time(model, HW, P, 64, 131072, Accounting(cost_scope="weights"))
+    assert w.hbm_seconds["kv"] == 0 and w.compute_seconds["attention"] == 0
+    assert w.comm_exposed_total_seconds == 0
+    for k in w.hbm_seconds:
+        if k != "kv":
+            assert w.hbm_seconds[k] == full.hbm_seconds[k]
+    for k in w.compute_seconds:
+        if k != "attention":
+            assert w.compute_seconds[k] == full.compute_seconds[k]
+    assert w.hbm_bytes == full.hbm_bytes and w.flops == full.flops
+    assert w.comm_seconds == full.comm_seconds
+    assert sum(w.hbm_seconds.values()) == pytest.approx(w.hbm_total_seconds, rel=REL)
+    assert sum(w.compute_seconds.values()) == pytest.approx(w.compute_total_seconds, rel=REL)
+    assert w.total_seconds == pytest.approx(
+        max(w.compute_total_seconds, w.hbm_total_seconds), rel=REL
+    )
+    assert sum(w.critical_seconds().values()) == pytest.approx(w.total_seconds, rel=REL)
+    assert w.total_seconds < full.total_seconds
+
+
 def test_weight_breakdown_per_expert_matches_shapes(ds):
     """One DeepSeek-V3 routed expert is 3 x 7168 x 2048 FP8 bytes; 256 x 58 of them make the pool."""
     w = weight_bytes_breakdown(ds)

@@ -2,8 +2,10 @@
 
 Table 1 and the closed-form columns of Table 3 are exact. Table 3's batches are reproduced
 within the issue's 35% by the default accounting (one global calibrated constant,
-usable_hbm_ratio, no per-model constants); every qualitative Table 3 result is exact. The two
-paper claims the model does not reproduce are strict xfails that state why.
+usable_hbm_ratio, no per-model constants); every qualitative Table 3 result is exact, under the
+default accounting and under PAPER_ACCOUNTING (cost_scope="weights"), which differs only in how
+a step is timed. The headline 4.5x is reproduced under PAPER_ACCOUNTING; the physical default
+gives 1.0x (both pinned). Switch-C out of memory on 64 GPUs is a strict xfail that states why.
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ from decimal import ROUND_HALF_UP, Decimal
 import pytest
 
 from moe_reuse.predictor import (
+    DEFAULT_ACCOUNTING,
     DEFAULT_Q,
+    PAPER_ACCOUNTING,
+    Accounting,
     dense_twin,
     evaluate_case,
     load_hardware_preset,
     load_model_preset,
     q_from_losses,
     qs_verdict,
+    search_partitions,
     sparsity,
 )
 from moe_reuse.predictor.loading import load_table1
@@ -45,14 +51,22 @@ TABLE3 = [
 ]
 IDS = [f"{m}-{g}gpu-q{q}" for m, g, q, *_ in TABLE3]
 
-_CACHE: dict[tuple[str, int, float], object] = {}
+# The physical default, and the paper's differential timing (same memory model, same batches).
+ACCOUNTINGS = {"default": DEFAULT_ACCOUNTING, "paper": PAPER_ACCOUNTING}
+
+_CACHE: dict[tuple[str, int, float, Accounting], object] = {}
 
 
-def case(name: str, gpus: int, q: float):
-    key = (name, gpus, q)
+def case(name: str, gpus: int, q: float, accounting: Accounting = DEFAULT_ACCOUNTING):
+    key = (name, gpus, q, accounting)
     if key not in _CACHE:
         _CACHE[key] = evaluate_case(
-            load_model_preset(name), load_hardware_preset("paper-reference"), gpus, CONTEXT, q=q
+            load_model_preset(name),
+            load_hardware_preset("paper-reference"),
+            gpus,
+            CONTEXT,
+            q=q,
+            accounting=accounting,
         )
     return _CACHE[key]
 
@@ -94,11 +108,13 @@ def test_table3_closed_form_columns_exact(row):
     )
 
 
+@pytest.mark.parametrize("acc", list(ACCOUNTINGS), ids=list(ACCOUNTINGS))
 @pytest.mark.parametrize("row", TABLE3, ids=IDS)
-def test_table3_batches_within_35_percent(row):
-    """Table 3 B_moe and B_dense within 35% of the paper's, same default accounting for all rows."""
+def test_table3_batches_within_35_percent(row, acc):
+    """Table 3 B_moe and B_dense within 35% of the paper's, one accounting for all rows (the
+    default, and PAPER_ACCOUNTING, whose cost_scope leaves every batch unchanged)."""
     name, gpus, q, _, _, _, b_moe, b_dense = row
-    c = case(name, gpus, q)
+    c = case(name, gpus, q, ACCOUNTINGS[acc])
     assert c.moe.feasible and c.dense.feasible
     assert abs(c.moe.batch / b_moe - 1) <= B_TOLERANCE, (c.moe.batch, b_moe)
     assert abs(c.dense.batch / b_dense - 1) <= B_TOLERANCE, (c.dense.batch, b_dense)
@@ -106,24 +122,27 @@ def test_table3_batches_within_35_percent(row):
     assert c.reuse_gap == pytest.approx(c.routing_factor * c.capacity_factor)
 
 
-def test_table3_capacity_factor_directions():
+@pytest.mark.parametrize("acc", list(ACCOUNTINGS), ids=list(ACCOUNTINGS))
+def test_table3_capacity_factor_directions(acc):
     """Table 3 qualitative: B_dense/B_moe > 1 for DeepSeek-V3 (larger on 32 GPUs than on 64) and
     Qwen3; for Grok-1 < 1 at q = 5 and > 1 at q = 3 and 2 (exact)."""
+    a = ACCOUNTINGS[acc]
     ds32, ds64 = (
-        case("deepseek-v3", 32, 5).capacity_factor,
-        case("deepseek-v3", 64, 5).capacity_factor,
+        case("deepseek-v3", 32, 5, a).capacity_factor,
+        case("deepseek-v3", 64, 5, a).capacity_factor,
     )
     assert ds32 > ds64 > 1
-    assert case("qwen3-235b-a22b", 64, 5).capacity_factor > 1
-    assert case("grok-1", 64, 5).capacity_factor < 1
-    assert case("grok-1", 64, 3).capacity_factor > 1
-    assert case("grok-1", 64, 2).capacity_factor > case("grok-1", 64, 3).capacity_factor
+    assert case("qwen3-235b-a22b", 64, 5, a).capacity_factor > 1
+    assert case("grok-1", 64, 5, a).capacity_factor < 1
+    assert case("grok-1", 64, 3, a).capacity_factor > 1
+    assert case("grok-1", 64, 2, a).capacity_factor > case("grok-1", 64, 3, a).capacity_factor
 
 
+@pytest.mark.parametrize("acc", list(ACCOUNTINGS), ids=list(ACCOUNTINGS))
 @pytest.mark.parametrize("row", TABLE3, ids=IDS)
-def test_table3_routing_factor_dominates_gap(row):
+def test_table3_routing_factor_dominates_gap(row, acc):
     """Table 3: the reuse gap is mostly routing: E/k exceeds the capacity factor in every row."""
-    c = case(*row[:3])
+    c = case(*row[:3], ACCOUNTINGS[acc])
     assert c.routing_factor > c.capacity_factor
     assert c.reuse_gap == pytest.approx(c.routing_factor * c.capacity_factor)
 
@@ -139,31 +158,101 @@ def test_switch_c_infeasible_where_dense_twin_fits():
 
 @pytest.mark.xfail(
     strict=True,
-    reason="not reproduced: with weights sharded over all 64 GPUs (needed for the "
-    "DeepSeek-V3/Qwen3 batches above) Switch-C's 24.5 GB per GPU fits; see docs/predictor.md",
+    reason="not reproduced: the DeepSeek-V3 batches need the expert pool sharded over all 64 "
+    "GPUs, where Switch-C's 1.57 TB of FP8 is 24.7 GB per GPU and fits (B = 101); the only "
+    "FFN group that makes it OOM within 35% (16 GPUs) gives DeepSeek-V3 the same capacity "
+    "factor on 32 and 64 GPUs; see docs/predictor.md",
 )
-def test_switch_c_infeasible_on_64_gpus():
+@pytest.mark.parametrize("acc", list(ACCOUNTINGS), ids=list(ACCOUNTINGS))
+def test_switch_c_infeasible_on_64_gpus(acc):
     """Table 3: Switch-C-2048 out of memory on 64 GPUs."""
-    assert not case("switch-c-2048", 64, 5).moe.feasible
+    assert not case("switch-c-2048", 64, 5, ACCOUNTINGS[acc]).moe.feasible
+
+
+def test_switch_c_preset_matches_published_config():
+    """Switch-C as published (Fedus et al., Table 9): d_model 2080, d_ff 6144, 32 heads of d_kv 64,
+    15 encoder + 15 decoder blocks, 2048 experts in every FFN (expert frequency 1), non-gated:
+    1.571T parameters. Every-other-layer experts would give half that."""
+    from moe_reuse.predictor import total_params
+
+    m = load_model_preset("switch-c-2048")
+    assert (m.hidden_size, m.moe_intermediate_size, m.num_attention_heads, m.head_dim) == (
+        2080,
+        6144,
+        32,
+        64,
+    )
+    assert m.num_layers == m.num_moe_layers == 30 and m.num_experts == 2048
+    assert not m.gated_ffn
+    assert total_params(m) == pytest.approx(1.571e12, rel=0.001)
 
 
 def test_headline_our_figure():
-    """Headline case (DeepSeek-V3, 64 GPUs, 128k): our figure is 1.0x (tolerance 0.85-1.2), not the
-    paper's 4.5x: at 128k both models are bound by KV reads (about 80% of the MoE step)."""
+    """Headline case (DeepSeek-V3, 64 GPUs, 128k), physical default accounting (cost_scope="full"):
+    our figure is 1.0x (tolerance 0.85-1.2), not the paper's 4.5x: at 128k both models are bound
+    by reading what they hold, and KV reads are about 80% of the MoE step."""
     c = case("deepseek-v3", 64, 5)
     assert 0.85 <= c.dense_speedup <= 1.2
     step = c.moe.step
     assert step.hbm_seconds["kv"] > 0.7 * step.hbm_total_seconds
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not reproduced: the paper's 4.5x needs the 128k KV read to be a small "
-    "part of the step; with its own Table 3 batches it is not; see docs/predictor.md",
+HEADLINE = 4.5  # paper abstract: dense twin 4.5x the MoE's decode throughput, DeepSeek-V3, 128k
+HEADLINE_TOLERANCE = 0.10  # relative; the paper prints two significant figures ("4.5x")
+
+
+@pytest.mark.parametrize(
+    "row", [*TABLE3, ("switch-c-2048", 64, 5)], ids=[*IDS, "switch-c-64gpu-q5"]
 )
+def test_cost_scope_leaves_batches_unchanged(row):
+    """cost_scope only changes how a step is timed: B_max, feasibility and memory are the same
+    under the default and under PAPER_ACCOUNTING, in every Table 3 row."""
+    default, paper = case(*row[:3]), case(*row[:3], PAPER_ACCOUNTING)
+    for a, b in ((default.moe, paper.moe), (default.dense, paper.dense)):
+        assert (a.feasible, a.batch) == (b.feasible, b.batch)
+        assert a.memory == b.memory
+
+
 def test_headline_dense_twin_4_5x():
-    """Paper headline: dense twin about 4.5x the MoE's decode throughput (tolerance 35%)."""
-    assert abs(case("deepseek-v3", 64, 5).dense_speedup / 4.5 - 1) <= 0.35
+    """Paper headline (Adhinarayanan & Jayasena, arXiv 2603.08960, abstract): for DeepSeek-V3 at
+    128k context the quality-matched dense twin has about 4.5x the MoE's decode throughput.
+    Reproduced on 64 GPUs under PAPER_ACCOUNTING (cost_scope="weights": the step timed on the
+    weight path only), within 10%: 4.55x at our own B_max (248 and 283)."""
+    c = case("deepseek-v3", 64, 5, PAPER_ACCOUNTING)
+    assert abs(c.dense_speedup / HEADLINE - 1) <= HEADLINE_TOLERANCE, c.dense_speedup
+    # Same batches as the physical default (memory does not depend on cost_scope) ...
+    default = case("deepseek-v3", 64, 5)
+    assert (c.moe.batch, c.dense.batch) == (default.moe.batch, default.dense.batch)
+    # ... and the step is the weight path: no KV read, attention core or communication in it.
+    for side in (c.moe.step, c.dense.step):
+        assert side.hbm_seconds["kv"] == 0 and side.compute_seconds["attention"] == 0
+        assert side.comm_exposed_total_seconds == 0
+        assert side.hbm_bytes["kv"] > 0  # still reported
+    # The MoE streams its expert pool: routed-expert reads dominate its step.
+    assert c.moe.step.hbm_seconds["routed_ffn"] > 0.8 * c.moe.step.total_seconds
+
+
+def test_headline_at_the_papers_own_batches():
+    """Under PAPER_ACCOUNTING at the paper's Table 3 batches (B_moe 244, B_dense 267 on 64 GPUs) the
+    figure is 4.39x, also within 10% of 4.5x: the headline does not hinge on our batches."""
+    hw = load_hardware_preset("paper-reference")
+    moe = load_model_preset("deepseek-v3")
+    twin = dense_twin(moe, 5)
+    m = search_partitions(moe, hw, 64, CONTEXT, batch=244, accounting=PAPER_ACCOUNTING)
+    d = search_partitions(twin, hw, 64, CONTEXT, batch=267, accounting=PAPER_ACCOUNTING)
+    ratio = d.tokens_per_second / m.tokens_per_second
+    assert abs(ratio / HEADLINE - 1) <= HEADLINE_TOLERANCE, ratio
+
+
+def test_headline_qs_direction_under_paper_accounting():
+    """Under PAPER_ACCOUNTING the throughput verdict follows the qs inequality: the dense twin wins
+    where q*s < 1 (DeepSeek-V3, Qwen3, Grok-1 at q = 3 and 2) and loses for Grok-1 at q = 5
+    (q*s = 1.25); DeepSeek-V3's larger capacity factor on 32 GPUs makes the gap larger there."""
+    p = PAPER_ACCOUNTING
+    assert case("deepseek-v3", 32, 5, p).dense_speedup > case("deepseek-v3", 64, 5, p).dense_speedup
+    assert case("qwen3-235b-a22b", 64, 5, p).dense_speedup > 1
+    assert case("grok-1", 64, 5, p).dense_speedup < 1
+    assert 1 < case("grok-1", 64, 3, p).dense_speedup < case("grok-1", 64, 2, p).dense_speedup
 
 
 def test_dense_twin_parameter_count():

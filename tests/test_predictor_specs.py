@@ -11,6 +11,9 @@ import json
 import pytest
 
 from moe_reuse.predictor import (
+    DEFAULT_ACCOUNTING,
+    PAPER_ACCOUNTING,
+    Accounting,
     HardwareSpec,
     ModelSpec,
     SpecError,
@@ -143,6 +146,30 @@ def test_unknown_presets_listed_in_error():
     assert err.value.field == "model"
     with pytest.raises(SpecError, match="paper-reference"):
         load_hardware_preset("tpu-v9")
+
+
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"cost_scope": "ffn"}, "cost_scope"),
+        ({"ffn_shard_scope": "rack"}, "ffn_shard_scope"),
+        ({"usable_hbm_ratio": 0.0}, "usable_hbm_ratio"),
+        ({"ffn_overlap_ratio": 1.5}, "ffn_overlap_ratio"),
+    ],
+)
+def test_bad_accounting_names_field(changes, field):
+    with pytest.raises(SpecError, match=field):
+        Accounting(**changes)
+
+
+def test_cost_scope_default_is_physical_and_paper_accounting_differs_only_there():
+    """The live plugin uses the defaults: cost_scope "full". PAPER_ACCOUNTING changes nothing else."""
+    assert DEFAULT_ACCOUNTING.cost_scope == "full"
+    assert PAPER_ACCOUNTING.cost_scope == "weights"
+    diff = {
+        k for k, v in PAPER_ACCOUNTING.to_dict().items() if DEFAULT_ACCOUNTING.to_dict()[k] != v
+    }
+    assert diff == {"cost_scope"}
 
 
 def test_hardware_spec_in_code_is_checked():
