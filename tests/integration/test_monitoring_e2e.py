@@ -41,6 +41,7 @@ import pytest
 from moe_reuse.dashboards.config import DEFAULT, Config
 from moe_reuse.dashboards.generate import dashboard_dicts
 from moe_reuse.dashboards.rules import render_rules
+from moe_reuse.plugin.live.drift import make_baseline, save_baseline
 
 pytestmark = pytest.mark.integration
 
@@ -498,10 +499,16 @@ def test_monitoring_e2e_with_vllm(tmp_path: Path) -> None:
     model = "qwen3-moe"  # 8 experts, top-2: 16 concurrent requests give ~4 tokens per expert
     path = tiny.build_model(model)
     facts = tiny.model_facts(path)
+    # A routing baseline (uniform over the experts), so the drift panel has a reference.
+    baseline = tmp_path / "baseline.json"
+    save_baseline(baseline, make_baseline(
+        {layer: [1.0] * facts.num_experts for layer in facts.moe_layer_indices},
+        num_experts=facts.num_experts, top_k=facts.top_k, source="uniform"))
     server = harness.VllmServer(
         path,
         enforce_eager=True,
-        additional_config={"moe_reuse": {"per_expert_series": True, "window_s": 5.0}},
+        additional_config={"moe_reuse": {"per_expert_series": True, "window_s": 5.0,
+                                         "routing_baseline": str(baseline)}},
         log_path=str(tmp_path / "vllm.log"),
         max_model_len=512,
         max_num_seqs=16,

@@ -40,12 +40,17 @@ def _workload(vocab: int, seed: int = 7) -> list[tuple[list[int], int]]:
     return [(p[: 9 + (i * 5) % 31], 3 + (i * 3) % 13) for i, p in enumerate(prompts)]
 
 
-def _wait_flushed(srv: VllmServer, want_decode_tokens: float, timeout: float = 10.0) -> str:
+def _wait_flushed(
+    srv: VllmServer, want_decode_tokens: float, ranks: tuple[str, ...] = ("0",), timeout: float = 30.0
+) -> str:
+    """/metrics once every rank has published at least `want_decode_tokens` decode tokens (each
+    rank flushes on its own clock, so one rank's figures say nothing about another's)."""
     deadline = time.monotonic() + timeout
     text = srv.metrics_text()
     while time.monotonic() < deadline:
         text = srv.metrics_text()
-        if sum_rank(text, "moe_reuse_tokens_total", phase="decode") >= want_decode_tokens:
+        if all(sum_rank(text, "moe_reuse_tokens_total", r, phase="decode") >= want_decode_tokens
+               for r in ranks):
             break
         time.sleep(0.2)
     return text
@@ -126,8 +131,7 @@ def test_tp2_each_rank_counts_all_tokens_and_times_the_all_reduce() -> None:
         before = srv.metrics_text()
         sent = _workload(facts.vocab_size, seed=11)
         run_concurrent(srv.url, sent, concurrency=len(sent))
-        time.sleep(1.0)
-        text = _wait_flushed(srv, sum(n - 1 for _, n in sent))
+        text = _wait_flushed(srv, sum(n - 1 for _, n in sent), ranks=("0", "1"))
         _check_conservation(text, before, facts, sent, ranks=("0", "1"))
         for rank in ("0", "1"):
             assert metric_value(text, "moe_reuse_moe_comm_info", rank=rank, mode="tp_all_reduce") == 1

@@ -1,0 +1,179 @@
+"""Wiring of the live comparison into a recorder session (worker process, at load_model time).
+
+`attach(session, cfg, worker)` reads the deployment through the seam once, builds the predictor
+specs (MoE and dense twin) and adds two block listeners: `LiveMonitor` (window figures -> gauges)
+and, when `otlp_endpoint` is set, the OTel bridge. Both run in the flusher thread, off the step.
+
+Fault policy: a failure here never reaches vLLM and never stops the recorder. It is counted in
+`session.errors["live"]` (so `moe_reuse_errors_total{stage="live"}` shows it), logged once, and
+the live gauges are withdrawn; the recorder's own counters keep flowing.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import vllm_seam
+from ..config import PluginConfig
+from . import drift as drift_mod
+from .spec import LiveSpecs, ServedFacts, build_specs, hardware_overlap, resolve_hardware
+from .window import WindowAccumulator, window_figures, window_gauges
+
+logger = logging.getLogger("vllm.moe_reuse")
+
+LIVE_GAUGES = (
+    "dense_speedup_ratio", "tokens_per_expert", "step_bytes", "step_seconds", "model_error_ratio",
+    "ffn_regime", "ridge_point_tokens", "qs_ratio", "routing_factor_ratio", "capacity_factor_ratio",
+    "reuse_gap_ratio", "hbm_peak_bytes_per_second", "kv_capacity_tokens", "routing_drift_ratio",
+    "cold_experts", "dead_experts",
+)
+
+
+def live_fault(session: Any, exc: BaseException) -> None:
+    """Count and log a live-comparison failure; never raises, never disables the recorder."""
+    try:
+        first = "live" not in session.errors
+        session.errors["live"] = session.errors.get("live", 0) + 1
+        if first:
+            logger.error("moe_reuse: live comparison failed (recording continues): %s: %s",
+                         type(exc).__name__, exc)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+class LiveMonitor:
+    """Block listener: fold blocks into the window; on close, publish the live gauges."""
+
+    def __init__(self, specs: LiveSpecs, cfg: PluginConfig, layer_ids: list[int], *,
+                 kv_capacity: Callable[[], int | None], baseline: np.ndarray | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.specs, self.cfg, self.layer_ids = specs, cfg, list(layer_ids)
+        self.kv_capacity_fn = kv_capacity
+        self.baseline = baseline
+        self._baseline_mtime: float | None = None
+        self.clock = clock
+        self.acc = WindowAccumulator(len(layer_ids), specs.model.num_experts, cfg.window_s, clock())
+        self.kv_capacity: int | None = None
+        self.last_figures: dict[str, Any] = {}
+        self.windows = 0
+
+    def _capacity(self) -> int | None:
+        if self.kv_capacity is None:
+            try:
+                self.kv_capacity = self.kv_capacity_fn()
+            except Exception:  # noqa: BLE001 - not allocated yet
+                self.kv_capacity = None
+        return self.kv_capacity
+
+    def _reload_baseline(self) -> None:
+        """(Re)load `routing_baseline` when the file appears or changes (one stat per window), so
+        `moe-reuse baseline save` takes effect without a restart."""
+        path = self.cfg.routing_baseline
+        if not path:
+            return
+        try:
+            mtime = Path(path).expanduser().stat().st_mtime
+        except OSError:
+            return
+        if mtime != self._baseline_mtime:
+            self._baseline_mtime = mtime
+            self.baseline = drift_mod.baseline_matrix(
+                drift_mod.load_baseline(path), self.layer_ids, self.specs.model.num_experts)
+            logger.info("moe_reuse: routing baseline loaded from %s", path)
+
+    def publish(self, session: Any, fig: dict[str, Any]) -> None:
+        fresh = window_gauges(fig, self.layer_ids)
+        gauges = {k: v for k, v in session.gauges.items() if k not in LIVE_GAUGES}
+        gauges.update(fresh)
+        session.gauges = gauges
+
+    def static_figures(self, session: Any) -> dict[str, Any]:
+        w = self.acc.data.__class__(len(self.layer_ids), self.specs.model.num_experts)
+        return window_figures(w, self.specs, kv_capacity_moe=self._capacity(),
+                              kv_bytes_per_token=session.bytes_model.kv_bytes_per_token,
+                              cold_fraction=self.cfg.cold_fraction, baseline=None)
+
+    def __call__(self, stats: Any, meta: dict[str, np.ndarray], session: Any) -> None:
+        try:
+            self.acc.add_block(stats, meta, session.bytes_model)
+            now = self.clock()
+            if not self.acc.due(now):
+                if self.windows == 0 and "kv_capacity_tokens" not in session.gauges:
+                    self.publish(session, self.static_figures(session))
+                return
+            w = self.acc.close(now)
+            self._reload_baseline()
+            fig = window_figures(w, self.specs, kv_capacity_moe=self._capacity(),
+                                 kv_bytes_per_token=session.bytes_model.kv_bytes_per_token,
+                                 cold_fraction=self.cfg.cold_fraction, baseline=self.baseline)
+            self.last_figures = fig
+            self.windows += 1
+            self.publish(session, fig)
+        except Exception as exc:  # noqa: BLE001 - never into the flusher (it would disable all)
+            live_fault(session, exc)
+            session.gauges = {k: v for k, v in session.gauges.items() if k not in LIVE_GAUGES}
+
+
+def served_facts(worker: Any) -> ServedFacts:
+    weight, kv = vllm_seam.served_dtypes(worker)
+    tp, ep, dp, pp = vllm_seam.parallel_sizes(worker)
+    device = "cpu"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            device = torch.cuda.get_device_name()
+    except Exception:  # noqa: BLE001
+        pass
+    return ServedFacts(hf_config=vllm_seam.served_hf_config(worker), weight_dtype=weight,
+                       kv_dtype=kv, tp=tp, ep=ep, dp=dp, pp=pp,
+                       kv_fixed_size=vllm_seam.kv_cache_fixed_size(worker), device=device)
+
+
+def attach(session: Any, cfg: PluginConfig, worker: Any) -> None:
+    """Attach the live comparison (and the OTel push) to `session`. Never raises."""
+    try:
+        facts = served_facts(worker)
+        hw = resolve_hardware(cfg.hardware, facts.device)
+        overlap = hardware_overlap(cfg.hardware) if facts.device == "cpu" else 1.0
+        specs = build_specs(facts, hw, cfg.q, overlap)
+        monitor = LiveMonitor(specs, cfg, session.layer_ids,
+                              kv_capacity=lambda: vllm_seam.kv_capacity_tokens(worker))
+        monitor._reload_baseline()  # a bad baseline file is reported at start-up
+        session.listeners.append(monitor)
+        session.live_monitor = monitor
+        session.info["hardware"] = hw.name
+        logger.info("moe_reuse: live comparison on: hardware %s, q=%g, qs=%.3f, dense twin %s "
+                    "(intermediate %d), compute/memory overlap %.2f, window %gs", hw.name, cfg.q, specs.qs,
+                    specs.dense.name, specs.dense.intermediate_size, specs.overlap, cfg.window_s)
+    except Exception as exc:  # noqa: BLE001
+        live_fault(session, exc)
+    if cfg.otlp_endpoint:
+        attach_otel(session, cfg)
+
+
+def attach_otel(session: Any, cfg: PluginConfig) -> None:
+    try:
+        from .otel import OtelBridge
+
+        bridge = OtelBridge(cfg.otlp_endpoint, cfg.otlp_interval_s, session.labels)
+
+        def push(_stats: Any, _meta: Any, s: Any) -> None:
+            try:
+                bridge.update(s.snapshot())
+            except Exception as exc:  # noqa: BLE001
+                live_fault(s, exc)
+
+        session.listeners.append(push)
+        atexit.register(bridge.shutdown)
+        logger.info("moe_reuse: pushing metrics over OTLP to %s every %gs", cfg.otlp_endpoint,
+                    cfg.otlp_interval_s)
+    except Exception as exc:  # noqa: BLE001
+        live_fault(session, exc)

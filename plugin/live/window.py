@@ -1,0 +1,260 @@
+"""The export window: blocks of measured steps -> predicted-vs-measured figures -> gauges.
+
+Runs in the recorder's flusher thread, once per flushed block (vectorised numpy) and once per
+window (the predictor, a few calls per distinct decode batch size). Nothing here touches the step.
+
+How the gauge `dense_speedup_ratio` is formed (docs/live.md has the long version):
+
+1. Only decode steps count (the gauge is about decode). Steps are grouped by decode batch B.
+2. For each group the predictor gives the MoE step time T_moe_pred(B, context) and the dense
+   twin's T_dense_pred(B, context) on the same hardware spec and partition (uniform routing),
+   with compute and memory combined as max + (1 - overlap) * min (overlap from calibrate; 1, the
+   predictor's own max(), for presets).
+3. Calibration by the measured MoE time T_moe_meas(B): the residual r = T_moe_meas - T_moe_pred is
+   time the cost model does not explain (framework overhead, sampling, scheduling, kernel start),
+   which the dense twin, served by the same engine with the same attention, pays too. So
+   T_dense_est = T_dense_pred + r. If the model over-predicts (r < 0), both are scaled instead:
+   T_dense_est = T_dense_pred * T_moe_meas / T_moe_pred.
+4. X = sum_B n_B T_moe_meas(B) / sum_B n_B T_dense_est(B): how many times faster the dense twin
+   decodes the same steps. X < 1 means the MoE is the faster one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from moe_reuse.predictor import expected_distinct_experts, step_time
+from moe_reuse.predictor.specs import dtype_bytes
+
+from . import drift as drift_mod
+from .spec import LiveSpecs
+
+KIND_DECODE = 0
+
+
+@dataclass
+class WindowData:
+    """Sums over the decode steps of one window (per rank)."""
+
+    num_layers: int
+    num_experts: int
+    start: float = 0.0
+    steps: int = 0
+    decode_tokens: float = 0.0
+    context_tokens: float = 0.0  # sum over steps of the decode requests' context lengths
+    requests: float = 0.0
+    duration_s: float = 0.0
+    touched: float = 0.0  # distinct (layer, expert) reads by decode tokens
+    assignments: float = 0.0
+    bytes_measured: float = 0.0
+    groups: dict[int, list[float]] = field(default_factory=dict)  # B -> [n, ctx, dur, reqs]
+    carried: int = 0  # windows whose expert counts were too thin to judge and were carried in
+    expert_tokens: np.ndarray = field(init=False)  # [L, E] decode tokens (all steps)
+
+    def __post_init__(self) -> None:
+        self.expert_tokens = np.zeros((self.num_layers, self.num_experts), dtype=np.int64)
+
+
+class WindowAccumulator:
+    """Folds blocks into a window and closes it every `window_s` seconds (monotonic clock)."""
+
+    def __init__(self, num_layers: int, num_experts: int, window_s: float, now: float) -> None:
+        self.num_layers, self.num_experts, self.window_s = num_layers, num_experts, window_s
+        self.data = WindowData(num_layers, num_experts, start=now)
+
+    def add_block(self, stats: Any, meta: dict[str, np.ndarray], bytes_model: Any) -> None:
+        d = self.data
+        d.expert_tokens += np.asarray(stats.expert_decode, dtype=np.int64)
+        kind = np.asarray(meta["kind"])
+        dec = np.asarray(meta["tokens"])[:, 1]
+        mask = (kind == KIND_DECODE) & (dec > 0)
+        if not mask.any():
+            return
+        B = dec[mask].astype(np.int64)
+        ctx = np.asarray(meta["context"])[mask, 1].astype(np.float64)
+        reqs = np.asarray(meta["requests"])[mask, 1].astype(np.float64)
+        dur = np.asarray(meta["duration_ns"])[mask].astype(np.float64) / 1e9
+        d.steps += int(mask.sum())
+        d.decode_tokens += float(B.sum())
+        d.context_tokens += float(ctx.sum())
+        d.requests += float(reqs.sum())
+        d.duration_s += float(dur.sum())
+        d.touched += float(np.asarray(stats.decode_touched)[mask].sum())
+        d.assignments += float(np.asarray(stats.decode_assign)[mask].sum())
+        bm = bytes_model
+        per_layer = np.asarray(bm.expert_bytes_per_layer, dtype=np.float64)
+        routed = (np.asarray(stats.distinct_all)[:, mask] * per_layer[:, None]).sum()
+        const = bm.shared_expert_bytes + bm.dense_ffn_bytes + bm.attention_bytes + bm.embedding_bytes
+        d.bytes_measured += float(routed + const * mask.sum() + ctx.sum() * bm.kv_bytes_per_token)
+        for b in np.unique(B):
+            sel = b == B
+            g = d.groups.setdefault(int(b), [0.0, 0.0, 0.0, 0.0])
+            g[0] += float(sel.sum())
+            g[1] += float(ctx[sel].sum())
+            g[2] += float(dur[sel].sum())
+            g[3] += float(reqs[sel].sum())
+
+    def due(self, now: float) -> bool:
+        return now - self.data.start >= self.window_s
+
+    def close(self, now: float, max_carry: int = 10) -> WindowData:
+        """End the window. Expert counts too thin to judge dead/cold experts are carried into the
+        next window (at most `max_carry` windows), so light traffic still gets judged."""
+        out = self.data
+        self.data = WindowData(self.num_layers, self.num_experts, start=now)
+        thin = drift_mod.dead_and_cold(out.expert_tokens, 0.05) is None
+        if thin and out.carried < max_carry and out.expert_tokens.any():
+            self.data.expert_tokens += out.expert_tokens
+            self.data.carried = out.carried + 1
+        return out
+
+
+def ridge_point_tokens(specs: LiveSpecs) -> float:
+    """Tokens per expert at which one expert read costs as long as its math (the expert path).
+
+    One weight byte serves 2/bytes_per_param FLOPs per token, so t tokens give an arithmetic
+    intensity of 2t/bytes_per_param; the ridge is peak FLOP/s over expert-path bytes/s.
+    """
+    hw, m = specs.hardware, specs.model
+    per_param = dtype_bytes(m.expert_weight_dtype)
+    return hw.peak_flops(m.expert_weight_dtype) / hw.expert_bytes_per_second * per_param / 2.0
+
+
+def _dense_estimate(t_meas: float, t_moe: float, t_dense: float) -> float:
+    r = t_meas - t_moe
+    if r >= 0 or t_moe <= 0:
+        return t_dense + r
+    return t_dense * t_meas / t_moe
+
+
+def window_figures(w: WindowData, specs: LiveSpecs, *, kv_capacity_moe: int | None,
+                   kv_bytes_per_token: float, cold_fraction: float,
+                   baseline: np.ndarray | None) -> dict[str, Any]:
+    """Pure: one closed window -> every live figure (plain floats; NaN where undefined)."""
+    m, hw = specs.model, specs.hardware
+    k, E = m.experts_per_token, m.num_experts
+    dp = specs.partition.dp
+    fig: dict[str, Any] = {
+        "qs": specs.qs, "routing_factor": specs.routing_factor,
+        "ridge_point_tokens": ridge_point_tokens(specs),
+        "hbm_peak_bytes_per_second": hw.hbm_bandwidth_bytes_per_second,
+        "decode_steps": w.steps,
+    }
+    if kv_capacity_moe:
+        dense_cap = specs.dense_kv_capacity_tokens(kv_capacity_moe, kv_bytes_per_token)
+        fig["kv_capacity_moe"] = float(kv_capacity_moe)
+        fig["kv_capacity_dense"] = float(dense_cap)
+        fig["capacity_factor"] = dense_cap / kv_capacity_moe
+        fig["reuse_gap"] = fig["routing_factor"] * fig["capacity_factor"]
+    if w.steps > 0:
+        n = float(w.steps)
+        t_meas = t_moe = t_dense_pred = t_dense_est = 0.0
+        bytes_pred = 0.0
+        uni_num = dist_den = 0.0
+        for b, (cnt, ctx, dur, reqs) in sorted(w.groups.items()):
+            per_seq_ctx = max(ctx / max(reqs, 1.0), 1.0)
+            mt = step_time(m, hw, specs.partition, b * dp, per_seq_ctx)
+            dt = step_time(specs.dense, hw, specs.dense_partition, b * dp, per_seq_ctx)
+            mean_dur = dur / cnt
+            m_s, d_s = specs.step_seconds(mt), specs.step_seconds(dt)
+            t_meas += dur
+            t_moe += cnt * m_s
+            t_dense_pred += cnt * d_s
+            t_dense_est += cnt * _dense_estimate(mean_dur, m_s, d_s)
+            bytes_pred += cnt * sum(mt.hbm_bytes.values())
+            uni_num += cnt * b * k
+            dist_den += cnt * expected_distinct_experts(E, k, b)
+        measured_tpe = w.assignments / w.touched if w.touched > 0 else math.nan
+        fig.update({
+            "batch_tokens": w.decode_tokens / n,
+            "tokens_per_expert_measured": measured_tpe,
+            "tokens_per_expert_uniform": uni_num / n / E,
+            "tokens_per_expert_distinct": uni_num / dist_den if dist_den > 0 else math.nan,
+            "step_bytes_measured": w.bytes_measured / n,
+            "step_bytes_predicted": bytes_pred / n,
+            "step_seconds_measured": t_meas / n,
+            "step_seconds_predicted": t_moe / n,
+            "dense_step_seconds_predicted": t_dense_pred / n,
+            "dense_step_seconds_estimated": t_dense_est / n,
+            "dense_speedup": t_meas / t_dense_est if t_dense_est > 0 else math.nan,
+        })
+        fig["error_step_seconds"] = fig["step_seconds_predicted"] / fig["step_seconds_measured"]
+        fig["error_step_bytes"] = fig["step_bytes_predicted"] / fig["step_bytes_measured"]
+        fig["error_tokens_per_expert"] = fig["tokens_per_expert_distinct"] / measured_tpe
+        fig["regime"] = ("compute_bound" if measured_tpe >= fig["ridge_point_tokens"]
+                         else "bandwidth_bound")
+    judged = drift_mod.dead_and_cold(w.expert_tokens, cold_fraction)
+    if judged is not None:
+        fig["dead"], fig["cold"] = judged[0].tolist(), judged[1].tolist()
+    if baseline is not None and w.expert_tokens.sum() > 0:
+        fig["drift"] = drift_mod.drift_per_layer(w.expert_tokens, baseline)
+    return fig
+
+
+def _g(doc: str, labels: list[str], samples: list[tuple[list[str], float]]) -> dict[str, Any]:
+    return {"doc": doc, "labels": labels,
+            "samples": [[list(lv), float(v)] for lv, v in samples if _ok(v)]}
+
+
+def _ok(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(float(v))
+
+
+def window_gauges(fig: dict[str, Any], layer_ids: list[int]) -> dict[str, dict[str, Any]]:
+    """Pure: window figures -> `session.gauges` entries (names without the moe_reuse_ prefix).
+
+    Names and labels are fixed by docs/metrics.md ("Live comparison with the predictor").
+    """
+    out: dict[str, dict[str, Any]] = {
+        "qs_ratio": _g("q x s of the served model and the configured q.", [], [([], fig["qs"])]),
+        "routing_factor_ratio": _g("E/k.", [], [([], fig["routing_factor"])]),
+        "ridge_point_tokens": _g("Hardware ridge point as tokens per expert (expert path).", [],
+                                 [([], fig["ridge_point_tokens"])]),
+        "hbm_peak_bytes_per_second": _g("Peak memory bandwidth of the hardware spec.", [],
+                                        [([], fig["hbm_peak_bytes_per_second"])]),
+    }
+    if "capacity_factor" in fig:
+        out["capacity_factor_ratio"] = _g("B_dense_max / B_moe_max from vLLM's real KV capacity.",
+                                          [], [([], fig["capacity_factor"])])
+        out["reuse_gap_ratio"] = _g("Routing factor x capacity factor.", [], [([], fig["reuse_gap"])])
+        out["kv_capacity_tokens"] = _g(
+            "KV cache capacity in tokens (moe: vLLM's allocated cache; dense: the twin's).",
+            ["model_kind"], [(["moe"], fig["kv_capacity_moe"]), (["dense"], fig["kv_capacity_dense"])])
+    if fig.get("decode_steps", 0) > 0:
+        out["dense_speedup_ratio"] = _g(
+            "How many times faster the quality-matched dense twin would decode this window's "
+            "workload on this hardware (predictor, calibrated by the measured MoE step time).",
+            [], [([], fig["dense_speedup"])])
+        out["tokens_per_expert"] = _g(
+            "Decode tokens per touched expert per step (window average over layers).", ["source"],
+            [(["measured"], fig["tokens_per_expert_measured"]),
+             (["predicted_uniform"], fig["tokens_per_expert_uniform"]),
+             (["predicted_distinct"], fig["tokens_per_expert_distinct"])])
+        out["step_bytes"] = _g("HBM bytes per decode step.", ["source"],
+                               [(["measured"], fig["step_bytes_measured"]),
+                                (["predicted"], fig["step_bytes_predicted"])])
+        out["step_seconds"] = _g("Decode step time.", ["source"],
+                                 [(["measured"], fig["step_seconds_measured"]),
+                                  (["predicted"], fig["step_seconds_predicted"])])
+        out["model_error_ratio"] = _g("Predicted / measured.", ["quantity"],
+                                      [(["step_seconds"], fig["error_step_seconds"]),
+                                       (["step_bytes"], fig["error_step_bytes"]),
+                                       (["tokens_per_expert"], fig["error_tokens_per_expert"])])
+        out["ffn_regime"] = _g("FFN regime at the live expert-local batch (1 = current).", ["regime"],
+                               [([r], 1.0 if fig["regime"] == r else 0.0)
+                                for r in ("bandwidth_bound", "compute_bound")])
+    layers = [str(x) for x in layer_ids]
+    if "dead" in fig:
+        out["dead_experts"] = _g("Experts with zero decode tokens over the window.", ["layer"],
+                                 list(zip([[lay] for lay in layers], fig["dead"])))
+        out["cold_experts"] = _g("Experts below cold_fraction of their fair share over the window.",
+                                 ["layer"], list(zip([[lay] for lay in layers], fig["cold"])))
+    if "drift" in fig:
+        out["routing_drift_ratio"] = _g(
+            "Jensen-Shannon divergence (bits) of the window's expert distribution from the baseline.",
+            ["layer"], list(zip([[lay] for lay in layers], fig["drift"])))
+    return out

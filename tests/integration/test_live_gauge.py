@@ -1,0 +1,135 @@
+"""The live comparison on a real vLLM server (one server, eager, the rigged Qwen3-MoE).
+
+The rigged model's router can never pick expert 7 in any layer, and otherwise serves like any
+Qwen3-MoE, so one server start checks three things:
+
+1. every live gauge of docs/metrics.md is on /metrics with sane values (qs = 5*2/8, E/k = 4,
+   positive measured and predicted step time and bytes, exactly one FFN regime, KV capacity from
+   vLLM's allocated cache, a finite dense-speedup gauge);
+2. the dead expert is detected: `dead_experts{layer}` = 1 in every MoE layer (and it is cold);
+3. drift: a baseline saved with `moe-reuse baseline save --url` from diverse random-token traffic
+   is picked up without a restart; the same kind of traffic keeps the divergence low, and traffic
+   from another domain (one repeated prompt, which collapses routing) raises it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from moe_reuse.plugin.calibrate import cmd_baseline_save
+from moe_reuse.plugin.harness.server import VllmServer, random_prompts, run_concurrent
+from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
+
+pytestmark = pytest.mark.integration
+
+WINDOW_S = 3.0
+
+
+def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    out = {}
+    for m in re.finditer(rf"^{name}(\{{[^}}]*\}})?\s+(\S+)$", text, re.M):
+        labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', m.group(1) or "")))
+        out[labels] = float(m.group(2))
+    return out
+
+
+def by(text: str, name: str, label: str) -> dict[str, float]:
+    return {dict(k)[label]: v for k, v in samples(text, name).items() if label in dict(k)}
+
+
+def one(text: str, name: str) -> float:
+    vals = list(samples(text, name).values())
+    assert len(vals) == 1, f"{name}: {vals}"
+    return vals[0]
+
+
+def traffic(url: str, prompts: list[list[int]], max_tokens: int = 24, concurrency: int = 8) -> None:
+    run_concurrent(url, [(p, max_tokens) for p in prompts], concurrency)
+
+
+def wait_windows(n: int = 2) -> None:
+    time.sleep(n * WINDOW_S + 1.5)
+
+
+def test_live_gauges_dead_expert_and_drift(tmp_path: Path) -> None:
+    model_dir = build_model("qwen3-moe-rigged")
+    facts = model_facts(model_dir)
+    baseline = tmp_path / "baseline.json"
+    cfg = {"moe_reuse": {"window_s": WINDOW_S, "q": 5.0, "per_expert_series": True,
+                         "routing_baseline": str(baseline)}}
+    vocab = facts.vocab_size
+    with VllmServer(model_dir, enforce_eager=True, additional_config=cfg).start() as srv:
+        # diverse traffic (near-uniform routing), long enough for a judged window
+        diverse = random_prompts(48, 24, vocab, seed=1)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2 * WINDOW_S + 2:
+            traffic(srv.url, diverse)
+        text = srv.metrics_text()
+
+        # 1. the live gauges, sane values
+        assert one(text, "moe_reuse_qs_ratio") == pytest.approx(5.0 * 2 / 8)
+        assert one(text, "moe_reuse_routing_factor_ratio") == pytest.approx(4.0)
+        assert one(text, "moe_reuse_capacity_factor_ratio") == pytest.approx(1.0)  # CPU: fixed KV
+        assert one(text, "moe_reuse_reuse_gap_ratio") == pytest.approx(4.0)
+        kv = by(text, "moe_reuse_kv_capacity_tokens", "model_kind")
+        assert kv["moe"] > 1000 and kv["dense"] == kv["moe"]
+        assert one(text, "moe_reuse_hbm_peak_bytes_per_second") > 1e9
+        assert one(text, "moe_reuse_ridge_point_tokens") > 0
+        x = one(text, "moe_reuse_dense_speedup_ratio")
+        assert math.isfinite(x) and 0.05 < x < 20
+        sec = by(text, "moe_reuse_step_seconds", "source")
+        assert 0 < sec["measured"] < 5 and 0 < sec["predicted"] < 5
+        byt = by(text, "moe_reuse_step_bytes", "source")
+        assert byt["measured"] > 0 and byt["predicted"] > 0
+        assert 0.5 < byt["predicted"] / byt["measured"] < 2.0
+        tpe = by(text, "moe_reuse_tokens_per_expert", "source")
+        assert set(tpe) == {"measured", "predicted_uniform", "predicted_distinct"}
+        assert 1.0 <= tpe["measured"] <= 8 * 2 and tpe["predicted_distinct"] >= 1.0
+        err = by(text, "moe_reuse_model_error_ratio", "quantity")
+        assert set(err) == {"step_seconds", "step_bytes", "tokens_per_expert"}
+        assert all(v > 0 for v in err.values())
+        regime = by(text, "moe_reuse_ffn_regime", "regime")
+        assert sorted(regime.values()) == [0.0, 1.0]
+
+        # 2. the dead expert: expert 7 never picked, in every MoE layer
+        dead = by(text, "moe_reuse_dead_experts", "layer")
+        cold = by(text, "moe_reuse_cold_experts", "layer")
+        assert set(dead) == {str(i) for i in facts.moe_layer_indices}
+        assert all(v == 1 for v in dead.values()), dead
+        assert all(v >= 1 for v in cold.values()), cold
+        assert "moe_reuse_routing_drift_ratio" not in text  # no baseline yet
+
+        # 3. drift: save a baseline of diverse traffic over a few seconds, picked up live
+        import threading
+
+        saver = threading.Thread(target=cmd_baseline_save, args=(argparse.Namespace(
+            url=srv.url, snapshot_dir="", model=None, seconds=2 * WINDOW_S, out=str(baseline)),))
+        saver.start()
+        t0 = time.monotonic()
+        while saver.is_alive():
+            traffic(srv.url, diverse)
+        saver.join()
+        assert baseline.exists()
+        fresh = random_prompts(48, 24, vocab, seed=2)  # same domain, other prompts
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2 * WINDOW_S + 2:
+            traffic(srv.url, fresh)
+        same = by(srv.metrics_text(), "moe_reuse_routing_drift_ratio", "layer")
+        assert set(same) == {str(i) for i in facts.moe_layer_indices}
+        # another domain: one repeated prompt, decode collapses onto few experts
+        other = [[5, 6, 7, 8] * 6] * 48
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2 * WINDOW_S + 2:
+            traffic(srv.url, other)
+        changed = by(srv.metrics_text(), "moe_reuse_routing_drift_ratio", "layer")
+        mean_same = sum(same.values()) / len(same)
+        mean_changed = sum(changed.values()) / len(changed)
+        assert mean_same < 0.1, same
+        assert mean_changed > 2 * mean_same and mean_changed > 0.1, (same, changed)
+        assert "moe_reuse_errors_total{" not in srv.metrics_text() or 'stage="live"' not in srv.metrics_text()

@@ -1,0 +1,230 @@
+"""Unit tests of the live comparison: window figures, gauges, drift, dead/cold, specs (no vLLM)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from moe_reuse.plugin.config import PluginConfig
+from moe_reuse.plugin.harness.tiny_models import model_spec
+from moe_reuse.plugin.live import drift
+from moe_reuse.plugin.live.attach import LIVE_GAUGES, LiveMonitor
+from moe_reuse.plugin.live.spec import ServedFacts, build_specs, resolve_hardware
+from moe_reuse.plugin.live.twin import twin_config
+from moe_reuse.plugin.live.window import (
+    WindowAccumulator,
+    ridge_point_tokens,
+    window_figures,
+    window_gauges,
+)
+from moe_reuse.plugin.recorder.aggregate import BlockStats, ByteModel
+from moe_reuse.predictor import hardware_from_dict, step_time
+
+HW = hardware_from_dict({
+    "name": "test-cpu", "hbm_capacity_gb": 16, "hbm_bandwidth_gb_per_s": 30,
+    "expert_path_bandwidth_gb_per_s": 20, "peak_tflops": {"bf16": 0.3},
+    "intra_node_bandwidth_gb_per_s": 10, "gpus_per_node": 1})
+
+
+def big_specs(q: float = 5.0, kv_fixed: bool = True):  # type: ignore[no-untyped-def]
+    facts = ServedFacts(hf_config=model_spec("big-moe")["config"], weight_dtype="bfloat16",
+                        kv_dtype="bfloat16", kv_fixed_size=kv_fixed)
+    return build_specs(facts, HW, q)
+
+
+def block(B: int, n: int, L: int = 8, E: int = 64, k: int = 4, dur_s: float = 0.02,
+          ctx: int = 100, kind: int = 0, seed: int = 0):  # type: ignore[no-untyped-def]
+    """n decode steps of batch B with uniform random routing."""
+    rng = np.random.default_rng(seed)
+    counts = np.zeros((L, n, E), dtype=np.int64)
+    for li in range(L):
+        for s in range(n):
+            for _ in range(B):
+                counts[li, s, rng.choice(E, k, replace=False)] += 1
+    present = counts > 0
+    stats = BlockStats(decode_touched=present.sum(axis=(0, 2)), decode_assign=counts.sum(axis=(0, 2)),
+                       distinct_all=present.sum(axis=2), expert_decode=counts.sum(axis=1))
+    meta = {"kind": np.full(n, kind, np.int8), "tokens": np.tile([0, B], (n, 1)),
+            "requests": np.tile([0, B], (n, 1)), "context": np.tile([0, B * ctx], (n, 1)),
+            "duration_ns": np.full(n, int(dur_s * 1e9)), "comm_ns": np.zeros((n, 2), np.int64)}
+    return stats, meta
+
+
+BM = ByteModel(expert_bytes_per_layer=(3 * 1024 * 512 * 2,) * 8, attention_bytes=8 * 2 * 2621440,
+               embedding_bytes=512 * 1024 * 2, kv_bytes_per_token=8 * 2 * 2 * 128 * 2)
+
+
+def test_dense_twin_size_and_qs() -> None:
+    s = big_specs()
+    assert s.qs == pytest.approx(5 * 4 / 64)
+    assert s.routing_factor == 16
+    from moe_reuse.predictor import total_params
+
+    assert total_params(s.dense) == pytest.approx(s.qs * total_params(s.model), rel=1e-3)
+    cfg, width = twin_config(model_spec("big-moe")["config"], 5.0)
+    assert width == s.dense.intermediate_size and "num_experts" not in cfg
+    assert cfg["num_key_value_heads"] == 2 and cfg["head_dim"] == 128
+
+
+def test_window_tokens_per_expert_and_bytes() -> None:
+    s = big_specs()
+    acc = WindowAccumulator(8, 64, window_s=1.0, now=0.0)
+    stats, meta = block(B=16, n=20)
+    acc.add_block(stats, meta, BM)
+    assert not acc.due(0.5) and acc.due(1.0)
+    w = acc.close(1.0)
+    fig = window_figures(w, s, kv_capacity_moe=100_000, kv_bytes_per_token=BM.kv_bytes_per_token,
+                         cold_fraction=0.05, baseline=None)
+    assert fig["tokens_per_expert_uniform"] == pytest.approx(16 * 4 / 64)
+    # measured and distinct expectation agree under uniform routing
+    assert fig["tokens_per_expert_measured"] == pytest.approx(fig["tokens_per_expert_distinct"], rel=0.05)
+    assert fig["error_tokens_per_expert"] == pytest.approx(1.0, rel=0.05)
+    # bytes: predictor and recorder count the same weights here (to within router/norm bytes)
+    assert fig["error_step_bytes"] == pytest.approx(1.0, rel=0.05)
+    st = step_time(s.model, HW, s.partition, 16, 100)
+    assert fig["step_seconds_predicted"] == pytest.approx(st.total_seconds)
+    assert fig["step_seconds_measured"] == pytest.approx(0.02)
+    assert fig["capacity_factor"] == 1.0 and fig["reuse_gap"] == 16.0  # CPU: fixed KV size
+
+
+def test_gauge_calibration_by_measured_time() -> None:
+    s = big_specs()
+    for B in (1, 64):
+        mt = step_time(s.model, HW, s.partition, B, 100).total_seconds
+        dt = step_time(s.dense, HW, s.dense_partition, B, 100).total_seconds
+        for meas, expect in ((mt, mt / dt), (mt + 0.01, (mt + 0.01) / (dt + 0.01)),
+                             (mt * 0.5, 1 * mt / dt)):
+            acc = WindowAccumulator(8, 64, 1.0, 0.0)
+            acc.add_block(*block(B=B, n=3, dur_s=meas), BM)
+            fig = window_figures(acc.close(1.0), s, kv_capacity_moe=None, kv_bytes_per_token=0,
+                                 cold_fraction=0.05, baseline=None)
+            assert fig["dense_speedup"] == pytest.approx(expect, rel=1e-6)
+    # q=5 twin of a 64-expert top-4 model: MoE faster at B=1 (bandwidth), dense faster at B=8
+    x1 = step_time(s.model, HW, s.partition, 1, 100).total_seconds / step_time(
+        s.dense, HW, s.dense_partition, 1, 100).total_seconds
+    x8 = step_time(s.model, HW, s.partition, 8, 100).total_seconds / step_time(
+        s.dense, HW, s.dense_partition, 8, 100).total_seconds
+    assert x1 < 1 < x8
+
+
+def test_regime_and_ridge() -> None:
+    s = big_specs()
+    ridge = ridge_point_tokens(s)
+    assert ridge == pytest.approx(0.3e12 / 20e9)
+    for B, regime in ((4, "bandwidth_bound"), (1024, "compute_bound")):
+        acc = WindowAccumulator(8, 64, 1.0, 0.0)
+        acc.add_block(*block(B=B, n=1), BM)
+        fig = window_figures(acc.close(1.0), s, kv_capacity_moe=None, kv_bytes_per_token=0,
+                             cold_fraction=0.05, baseline=None)
+        assert fig["regime"] == regime
+
+
+def test_prefill_and_mixed_steps_are_ignored() -> None:
+    acc = WindowAccumulator(8, 64, 1.0, 0.0)
+    acc.add_block(*block(B=8, n=5, kind=1), BM)
+    acc.add_block(*block(B=8, n=5, kind=2), BM)
+    w = acc.close(1.0)
+    assert w.steps == 0
+    fig = window_figures(w, big_specs(), kv_capacity_moe=None, kv_bytes_per_token=0,
+                         cold_fraction=0.05, baseline=None)
+    g = window_gauges(fig, list(range(8)))
+    assert "dense_speedup_ratio" not in g and "qs_ratio" in g
+
+
+def test_gauges_names_match_docs() -> None:
+    acc = WindowAccumulator(8, 64, 1.0, 0.0)
+    acc.add_block(*block(B=32, n=30), BM)
+    base = np.ones((8, 64))
+    fig = window_figures(acc.close(1.0), big_specs(), kv_capacity_moe=50_000,
+                         kv_bytes_per_token=BM.kv_bytes_per_token, cold_fraction=0.05, baseline=base)
+    g = window_gauges(fig, list(range(8)))
+    assert set(g) == set(LIVE_GAUGES)
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    for name, spec in g.items():
+        assert f"`moe_reuse_{name}`" in docs
+        json.dumps(spec)
+        for labels, value in spec["samples"]:
+            assert len(labels) == len(spec["labels"]) and math.isfinite(value)
+    labels = {tuple(lv) for lv, _ in g["tokens_per_expert"]["samples"]}
+    assert labels == {("measured",), ("predicted_uniform",), ("predicted_distinct",)}
+    assert {tuple(lv) for lv, _ in g["kv_capacity_tokens"]["samples"]} == {("moe",), ("dense",)}
+
+
+def test_capacity_factor_on_gpu_grows_with_freed_weights() -> None:
+    s = big_specs(kv_fixed=False)
+    dense = s.dense_kv_capacity_tokens(10_000, 32768)
+    assert dense > 10_000  # the twin's weights are smaller, so it gets more KV
+
+
+def test_js_divergence_and_dead_cold() -> None:
+    p = np.array([1, 1, 1, 1.0])
+    assert drift.js_divergence(p, p) == pytest.approx(0.0)
+    assert drift.js_divergence(np.array([1, 0]), np.array([0, 1])) == pytest.approx(1.0)
+    counts = np.full((2, 8), 100)
+    counts[0, 7] = 0
+    counts[1, 3] = 4  # below 5% of the fair share (~88)
+    dead, cold = drift.dead_and_cold(counts, 0.05)
+    assert dead.tolist() == [1, 0] and cold.tolist() == [1, 1]
+    assert drift.dead_and_cold(np.ones((2, 8)), 0.05) is None  # too thin to judge
+
+
+def test_thin_windows_carry_expert_counts() -> None:
+    acc = WindowAccumulator(1, 8, 1.0, 0.0)
+    from types import SimpleNamespace
+
+    thin = SimpleNamespace(expert_decode=np.full((1, 8), 10), decode_touched=np.zeros(0),
+                           decode_assign=np.zeros(0), distinct_all=np.zeros((1, 0)))
+    meta = {k: np.zeros((0, 2) if k in ("tokens", "requests", "context", "comm_ns") else 0)
+            for k in ("kind", "tokens", "requests", "context", "duration_ns", "comm_ns")}
+    acc.add_block(thin, meta, BM)
+    acc.close(1.0)
+    acc.add_block(thin, meta, BM)
+    w = acc.close(2.0)
+    assert w.expert_tokens.sum() == 160 and drift.dead_and_cold(w.expert_tokens, 0.05) is not None
+
+
+def test_baseline_roundtrip(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    b = drift.make_baseline({3: [1, 2, 3, 4], 5: [4, 3, 2, 1]}, num_experts=4, top_k=2, source="t")
+    drift.save_baseline(tmp_path / "b.json", b)
+    m = drift.baseline_matrix(drift.load_baseline(tmp_path / "b.json"), [3, 5, 9], 4)
+    assert m[0].tolist() == [1, 2, 3, 4] and np.isnan(m[2]).all()
+    out = drift.drift_per_layer(np.array([[1, 2, 3, 4], [1, 2, 3, 4], [1, 1, 1, 1]]), m)
+    assert out[0] == pytest.approx(0) and out[1] > 0.05 and math.isnan(out[2])
+
+
+def test_monitor_publishes_and_never_raises() -> None:
+    from types import SimpleNamespace
+
+    t = [0.0]
+    cfg = PluginConfig(window_s=1.0)
+    mon = LiveMonitor(big_specs(), cfg, list(range(8)), kv_capacity=lambda: 4096, baseline=None,
+                      clock=lambda: t[0])
+    session = SimpleNamespace(gauges={"other": {"doc": "", "labels": [], "samples": []}},
+                              bytes_model=BM, errors={})
+    mon(*block(B=4, n=5), session)
+    assert "qs_ratio" in session.gauges and "dense_speedup_ratio" not in session.gauges
+    t[0] = 1.5
+    mon(*block(B=4, n=5), session)
+    assert session.gauges["dense_speedup_ratio"]["samples"][0][1] > 0
+    assert "other" in session.gauges
+    mon(None, {}, session)  # garbage: counted, gauges withdrawn, no exception
+    assert session.errors == {"live": 1} and "dense_speedup_ratio" not in session.gauges
+
+
+def test_resolve_hardware(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("MOE_REUSE_HARDWARE_FILE", str(tmp_path / "none.json"))
+    assert resolve_hardware("auto").name == "cpu-generic"
+    assert resolve_hardware("auto", "NVIDIA H100 80GB HBM3").name == "h100-sxm"
+    assert resolve_hardware("h200").name == "h200"
+    f = tmp_path / "hw.json"
+    f.write_text(json.dumps({"name": "x", "hbm_capacity_gb": 1, "hbm_bandwidth_gb_per_s": 10,
+                             "peak_tflops": {"bf16": 0.1}, "intra_node_bandwidth_gb_per_s": 1,
+                             "gpus_per_node": 1, "notes": {"a": 1}}))
+    monkeypatch.setenv("MOE_REUSE_HARDWARE_FILE", str(f))
+    assert resolve_hardware("auto").name == "x"
+    assert resolve_hardware(str(f)).name == "x"
