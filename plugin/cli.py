@@ -17,6 +17,8 @@ _AREAS = (
     "moe_reuse.predictor.cli",
     "moe_reuse.dashboards.generate",
     "moe_reuse.plugin.calibrate",
+    "moe_reuse.plugin.live.baseline_cli",
+    "moe_reuse.plugin.harness.dense_ab",
 )
 
 

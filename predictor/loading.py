@@ -51,6 +51,18 @@ _HW_UNITS: dict[str, tuple[tuple[str, float], ...]] = {
         ("expert_path_bandwidth_bytes_per_second", 1.0),
         ("expert_path_bandwidth_gb_per_s", 1e9),
     ),
+    "expert_path_flops_per_second": (
+        ("expert_path_flops_per_second", 1.0),
+        ("expert_path_tflops", 1e12),
+    ),
+    "step_overhead_seconds": (
+        ("step_overhead_seconds", 1.0),
+        ("step_overhead_ms", 1e-3),
+    ),
+    "step_overhead_per_token_seconds": (
+        ("step_overhead_per_token_seconds", 1.0),
+        ("step_overhead_per_token_us", 1e-6),
+    ),
 }
 _HW_FLOPS = (("peak_flops_per_second", 1.0), ("peak_tflops", 1e12))
 _HW_PLAIN = (
@@ -58,6 +70,7 @@ _HW_PLAIN = (
     "gpus_per_node",
     "hbm_efficiency_ratio",
     "compute_efficiency_ratio",
+    "compute_memory_overlap_ratio",
     "description",
 )
 _HW_IGNORED = ("notes", "source")
@@ -110,7 +123,7 @@ def hardware_from_dict(data: Mapping[str, Any], *, default_name: str = "custom")
         out["peak_flops_per_second"] = {
             d: _number(v, f"{key}.{d}") * factor for d, v in table.items()
         }
-    for key in ("gpus_per_node", "hbm_efficiency_ratio", "compute_efficiency_ratio", "description"):
+    for key in _HW_PLAIN[1:]:
         if key in data:
             out[key] = data[key]
     missing = [f for f in _HW_REQUIRED if f not in out]

@@ -252,6 +252,16 @@ class HardwareSpec:
     scale the peaks to what kernels sustain. `expert_path_bandwidth_bytes_per_second` is the
     rate at which the fused-MoE path streams expert weights; it defaults to the HBM rate and
     exists because some backends (CPU) stream experts slower than a dense GEMV does.
+
+    Three refinements describe a measured machine (`moe-reuse calibrate`); their defaults give
+    the paper's model exactly:
+    - `expert_path_flops_per_second`: the fused-MoE kernel's math rate at decode-sized expert
+      batches (a few tokens per expert run far below the GEMM peak); default: the peak.
+    - `compute_memory_overlap_ratio`: how far math hides weight streaming. A step takes
+      max(C, M) + (1 - ratio) * min(C, M); 1 (default) is the paper's max(C, M).
+    - `step_overhead_seconds` + `step_overhead_per_token_seconds` x tokens: time per step
+      outside the kernels (input preparation, sampling, kernel launches, the framework's
+      per-request bookkeeping); default 0.
     """
 
     name: str
@@ -266,6 +276,10 @@ class HardwareSpec:
     hbm_efficiency_ratio: float = 1.0
     compute_efficiency_ratio: float = 1.0
     expert_path_bandwidth_bytes_per_second: float | None = None
+    expert_path_flops_per_second: float | None = None
+    compute_memory_overlap_ratio: float = 1.0
+    step_overhead_seconds: float = 0.0
+    step_overhead_per_token_seconds: float = 0.0
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -283,8 +297,12 @@ class HardwareSpec:
         _check_int(self, "gpus_per_node", 1)
         for name in ("hbm_efficiency_ratio", "compute_efficiency_ratio"):
             _check_float(self, name, 0.0, strict=True, maximum=1.0)
-        if self.expert_path_bandwidth_bytes_per_second is not None:
-            _check_float(self, "expert_path_bandwidth_bytes_per_second", 0.0, strict=True)
+        for name in ("expert_path_bandwidth_bytes_per_second", "expert_path_flops_per_second"):
+            if getattr(self, name) is not None:
+                _check_float(self, name, 0.0, strict=True)
+        _check_float(self, "compute_memory_overlap_ratio", 0.0, strict=False, maximum=1.0)
+        _check_float(self, "step_overhead_seconds", 0.0, strict=False)
+        _check_float(self, "step_overhead_per_token_seconds", 0.0, strict=False)
         if not isinstance(self.peak_flops_per_second, Mapping) or not self.peak_flops_per_second:
             raise SpecError("peak_flops_per_second", "must map at least one dtype to FLOP/s")
         peaks: dict[str, float] = {}
@@ -305,6 +323,12 @@ class HardwareSpec:
             if key in self.peak_flops_per_second:
                 return self.peak_flops_per_second[key] * self.compute_efficiency_ratio
         return max(self.peak_flops_per_second.values()) * self.compute_efficiency_ratio
+
+    def expert_flops(self, dtype: str) -> float:
+        """Sustained FLOP/s of the fused-MoE expert path (the peak unless measured)."""
+        if self.expert_path_flops_per_second is not None:
+            return self.expert_path_flops_per_second * self.compute_efficiency_ratio
+        return self.peak_flops(dtype)
 
     @property
     def hbm_bytes_per_second(self) -> float:

@@ -1,5 +1,8 @@
 """Time of one decode step: max(compute, HBM) + exposed communication (paper eq. 10).
 
+A measured machine may add `(1 - overlap) * min(compute, HBM)` and a per-step overhead (fixed
+plus per token; HardwareSpec refinements from `moe-reuse calibrate`, zero on the presets).
+
 With `Accounting.cost_scope == "weights"` only the weight path is timed (KV reads, attention
 core and communication left off), the paper's differential view behind its 4.5x headline.
 
@@ -56,6 +59,8 @@ class StepTime:
     comm_exposed_total_seconds: float
     total_seconds: float
     flops: Mapping[str, float] = field(default_factory=dict)
+    unhidden_seconds: float = 0.0  # (1 - overlap) * min(compute, HBM): the part not hidden
+    overhead_seconds: float = 0.0  # the hardware's fixed per-step overhead
     hbm_bytes: Mapping[str, float] = field(default_factory=dict)
     distinct_experts_per_layer: float = 0.0
     tokens_per_expert: float = 0.0
@@ -79,6 +84,10 @@ class StepTime:
         side = self.compute_seconds if self.bound == "compute" else self.hbm_seconds
         out = {f"{self.bound}:{k}": v for k, v in side.items()}
         out.update({f"comm:{k}": v for k, v in self.comm_exposed_seconds.items()})
+        if self.unhidden_seconds:
+            out["overlap:unhidden"] = self.unhidden_seconds
+        if self.overhead_seconds:
+            out["overhead:step"] = self.overhead_seconds
         return out
 
     @property
@@ -106,6 +115,8 @@ class StepTime:
             "comm_total_seconds": self.comm_total_seconds,
             "comm_exposed_total_seconds": self.comm_exposed_total_seconds,
             "total_seconds": self.total_seconds,
+            "unhidden_seconds": self.unhidden_seconds,
+            "overhead_seconds": self.overhead_seconds,
             "tokens_per_second": self.tokens_per_second,
             "bound": self.bound,
             "flops": dict(self.flops),
@@ -216,6 +227,7 @@ def step_time(
         "lm_head": wdt,
     }
     compute = {k: pp * flops[k] / hw.peak_flops(dtypes[k]) for k in COMPUTE_PARTS}
+    compute["routed_ffn"] = pp * fl_routed / hw.expert_flops(edt)
     hbm_bytes = {
         "projections": by_proj,
         "kv": by_kv,
@@ -269,6 +281,8 @@ def step_time(
     compute_total = sum(compute.values())
     hbm_total = sum(hbm.values())
     exposed_total = sum(exposed.values())
+    unhidden = (1.0 - hw.compute_memory_overlap_ratio) * min(compute_total, hbm_total)
+    overhead = hw.step_overhead_seconds + hw.step_overhead_per_token_seconds * batch / p.dp
     return StepTime(
         batch=batch,
         context_tokens=context_tokens,
@@ -281,8 +295,10 @@ def step_time(
         hbm_total_seconds=hbm_total,
         comm_total_seconds=sum(comm_raw.values()),
         comm_exposed_total_seconds=exposed_total,
-        total_seconds=max(compute_total, hbm_total) + exposed_total,
+        total_seconds=max(compute_total, hbm_total) + unhidden + exposed_total + overhead,
         flops={k: pp * v for k, v in flops.items()},
+        unhidden_seconds=unhidden,
+        overhead_seconds=overhead,
         hbm_bytes={k: pp * v for k, v in hbm_bytes.items()},
         distinct_experts_per_layer=distinct,
         tokens_per_expert=per_expert,

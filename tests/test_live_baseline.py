@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from moe_reuse.plugin.calibrate import (
+from moe_reuse.plugin import calibrate
+from moe_reuse.plugin.live.baseline_cli import (
     add_subcommands,
     cmd_baseline_save,
     expert_counts_from_metrics,
@@ -28,7 +29,7 @@ moe_reuse_info{engine="0",model="m",rank="0",top_k="2"} 1.0
 
 
 def test_counts_from_metrics_sum_ranks_and_skip_prefill() -> None:
-    assert expert_counts_from_metrics(TEXT) == {1: {0: 7.0, 1: 2.0}}
+    assert expert_counts_from_metrics(TEXT) == ({1: {0: 7.0, 1: 2.0}}, 2)
     with pytest.raises(ValueError, match="capped"):
         expert_counts_from_metrics(TEXT.replace('expert="1"', 'expert="other"'))
 
@@ -54,7 +55,9 @@ def test_baseline_from_snapshots(tmp_path) -> None:  # type: ignore[no-untyped-d
 
 def test_cli_parses() -> None:
     ap = argparse.ArgumentParser()
-    add_subcommands(ap.add_subparsers(dest="cmd", required=True))
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    add_subcommands(sub)
+    calibrate.add_subcommands(sub)
     a = ap.parse_args(["baseline", "save", "--url", "http://h:1", "--out", "x.json", "--seconds", "5"])
     assert a.func is cmd_baseline_save and a.seconds == 5
     a = ap.parse_args(["calibrate", "--threads", "1"])

@@ -107,6 +107,32 @@ def test_doubling_batch_doubles_flops_and_kv_bytes_not_weights(ds):
     assert s2.hbm_bytes["projections"] == s1.hbm_bytes["projections"]
 
 
+def test_measured_machine_refinements():
+    """HardwareSpec refinements (calibrate): overlap r adds (1 - r) * min(compute, HBM), the
+    per-step overhead adds itself, a measured expert-path FLOP rate replaces the peak for the
+    routed experts only; the critical-path split still sums to the step; defaults change nothing."""
+    model = load_model_preset("qwen3-30b-a3b")
+    base = step_time(model, HW, Partition(tp=1), 64, 4096)
+    assert base.unhidden_seconds == 0 and base.overhead_seconds == 0
+    hw = replace(HW, compute_memory_overlap_ratio=0.25, step_overhead_seconds=1e-3,
+                 step_overhead_per_token_seconds=2e-5)
+    s = step_time(model, hw, Partition(tp=1), 64, 4096)
+    c, h = s.compute_total_seconds, s.hbm_total_seconds
+    assert (c, h) == (base.compute_total_seconds, base.hbm_total_seconds)
+    assert s.total_seconds == pytest.approx(
+        max(c, h) + 0.75 * min(c, h) + s.comm_exposed_total_seconds + 1e-3 + 64 * 2e-5, rel=REL)
+    assert sum(s.critical_seconds().values()) == pytest.approx(s.total_seconds, rel=REL)
+    peak = HW.peak_flops(model.expert_weight_dtype)
+    slow = step_time(model, replace(HW, expert_path_flops_per_second=peak / 4), Partition(tp=1),
+                     64, 4096)
+    assert slow.compute_seconds["routed_ffn"] == pytest.approx(
+        4 * base.compute_seconds["routed_ffn"], rel=REL)
+    others = [k for k in base.compute_seconds if k != "routed_ffn"]
+    assert [slow.compute_seconds[k] for k in others] == [base.compute_seconds[k] for k in others]
+    with pytest.raises(SpecError, match="compute_memory_overlap_ratio"):
+        replace(HW, compute_memory_overlap_ratio=1.5)
+
+
 @pytest.mark.parametrize(
     "name", ["deepseek-v3", "qwen3-235b-a22b", "gpt-oss-120b", "switch-c-2048"]
 )

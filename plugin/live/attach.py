@@ -23,7 +23,7 @@ import numpy as np
 from .. import vllm_seam
 from ..config import PluginConfig
 from . import drift as drift_mod
-from .spec import LiveSpecs, ServedFacts, build_specs, hardware_overlap, resolve_hardware
+from .spec import LiveSpecs, ServedFacts, build_specs, resolve_hardware
 from .window import WindowAccumulator, window_figures, window_gauges
 
 logger = logging.getLogger("vllm.moe_reuse")
@@ -142,8 +142,7 @@ def attach(session: Any, cfg: PluginConfig, worker: Any) -> None:
     try:
         facts = served_facts(worker)
         hw = resolve_hardware(cfg.hardware, facts.device)
-        overlap = hardware_overlap(cfg.hardware) if facts.device == "cpu" else 1.0
-        specs = build_specs(facts, hw, cfg.q, overlap)
+        specs = build_specs(facts, hw, cfg.q)
         monitor = LiveMonitor(specs, cfg, session.layer_ids,
                               kv_capacity=lambda: vllm_seam.kv_capacity_tokens(worker))
         monitor._reload_baseline()  # a bad baseline file is reported at start-up
@@ -151,8 +150,9 @@ def attach(session: Any, cfg: PluginConfig, worker: Any) -> None:
         session.live_monitor = monitor
         session.info["hardware"] = hw.name
         logger.info("moe_reuse: live comparison on: hardware %s, q=%g, qs=%.3f, dense twin %s "
-                    "(intermediate %d), compute/memory overlap %.2f, window %gs", hw.name, cfg.q, specs.qs,
-                    specs.dense.name, specs.dense.intermediate_size, specs.overlap, cfg.window_s)
+                    "(intermediate %d), compute/memory overlap %.2f, step overhead %.2g s, window %gs",
+                    hw.name, cfg.q, specs.qs, specs.dense.name, specs.dense.intermediate_size,
+                    hw.compute_memory_overlap_ratio, hw.step_overhead_seconds, cfg.window_s)
     except Exception as exc:  # noqa: BLE001
         live_fault(session, exc)
     if cfg.otlp_endpoint:

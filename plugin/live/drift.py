@@ -1,7 +1,7 @@
 """Routing baselines, drift (Jensen-Shannon divergence) and dead/cold experts. Pure numpy.
 
 A baseline is a JSON file: the per-layer expert distribution of decode tokens of a reference
-workload. `moe-reuse baseline save` writes it (see `plugin/calibrate.py`), the `routing_baseline`
+workload. `moe-reuse baseline save` writes it (see `live/baseline_cli.py`), the `routing_baseline`
 config key loads it, and every window exports the divergence of the live distribution from it.
 
 File format (version 1)::

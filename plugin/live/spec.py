@@ -63,16 +63,6 @@ class LiveSpecs:
     dense_partition: Partition
     q: float
     kv_fixed_size: bool
-    overlap: float = 1.0
-    """How far compute and memory traffic overlap (1: time = max of the two, the predictor's
-    model; 0: they add up). `moe-reuse calibrate` measures it (a single CPU thread overlaps them
-    only partly); presets and files without it get 1."""
-
-    def step_seconds(self, st: Any) -> float:
-        """A predictor StepTime's total with this machine's compute/memory overlap."""
-        c, h = st.compute_total_seconds, st.hbm_total_seconds
-        return max(c, h) + (1.0 - self.overlap) * min(c, h) + st.comm_exposed_total_seconds
-
     @property
     def qs(self) -> float:
         return self.q * self.model.sparsity
@@ -97,26 +87,13 @@ class LiveSpecs:
         return max(int(moe_tokens + delta / kv_bytes_per_token_rank), 0)
 
 
-def build_specs(facts: ServedFacts, hardware: HardwareSpec, q: float,
-                overlap: float = 1.0) -> LiveSpecs:
+def build_specs(facts: ServedFacts, hardware: HardwareSpec, q: float) -> LiveSpecs:
     model = model_from_hf_config(facts.hf_config, weight_dtype=facts.weight_dtype,
                                  kv_dtype=facts.kv_dtype)
     dense = dense_twin(model, q)
     part = Partition(tp=facts.tp, pp=facts.pp, dp=facts.dp, ep=facts.ep)
     dense_part = Partition(tp=facts.tp, pp=facts.pp, dp=facts.dp, ep=1)
-    return LiveSpecs(model, dense, hardware, part, dense_part, q, facts.kv_fixed_size,
-                     min(max(float(overlap), 0.0), 1.0))
-
-
-def hardware_overlap(setting: str) -> float:
-    """The compute/memory overlap `moe-reuse calibrate` stored in a hardware file (else 1)."""
-    s = (setting or "auto").strip()
-    path = calibrated_hardware_path() if s == "auto" else Path(s)
-    try:
-        notes = json.loads(path.read_text()).get("notes", {})
-        return float(notes.get("compute_memory_overlap_ratio", 1.0))
-    except (OSError, ValueError, AttributeError, TypeError):
-        return 1.0
+    return LiveSpecs(model, dense, hardware, part, dense_part, q, facts.kv_fixed_size)
 
 
 def resolve_hardware(setting: str, device: str = "cpu") -> HardwareSpec:

@@ -8,8 +8,8 @@ How the gauge `dense_speedup_ratio` is formed (docs/live.md has the long version
 1. Only decode steps count (the gauge is about decode). Steps are grouped by decode batch B.
 2. For each group the predictor gives the MoE step time T_moe_pred(B, context) and the dense
    twin's T_dense_pred(B, context) on the same hardware spec and partition (uniform routing),
-   with compute and memory combined as max + (1 - overlap) * min (overlap from calibrate; 1, the
-   predictor's own max(), for presets).
+   including the hardware's measured refinements where the spec has them (compute/memory
+   overlap, expert-path FLOP rate, per-step overhead: `moe-reuse calibrate`).
 3. Calibration by the measured MoE time T_moe_meas(B): the residual r = T_moe_meas - T_moe_pred is
    time the cost model does not explain (framework overhead, sampling, scheduling, kernel start),
    which the dense twin, served by the same engine with the same attention, pays too. So
@@ -160,7 +160,7 @@ def window_figures(w: WindowData, specs: LiveSpecs, *, kv_capacity_moe: int | No
             mt = step_time(m, hw, specs.partition, b * dp, per_seq_ctx)
             dt = step_time(specs.dense, hw, specs.dense_partition, b * dp, per_seq_ctx)
             mean_dur = dur / cnt
-            m_s, d_s = specs.step_seconds(mt), specs.step_seconds(dt)
+            m_s, d_s = mt.total_seconds, dt.total_seconds
             t_meas += dur
             t_moe += cnt * m_s
             t_dense_pred += cnt * d_s

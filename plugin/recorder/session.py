@@ -26,6 +26,7 @@ from .aggregate import COMM_OPS, BlockStats, ByteModel, StepMeta, Totals, fold_b
 from .ring import DECODE, PREFILL, RingLayout, RoutingRing
 
 logger = logging.getLogger("vllm.moe_reuse")
+assert (PREFILL, DECODE) == (0, 1)  # step_prepared uses the decode flag itself as the phase
 
 Publisher = Callable[[dict[str, Any]], None]
 BlockListener = Callable[[BlockStats, dict[str, np.ndarray], "RecorderSession"], None]
@@ -110,16 +111,14 @@ class RecorderSession:
                 self.totals.dropped_steps += 1  # ring full: never overwrite an unread slot
                 self._recording = False
                 return
-            is_decode = num_computed >= num_prompt
-            phases = np.repeat(np.where(is_decode, DECODE, PREFILL).astype(np.int8), num_scheduled)
+            phase = (num_computed >= num_prompt).view(np.int8)  # PREFILL 0, DECODE 1
             slot = self._steps_begun % lay.ring_steps
-            self.ring.begin_step(slot, phases)
+            self.ring.begin_step(slot, np.repeat(phase, num_scheduled))
             m = self.meta
             sched = num_scheduled.astype(np.int64)
-            ctx = num_computed.astype(np.int64) + sched
-            m.tokens[slot] = (sched[~is_decode].sum(), sched[is_decode].sum())
-            m.requests[slot] = (int((~is_decode).sum()), int(is_decode.sum()))
-            m.context[slot] = (ctx[~is_decode].sum(), ctx[is_decode].sum())
+            m.tokens[slot] = np.bincount(phase, weights=sched, minlength=2)
+            m.requests[slot] = np.bincount(phase, minlength=2)
+            m.context[slot] = np.bincount(phase, weights=num_computed, minlength=2) + m.tokens[slot]
             m.kind[slot] = step_kind(m.tokens[slot])
             self._comm_ns[:] = 0
             self._slot = slot

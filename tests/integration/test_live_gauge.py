@@ -9,7 +9,11 @@ Qwen3-MoE, so one server start checks three things:
 2. the dead expert is detected: `dead_experts{layer}` = 1 in every MoE layer (and it is cold);
 3. drift: a baseline saved with `moe-reuse baseline save --url` from diverse random-token traffic
    is picked up without a restart; the same kind of traffic keeps the divergence low, and traffic
-   from another domain (one repeated prompt, which collapses routing) raises it.
+   from another domain (one repeated prompt, which collapses routing) raises it;
+4. OpenTelemetry: the worker pushes the same metrics over OTLP/HTTP to a real receiver started
+   here, which decodes the protobuf payloads: resource attributes name the model and rank, the
+   live gauges are there, and each push is a consistent snapshot (decode assignments per layer =
+   decode tokens x top-k, exactly).
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from pathlib import Path
 
 import pytest
 
-from moe_reuse.plugin.calibrate import cmd_baseline_save
+from moe_reuse.plugin.harness.otlp_receiver import OtlpReceiver, attrs, metrics, resource, value
 from moe_reuse.plugin.harness.server import VllmServer, random_prompts, run_concurrent
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
+from moe_reuse.plugin.live.baseline_cli import cmd_baseline_save
 
 pytestmark = pytest.mark.integration
 
@@ -61,10 +66,12 @@ def test_live_gauges_dead_expert_and_drift(tmp_path: Path) -> None:
     model_dir = build_model("qwen3-moe-rigged")
     facts = model_facts(model_dir)
     baseline = tmp_path / "baseline.json"
+    rx = OtlpReceiver()
     cfg = {"moe_reuse": {"window_s": WINDOW_S, "q": 5.0, "per_expert_series": True,
-                         "routing_baseline": str(baseline)}}
+                         "routing_baseline": str(baseline), "otlp_endpoint": rx.endpoint,
+                         "otlp_interval_s": 1.0}}
     vocab = facts.vocab_size
-    with VllmServer(model_dir, enforce_eager=True, additional_config=cfg).start() as srv:
+    with rx, VllmServer(model_dir, enforce_eager=True, additional_config=cfg).start() as srv:
         # diverse traffic (near-uniform routing), long enough for a judged window
         diverse = random_prompts(48, 24, vocab, seed=1)
         t0 = time.monotonic()
@@ -132,4 +139,25 @@ def test_live_gauges_dead_expert_and_drift(tmp_path: Path) -> None:
         mean_changed = sum(changed.values()) / len(changed)
         assert mean_same < 0.1, same
         assert mean_changed > 2 * mean_same and mean_changed > 0.1, (same, changed)
-        assert "moe_reuse_errors_total{" not in srv.metrics_text() or 'stage="live"' not in srv.metrics_text()
+        final = srv.metrics_text()
+        assert 'stage="live"' not in final, "the live comparison reported an error"
+
+        # 4. the OTLP push: a real receiver, protobuf decoded
+        assert rx.wait(3), "no OTLP export reached the receiver"
+        req = rx.requests[-1]
+        res = resource(req)
+        assert res["service.name"] == "vllm-moe-reuse" and res["rank"] == "0"
+        assert res["model"] == srv.served_model_name
+        m = metrics(req)
+        for name in ("moe_reuse_dense_speedup_ratio", "moe_reuse_step_seconds",
+                     "moe_reuse_dead_experts", "moe_reuse_routing_drift_ratio"):
+            assert m[name].WhichOneof("data") == "gauge", name
+        dead_otlp = {attrs(p)["layer"]: value(p) for p in m["moe_reuse_dead_experts"].gauge.data_points}
+        assert set(dead_otlp) == {str(i) for i in facts.moe_layer_indices}
+        tokens = m["moe_reuse_tokens"]
+        assert tokens.WhichOneof("data") == "sum" and tokens.sum.is_monotonic
+        decode = [value(p) for p in tokens.sum.data_points if attrs(p)["phase"] == "decode"]
+        assert len(decode) == 1 and 0 < decode[0] <= by(final, "moe_reuse_tokens_total", "phase")["decode"]
+        assign = {attrs(p)["layer"]: value(p) for p in m["moe_reuse_expert_assignments"].sum.data_points
+                  if attrs(p)["phase"] == "decode"}
+        assert assign == {str(i): decode[0] * facts.top_k for i in facts.moe_layer_indices}

@@ -4,9 +4,10 @@ Debian's Prometheus and Alertmanager run through the shipped `deploy/local/run-p
 (scrape and evaluation every 1 s), loaded with the generated rules built from a test `Config`
 (short windows and `for`s). Alertmanager delivers to a webhook served by this test.
 
-- `test_alert_pipeline_with_stand_in_exporter`: a stand-in exporter serving every series of
-  docs/metrics.md (and vLLM's) proves the stack itself: every panel query returns data, the
-  reuse-collapse alert stays quiet while reuse is healthy, then fires and reaches the webhook.
+- `test_alert_pipeline_with_stand_in_exporter`: a stand-in exporter (`standin_exporter.py`: the
+  plugin's own exposition of a synthetic snapshot, and vLLM's series) proves the stack itself:
+  every panel query returns data, the reuse-collapse alert stays quiet while reuse is healthy,
+  then fires and reaches the webhook.
 - `test_monitoring_e2e_with_vllm`: the same against a real vLLM server with the plugin: concurrent
   traffic, every panel query returns data, then single-request decode (1 token per touched expert)
   drives the server into reuse collapse; the alert must fire in Prometheus and reach the webhook.
@@ -37,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from standin_exporter import StandInExporter
 
 from moe_reuse.dashboards.config import DEFAULT, Config
 from moe_reuse.dashboards.generate import dashboard_dicts
@@ -266,146 +268,6 @@ def empty_panels(stack: MonitoringStack) -> list[str]:
         if not values or all(math.isnan(v) for v in values):
             empty.append(f"{title} [{ref}]")
     return empty
-
-
-# ------------------------------------------------------------------------------------------------
-# Stand-in exporter (every series of docs/metrics.md, and vLLM's)
-# ------------------------------------------------------------------------------------------------
-
-
-class StandInExporter:
-    """Serves /metrics like vLLM with the plugin: counters advance with wall time at the rates
-    of the current mode. `healthy`: 16 decode tokens per step over 8 experts, top-2 (4 tokens
-    per touched expert); `collapse`: single-request decode (1 token per touched expert)."""
-
-    E, K, LAYERS = 8, 2, 2
-
-    def __init__(self) -> None:
-        self.mode = "healthy"
-        self.counters: dict[str, float] = {}
-        self._last = time.monotonic()
-        self._lock = threading.Lock()
-        exporter = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server API
-                body = exporter.render().encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.target = f"127.0.0.1:{self.server.server_address[1]}"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self) -> StandInExporter:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-    def _rates(self) -> dict[str, float]:
-        batch = 16 if self.mode == "healthy" else 1
-        steps = 20.0
-        touched = self.E if batch * self.K >= self.E else batch * self.K
-        r: dict[str, float] = {
-            'moe_reuse_steps_total{kind="decode"}': steps,
-            'moe_reuse_steps_total{kind="prefill"}': 1.0,
-            'moe_reuse_step_duration_seconds_total{kind="decode"}': 0.5,
-            'moe_reuse_step_duration_seconds_total{kind="prefill"}': 0.1,
-            'moe_reuse_tokens_total{phase="decode"}': steps * batch,
-            'moe_reuse_tokens_total{phase="prefill"}': 64.0,
-            'moe_reuse_batch_requests_total{phase="decode"}': steps * batch,
-            'moe_reuse_context_tokens_total{phase="decode"}': steps * batch * 100,
-            'moe_reuse_hbm_read_bytes_total{component="routed_experts"}': 3e8,
-            'moe_reuse_hbm_read_bytes_total{component="attention"}': 1e8,
-            'moe_reuse_hbm_read_bytes_total{component="kv_cache"}': 5e7,
-            "moe_reuse_dropped_steps_total": 0.0,
-            "moe_reuse_padding_tokens_total": 0.0,
-            'vllm:generation_tokens_total{model_name="tiny", engine="0"}': steps * batch,
-        }
-        for layer in range(self.LAYERS):
-            lp = f'layer="{layer}", phase="decode"'
-            r[f"moe_reuse_expert_assignments_total{{{lp}}}"] = steps * batch * self.K
-            r[f"moe_reuse_experts_touched_total{{{lp}}}"] = steps * touched
-            r[f"moe_reuse_max_expert_tokens_total{{{lp}}}"] = steps * batch * self.K / touched * 1.5
-            for e in range(self.E):
-                share = (e + 1) / (self.E * (self.E + 1) / 2)
-                r[f'moe_reuse_expert_tokens_total{{{lp}, expert="{e}"}}'] = (
-                    steps * batch * self.K * share
-                )
-        return r
-
-    def render(self) -> str:
-        with self._lock:
-            now = time.monotonic()
-            dt, self._last = now - self._last, now
-            for k, v in self._rates().items():
-                self.counters[k] = self.counters.get(k, 0.0) + v * dt
-            counters = dict(self.counters)
-        base = 'model="tiny", engine="0", rank="0"'
-        lines = [
-            f'moe_reuse_info{{{base}, version="0.1.0", moe_layers="2", experts="8", top_k="2", '
-            f'shared_experts="0", compile_mode="eager", hardware="cpu"}} 1',
-            f"moe_reuse_enabled{{{base}}} 1",
-            f'moe_reuse_moe_comm_info{{{base}, mode="none"}} 1',
-        ]
-        for key, value in sorted(counters.items()):
-            name, _, rest = key.partition("{")
-            if name.startswith("vllm:"):
-                lines.append(f"{key} {value}")
-            else:
-                labels = f"{base}, {rest[:-1]}" if rest else base
-                lines.append(f"{name}{{{labels}}} {value}")
-        tpe = 4.0 if self.mode == "healthy" else 1.0
-        gauges: dict[str, dict[str, float]] = {
-            "moe_reuse_dense_speedup_ratio": {"": 1.8 if self.mode == "healthy" else 3.5},
-            "moe_reuse_tokens_per_expert": {
-                'source="measured"': tpe,
-                'source="predicted_uniform"': tpe * 0.9,
-                'source="predicted_distinct"': tpe,
-            },
-            "moe_reuse_step_bytes": {'source="measured"': 2e7, 'source="predicted"': 1.9e7},
-            "moe_reuse_step_seconds": {'source="measured"': 0.02, 'source="predicted"': 0.018},
-            "moe_reuse_model_error_ratio": {
-                'quantity="step_seconds"': 0.9,
-                'quantity="step_bytes"': 0.95,
-                'quantity="tokens_per_expert"': 1.0,
-            },
-            "moe_reuse_ffn_regime": {'regime="bandwidth_bound"': 1, 'regime="compute_bound"': 0},
-            "moe_reuse_ridge_point_tokens": {"": 10.0},
-            "moe_reuse_qs_ratio": {"": 2.5},
-            "moe_reuse_routing_factor_ratio": {"": 4.0},
-            "moe_reuse_capacity_factor_ratio": {"": 1.5},
-            "moe_reuse_reuse_gap_ratio": {"": 6.0},
-            "moe_reuse_hbm_peak_bytes_per_second": {"": 3.5e10},
-            "moe_reuse_kv_capacity_tokens": {'model_kind="moe"': 8192, 'model_kind="dense"': 12000},
-            "moe_reuse_routing_drift_ratio": {'layer="0"': 0.01, 'layer="1"': 0.02},
-            "moe_reuse_cold_experts": {'layer="0"': 0, 'layer="1"': 1},
-            "moe_reuse_dead_experts": {'layer="0"': 0, 'layer="1"': 0},
-        }
-        for name, samples in gauges.items():
-            for extra, v in samples.items():
-                lines.append(f"{name}{{{base}{', ' + extra if extra else ''}}} {v}")
-        vl = 'model_name="tiny", engine="0"'
-        lines += [
-            f"vllm:num_requests_running{{{vl}}} {16 if self.mode == 'healthy' else 1}",
-            f"vllm:num_requests_waiting{{{vl}}} 0",
-            f"vllm:kv_cache_usage_perc{{{vl}}} 0.25",
-        ]
-        n = counters.get('moe_reuse_tokens_total{phase="decode"}', 0.0)
-        for le, frac in (("0.01", 0.2), ("0.05", 0.9), ("0.1", 0.99), ("+Inf", 1.0)):
-            lines.append(f'vllm:inter_token_latency_seconds_bucket{{{vl}, le="{le}"}} {n * frac}')
-        lines.append(f"vllm:inter_token_latency_seconds_count{{{vl}}} {n}")
-        lines.append(f"vllm:inter_token_latency_seconds_sum{{{vl}}} {n * 0.02}")
-        return "\n".join(lines) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,0 +1,130 @@
+"""The recorder's own cost on the CPU, torch only (no vLLM), side by side in one run.
+
+Two figures, each printed as a ratio against the work it rides on:
+
+1. In the forward: a toy MoE block (router softmax top-k + per-expert gated FFN, shapes of the
+   bundled tiny models or larger) compiled with torch.compile, with and without the recorder's
+   capture op in each layer, alternated (A B A B ...); the ratio of the best times.
+2. Off the forward, per step: the host protocol the seam runs around every step
+   (`step_started`, `step_prepared`, `step_finished`, plus the amortised flush), best of 7,
+   against the decode step time of the same toy block.
+
+    python benchmarks/bench_recorder.py [--layers 4] [--experts 8] [--top-k 2] [--hidden 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from moe_reuse.plugin.recorder.aggregate import ByteModel
+from moe_reuse.plugin.recorder.ring import RingLayout
+from moe_reuse.plugin.recorder.session import RecorderSession
+
+
+class ToyMoe(torch.nn.Module):
+    def __init__(self, layers: int, experts: int, top_k: int, hidden: int, inter: int,
+                 session: RecorderSession | None) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.gates = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.randn(experts, hidden) * 0.02) for _ in range(layers)])
+        self.w13 = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.randn(experts, 2 * inter, hidden) * 0.02) for _ in range(layers)])
+        self.w2 = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.randn(experts, hidden, inter) * 0.02) for _ in range(layers)])
+        self.captures = [session.capture_fn(i) for i in range(layers)] if session else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for i in range(len(self.gates)):
+            probs = torch.softmax(x @ self.gates[i].t(), dim=-1)
+            w, ids = torch.topk(probs, self.top_k, dim=-1)
+            if self.captures is not None:
+                self.captures[i](ids)
+            # dense evaluation of the chosen experts (gather their weights per token)
+            h = torch.einsum("th,tkih->tki", x, self.w13[i][ids])
+            g, u = h.chunk(2, dim=-1)
+            y = torch.einsum("tki,tkhi->tkh", torch.nn.functional.silu(g) * u, self.w2[i][ids])
+            x = x + (w.unsqueeze(-1) * y).sum(dim=1)
+        return x
+
+
+def best_time(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--inter", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    L, E, k, B = args.layers, args.experts, args.top_k, args.batch
+    layout = RingLayout(L, E, k, max_tokens=8192, ring_steps=RingLayout.auto_ring_steps(L, E))
+    session = RecorderSession(
+        layout, ByteModel((1,) * L), labels={"model": "toy", "engine": "0", "rank": "0"}, info={},
+        layer_ids=list(range(L)), publish=lambda _s: None, flush_interval_s=1e9)
+    plain = ToyMoe(L, E, k, args.hidden, args.inter, None)
+    recorded = ToyMoe(L, E, k, args.hidden, args.inter, session)
+    recorded.load_state_dict(plain.state_dict())
+    fns = {"plain": torch.compile(plain, dynamic=False), "recorded": torch.compile(recorded, dynamic=False)}
+    x = torch.randn(B, args.hidden)
+    sched = np.ones(B, dtype=np.int32)
+    computed = np.full(B, 100, dtype=np.int32)
+    prompt = np.full(B, 16, dtype=np.int32)
+
+    def recorded_step() -> None:  # the recorder's step protocol around the forward, as in vLLM
+        session.step_started()
+        session.step_prepared(sched, computed, prompt)
+        fns["recorded"](x)
+        session.step_finished()
+
+    with torch.no_grad():
+        for fn in fns.values():  # compile and warm up
+            for _ in range(3):
+                fn(x)
+        for _ in range(3):
+            recorded_step()
+        session.flush()
+        times: dict[str, float] = {"plain": float("inf"), "recorded": float("inf")}
+        for _ in range(args.rounds):  # alternated
+            times["plain"] = min(times["plain"], best_time(lambda: fns["plain"](x), 50))
+            times["recorded"] = min(times["recorded"], best_time(lambda: fns["recorded"](x), 50))
+        session.flush()
+
+        def host_protocol() -> None:
+            for i in range(1000):
+                session.step_started()
+                session.step_prepared(sched, computed, prompt)
+                session.step_finished()
+                if i % 100 == 99:
+                    session.flush()
+
+        host = best_time(host_protocol, args.rounds) / 1000
+    print(f"toy MoE block: {L} layers, {E} experts, top-{k}, hidden {args.hidden}, batch {B}, "
+          f"{args.threads} thread(s), torch.compile")
+    print(f"forward without recorder {times['plain'] * 1e6:8.1f} us, with capture ops "
+          f"{times['recorded'] * 1e6:8.1f} us: ratio {times['recorded'] / times['plain']:.4f}")
+    print(f"host protocol per step (incl. amortised flush) {host * 1e6:.1f} us = "
+          f"{100 * host / times['plain']:.2f}% of this toy step; on vLLM's measured decode steps "
+          f"see benchmarks/bench_overhead.py")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

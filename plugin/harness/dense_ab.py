@@ -1,0 +1,262 @@
+"""`moe-reuse dense-ab`: the dense-twin A/B that checks the `dense_speedup_ratio` gauge.
+
+Builds the quality-matched dense twin of a served test MoE (same attention and KV layout, FFN
+sized by N_dense = q*s*N_total), serves both on the same vLLM build, one server at a time,
+alternating MoE, dense, MoE, ... and measures decode throughput at several concurrency levels.
+For the MoE passes it also reads the plugin's live gauges (dense_speedup_ratio X, step_seconds
+measured and predicted) from /metrics while the level runs.
+
+Decode throughput: every request streams; its decode rate is (tokens - 1) / (last token time -
+first token time); a level's throughput is the sum of its concurrent requests' rates, averaged
+over the waves of the level. Each wave sends `c` requests with random-token prompts (near-uniform
+routing) and ignore_eos, so the decode batch is `c` for the whole wave.
+
+    moe-reuse dense-ab --model big-moe --levels 1,2,4,8,16,32,64
+    (or python benchmarks/dense_twin_ab.py with the same flags)
+
+Hardware for the gauge (`--hardware calibrate`, the default): `moe-reuse calibrate` runs once
+before the first server starts (kernels pinned to core 0 with one thread, as vLLM's CPU worker
+runs, then the serving stack's per-step overhead), and the same file serves every MoE pass (so the passes differ only by the machine's drift, which the
+alternation exposes); `--hardware` also takes a preset or a file.
+
+Writes a JSON file with every pass and prints the side-by-side table (medians and ranges).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import statistics
+import sys
+import threading
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ..live.twin import build_dense_twin
+from .server import VllmServer, metric_value, random_prompts
+from .tiny_models import build_model, model_facts
+
+
+def say(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def stream_one(url: str, model: str, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
+    """(first token time, last token time, chunks) of one streamed completion."""
+    u = urllib.parse.urlparse(url)
+    conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=600)
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
+                       "temperature": 0.0, "ignore_eos": True, "stream": True})
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:500]!r}")
+    first = last = 0.0
+    chunks = 0
+    for raw in resp:
+        line = raw.strip()
+        if not line.startswith(b"data:") or line == b"data: [DONE]":
+            continue
+        now = time.perf_counter()
+        if chunks == 0:
+            first = now
+        last = now
+        chunks += 1
+    conn.close()
+    return first, last, chunks
+
+
+def run_level(url: str, model: str, c: int, *, seconds: float, max_tokens: int, prompt_len: int,
+              vocab: int, seed: int, on_midpoint: Any = None, midpoint_s: float = 0.0) -> dict[str, Any]:
+    """Waves of `c` concurrent streamed requests for at least `seconds`; decode throughput."""
+    t0 = time.monotonic()
+    rates: list[float] = []
+    waves = 0
+    mid_done = threading.Event()
+    mid: dict[str, Any] = {}
+
+    def midpoint() -> None:
+        while time.monotonic() - t0 < midpoint_s:
+            time.sleep(0.2)
+        if on_midpoint is not None:
+            mid.update(on_midpoint())
+        mid_done.set()
+
+    watcher = threading.Thread(target=midpoint, daemon=True)
+    watcher.start()
+    with ThreadPoolExecutor(max_workers=c) as pool:
+        while waves == 0 or time.monotonic() - t0 < seconds or not mid_done.is_set():
+            prompts = random_prompts(c, prompt_len, vocab, seed + waves * 1000 + c)
+            res = list(pool.map(lambda p: stream_one(url, model, p, max_tokens), prompts))
+            total = 0.0
+            for first, last, chunks in res:
+                if chunks > 1 and last > first:
+                    total += (chunks - 1) / (last - first)
+            rates.append(total)
+            waves += 1
+    watcher.join(timeout=60)
+    return {"concurrency": c, "waves": waves, "decode_tokens_per_second": statistics.median(rates),
+            "wave_rates": rates, **mid}
+
+
+def read_gauges(url: str) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+
+    def get(name: str, **labels: str) -> float:
+        try:
+            return metric_value(text, name, **labels)
+        except Exception:  # noqa: BLE001
+            return float("nan")
+
+    return {
+        "gauge_x": get("moe_reuse_dense_speedup_ratio"),
+        "step_seconds_measured": get("moe_reuse_step_seconds", source="measured"),
+        "step_seconds_predicted": get("moe_reuse_step_seconds", source="predicted"),
+        "tokens_per_expert_measured": get("moe_reuse_tokens_per_expert", source="measured"),
+        "regime_compute_bound": get("moe_reuse_ffn_regime", regime="compute_bound"),
+        "step_bytes_measured": get("moe_reuse_step_bytes", source="measured"),
+        "step_bytes_predicted": get("moe_reuse_step_bytes", source="predicted"),
+    }
+
+
+def calibrate_hardware(out: Path) -> str:
+    """Run `moe-reuse calibrate` (kernels pinned to core 0 with one thread, as vLLM's CPU worker
+    runs, then the serving stack's per-step overhead) into `out`."""
+    import subprocess
+
+    say(f"calibrating into {out}")
+    subprocess.run([sys.executable, "-m", "moe_reuse.plugin.calibrate", "calibrate", "--out",
+                    str(out)], check=True)
+    return str(out)
+
+
+def run_pass(kind: str, model_dir: Path, args: argparse.Namespace, vocab: int) -> list[dict[str, Any]]:
+    extra: dict[str, Any] = {}
+    if kind == "moe":
+        extra["additional_config"] = {"moe_reuse": {
+            "window_s": args.window_s, "q": args.q, "hardware": args.hardware}}
+    srv = VllmServer(model_dir, enforce_eager=args.eager, max_num_seqs=max(args.levels),
+                     max_model_len=1024, served_model_name=kind, **extra)
+    say(f"starting {kind} server ({model_dir.name})")
+    out = []
+    with srv.start(progress=lambda m: say(f"  {m}")):
+        # warm-up: one short wave at the top level
+        run_level(srv.url, kind, max(args.levels), seconds=0, max_tokens=8,
+                  prompt_len=args.prompt_len, vocab=vocab, seed=7)
+        for c in args.levels:
+            gauge = (lambda: read_gauges(srv.url)) if kind == "moe" else None
+            r = run_level(srv.url, kind, c, seconds=args.level_seconds, max_tokens=args.max_tokens,
+                          prompt_len=args.prompt_len, vocab=vocab, seed=11, on_midpoint=gauge,
+                          midpoint_s=2 * args.window_s + 3)
+            r["kind"] = kind
+            out.append(r)
+            msg = f"  {kind} c={c}: {r['decode_tokens_per_second']:.1f} tok/s ({r['waves']} waves)"
+            if kind == "moe":
+                msg += (f"; gauge X={r['gauge_x']:.3f}, step {r['step_seconds_measured'] * 1e3:.1f} ms"
+                        f" measured / {r['step_seconds_predicted'] * 1e3:.1f} ms predicted")
+            say(msg)
+    return out
+
+
+def summarize(passes: list[list[dict[str, Any]]], levels: list[int]) -> list[dict[str, Any]]:
+    rows = []
+    for c in levels:
+        moe = [r for p in passes for r in p if r["kind"] == "moe" and r["concurrency"] == c]
+        dense = [r for p in passes for r in p if r["kind"] == "dense" and r["concurrency"] == c]
+        m_tps = [r["decode_tokens_per_second"] for r in moe]
+        d_tps = [r["decode_tokens_per_second"] for r in dense]
+        xs = [r["gauge_x"] for r in moe]
+        meas = statistics.median(d_tps) / statistics.median(m_tps)
+        x = statistics.median(xs)
+        sm = statistics.median(r["step_seconds_measured"] for r in moe)
+        sp = statistics.median(r["step_seconds_predicted"] for r in moe)
+        rows.append({
+            "concurrency": c, "gauge_x": x, "gauge_x_range": [min(xs), max(xs)],
+            "measured_ratio": meas,
+            "measured_ratio_range": [min(d_tps) / max(m_tps), max(d_tps) / min(m_tps)],
+            "x_over_measured": x / meas, "moe_tokens_per_second": statistics.median(m_tps),
+            "dense_tokens_per_second": statistics.median(d_tps),
+            "moe_step_seconds_measured": sm, "moe_step_seconds_predicted": sp,
+            "step_predicted_over_measured": sp / sm,
+            "tokens_per_expert": statistics.median(r["tokens_per_expert_measured"] for r in moe),
+            "compute_bound": statistics.median(r["regime_compute_bound"] for r in moe),
+        })
+    return rows
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print("| c | gauge X | measured dense/MoE | X / measured | MoE tok/s | dense tok/s | "
+          "tok/expert | MoE regime | step pred (ms) | step meas (ms) | pred/meas |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['gauge_x']:.3f} ({r['gauge_x_range'][0]:.3f}-"
+              f"{r['gauge_x_range'][1]:.3f}) | {r['measured_ratio']:.3f} ("
+              f"{r['measured_ratio_range'][0]:.3f}-{r['measured_ratio_range'][1]:.3f}) | "
+              f"{r['x_over_measured']:.3f} | {r['moe_tokens_per_second']:.1f} | "
+              f"{r['dense_tokens_per_second']:.1f} | {r['tokens_per_expert']:.2f} | "
+              f"{'compute' if r['compute_bound'] >= 0.5 else 'bandwidth'} | "
+              f"{r['moe_step_seconds_predicted'] * 1e3:.1f} | "
+              f"{r['moe_step_seconds_measured'] * 1e3:.1f} | {r['step_predicted_over_measured']:.3f} |")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="moe-reuse dense-ab", description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--model", default="big-moe", help="tiny test model name (Qwen3-MoE)")
+    ap.add_argument("--q", type=float, default=5.0)
+    ap.add_argument("--levels", default="1,2,4,8,16,32,64")
+    ap.add_argument("--order", default="moe,dense,moe", help="passes, alternating A/B")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--window-s", type=float, default=4.0, help="gauge window for the MoE server")
+    ap.add_argument("--level-seconds", type=float, default=12.0)
+    ap.add_argument("--hardware", default="calibrate",
+                    help="hardware spec for the gauge: calibrate (measure once, before the first "
+                         "server), auto, a preset or a file")
+    ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--out", default="benchmarks/results/dense_twin_ab.json")
+
+
+def run(args: argparse.Namespace) -> int:
+    args.levels = [int(x) for x in str(args.levels).split(",")]
+    t0 = time.monotonic()
+    if args.hardware == "calibrate":
+        args.hardware = calibrate_hardware(Path(args.out).with_name(Path(args.out).stem + "-hw.json"))
+    moe_dir = build_model(args.model, progress=say)
+    twin_dir = build_dense_twin(moe_dir, args.q, say=say)
+    vocab = model_facts(moe_dir).vocab_size
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {k: v for k, v in vars(args).items() if not callable(v)}
+    passes: list[list[dict[str, Any]]] = []
+    rows: list[dict[str, Any]] = []
+    for kind in args.order.split(","):
+        passes.append(run_pass(kind, moe_dir if kind == "moe" else twin_dir, args, vocab))
+        kinds = {r["kind"] for p in passes for r in p}
+        rows = summarize(passes, args.levels) if kinds == {"moe", "dense"} else []
+        out.write_text(json.dumps({"args": settings, "passes": passes, "rows": rows,
+                                   "elapsed_s": time.monotonic() - t0}, indent=1) + "\n")
+    print_table(rows)
+    say(f"done in {time.monotonic() - t0:.0f} s; wrote {out}")
+    return 0
+
+
+def add_subcommands(subparsers: Any) -> None:
+    p = subparsers.add_parser("dense-ab", help="A/B the dense-speedup gauge against a served dense twin")
+    add_arguments(p)
+    p.set_defaults(func=run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
