@@ -16,9 +16,10 @@ loaded by the `hardware` config key (or automatically from ~/.cache/moe_reuse/ha
    and go (it is what a server running for minutes sees).
 2. compute/memory overlap at a batch near the ridge;
 3. the serving stack's per-step overhead (`--engine`, on by default where vLLM is installed):
-   a vLLM server with the plugin serves the bundled tiny MoE at 1 and 32 concurrent requests; its
-   measured decode step time minus the predicted kernel time of that tiny model is the time a
-   step spends outside the kernels, fitted as fixed + per token.
+   a vLLM server with the plugin serves a bundled tiny MoE (4 and 16 layers) at 1 and 32
+   concurrent requests; the measured decode step time minus the predicted kernel time of that
+   tiny model is the time a step spends outside the kernels, fitted as fixed + per layer + per
+   token (`calibrate_engine.py`).
 
 The spec keeps raw read bandwidth as `hbm_bandwidth_bytes_per_second` (the "peak" the gauges show)
 and the GEMV efficiency as `hbm_efficiency_ratio`, so the predictor's effective dense rate is the
@@ -288,11 +289,12 @@ def calibrate(*, threads: int = 1, device: str = "cpu", size_mb: int = 512, repe
         from .calibrate_engine import engine_overhead
 
         stage(n_stages, "serving-stack overhead per step (vLLM + the bundled tiny MoE)")
-        fixed, per_token, raw = engine_overhead(spec, say=lambda m: say(f"      {m}"))
-        spec["step_overhead_seconds"] = fixed
-        spec["step_overhead_per_token_seconds"] = per_token
+        fit, raw = engine_overhead(spec, say=lambda m: say(f"      {m}"))
+        spec.update(fit)
         notes["engine_overhead"] = raw
-        say(f"      {fixed * 1e3:.2f} ms per step + {per_token * 1e6:.1f} us per token")
+        say(f"      {fit['step_overhead_seconds'] * 1e3:.2f} ms per step + "
+            f"{fit['step_overhead_per_layer_seconds'] * 1e6:.0f} us per layer + "
+            f"{fit['step_overhead_per_token_seconds'] * 1e6:.1f} us per token")
     notes["elapsed_seconds"] = round(time.monotonic() - t_start, 1)
     spec["notes"] = notes
     return spec

@@ -1,12 +1,13 @@
 """The serving stack's per-step overhead, for `moe-reuse calibrate --engine`.
 
-A decode step is more than its kernels: the model runner prepares inputs, samples, and the
-framework keeps per-request state. The roofline cost model has no term for that, and on a small
-machine it is several milliseconds per step. This stage measures it where it is paid: a real vLLM
-server with the plugin serves the bundled tiny MoE (hidden 128, 4 layers: kernels of a few tens of
-microseconds) at 1 and at 32 concurrent requests. The plugin's own step-time counters give the
-mean decode step time; the predictor, with the kernel rates just measured, gives the tiny model's
-kernel time; the difference is the overhead, fitted as fixed + per token through the two points.
+A decode step is more than its kernels: the model runner prepares inputs and samples, every layer
+dispatches its ops, and the framework keeps per-request state. The roofline cost model has no
+term for that, and on a small machine it is several milliseconds per step. This stage measures it
+where it is paid: a real vLLM server with the plugin serves a bundled tiny MoE (hidden 128:
+kernels of tens of microseconds) at 1 and at 32 concurrent requests, once with 4 layers and once
+with 16. The plugin's own counters give the mean decode step time and batch; the predictor, with
+the kernel rates just measured, gives the tiny model's kernel time; the difference is the
+overhead. The four points are fitted as fixed + per layer x layers + per token x tokens.
 """
 
 from __future__ import annotations
@@ -16,16 +17,20 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 Say = Callable[[str], None]
-BATCHES = (1, 32)
+MODELS = ("qwen3-moe", "qwen3-moe-deep")  # 4 and 16 layers, otherwise the same
+CONCURRENCY = (1, 32)
+OUTPUT_TOKENS = 384  # long enough that concurrent requests overlap for most of their decode
 
 
-def _decode_step(text_before: str, text_after: str) -> tuple[float, float, float]:
-    """(mean decode step seconds, mean decode tokens per step, mean context per request)."""
+def _decode_step(before: str, after: str) -> tuple[float, float, float]:
+    """(mean decode step seconds, mean decode tokens per step, mean context per token)."""
     from .harness.server import metric_value
 
     def d(name: str, **labels: str) -> float:
-        return metric_value(text_after, name, **labels) - metric_value(text_before, name, **labels)
+        return metric_value(after, name, **labels) - metric_value(before, name, **labels)
 
     steps = d("moe_reuse_steps_total", kind="decode")
     if steps <= 0:
@@ -36,37 +41,47 @@ def _decode_step(text_before: str, text_after: str) -> tuple[float, float, float
             context / max(tokens, 1.0))
 
 
-def engine_overhead(spec: dict[str, Any], *, say: Say = print,
-                    model: str = "qwen3-moe") -> tuple[float, float, dict[str, Any]]:
-    """(fixed seconds per step, seconds per token, raw figures) of this machine's serving stack."""
-    from moe_reuse.predictor import Partition, hardware_from_dict, model_from_hf_config, step_time
+def _measure(name: str, hw: Any, say: Say) -> list[dict[str, float]]:
+    from moe_reuse.predictor import Partition, model_from_hf_config, step_time
 
     from .harness.server import VllmServer, random_prompts, run_concurrent
     from .harness.tiny_models import build_model
 
-    path = build_model(model, progress=say)
+    path = build_model(name, progress=say)
     tiny = model_from_hf_config(json.loads((path / "config.json").read_text()))
-    hw = hardware_from_dict({k: v for k, v in spec.items() if k != "notes"})
-    points: list[dict[str, float]] = []
     cfg = {"moe_reuse": {"flush_interval_s": 0.2, "window_s": 3600}}
-    with VllmServer(path, additional_config=cfg, max_num_seqs=max(BATCHES)).start(
+    out = []
+    with VllmServer(path, additional_config=cfg, max_num_seqs=max(CONCURRENCY)).start(
             progress=say) as srv:
         run_concurrent(srv.url, [(p, 16) for p in random_prompts(8, 16, 512, seed=0)], 8)
-        for b in BATCHES:
+        for c in CONCURRENCY:
             before = srv.metrics_text()
-            prompts = random_prompts(b, 16, 512, seed=b)
-            for _ in range(max(2, 64 // b)):  # at least ~64 requests' worth of decode steps
-                run_concurrent(srv.url, [(p, 96) for p in prompts], b)
+            prompts = random_prompts(c, 16, 512, seed=c)
+            for _ in range(max(1, 8 // c)):
+                run_concurrent(srv.url, [(p, OUTPUT_TOKENS) for p in prompts], c)
             time.sleep(0.5)  # two flush intervals
             step_s, batch, ctx = _decode_step(before, srv.metrics_text())
             kernels = step_time(tiny, hw, Partition(), batch, max(ctx, 1.0)).total_seconds
-            points.append({"concurrency": b, "batch_tokens": batch, "step_seconds": step_s,
-                           "predicted_kernel_seconds": kernels,
-                           "overhead_seconds": max(step_s - kernels, 0.0)})
-            say(f"concurrency {b}: decode step {step_s * 1e3:.2f} ms at {batch:.1f} tokens, "
-                f"kernels {kernels * 1e3:.3f} ms")
-    (lo, hi) = points
-    per_token = max((hi["overhead_seconds"] - lo["overhead_seconds"])
-                    / max(hi["batch_tokens"] - lo["batch_tokens"], 1e-9), 0.0)
-    fixed = max(lo["overhead_seconds"] - per_token * lo["batch_tokens"], 0.0)
-    return fixed, per_token, {"model": model, "points": points}
+            out.append({"layers": float(tiny.num_layers), "concurrency": float(c),
+                        "batch_tokens": batch, "step_seconds": step_s,
+                        "predicted_kernel_seconds": kernels,
+                        "overhead_seconds": max(step_s - kernels, 0.0)})
+            say(f"{tiny.num_layers} layers, concurrency {c}: decode step {step_s * 1e3:.2f} ms at "
+                f"{batch:.1f} tokens, kernels {kernels * 1e3:.3f} ms")
+    return out
+
+
+def engine_overhead(spec: dict[str, Any], *, say: Say = print) -> tuple[dict[str, float], dict[str, Any]]:
+    """({step_overhead_seconds, _per_layer_seconds, _per_token_seconds}, raw points)."""
+    from moe_reuse.predictor import hardware_from_dict
+
+    hw = hardware_from_dict({k: v for k, v in spec.items() if k != "notes"})
+    points = [p for name in MODELS for p in _measure(name, hw, say)]
+    a = np.array([[1.0, p["layers"], p["batch_tokens"]] for p in points])
+    y = np.array([p["overhead_seconds"] for p in points])
+    coef = np.linalg.lstsq(a, y, rcond=None)[0]
+    coef = np.maximum(coef, 0.0)  # no negative overheads from noise
+    fit = {"step_overhead_seconds": float(coef[0]),
+           "step_overhead_per_layer_seconds": float(coef[1]),
+           "step_overhead_per_token_seconds": float(coef[2])}
+    return fit, {"models": list(MODELS), "points": points}

@@ -259,9 +259,10 @@ class HardwareSpec:
       batches (a few tokens per expert run far below the GEMM peak); default: the peak.
     - `compute_memory_overlap_ratio`: how far math hides weight streaming. A step takes
       max(C, M) + (1 - ratio) * min(C, M); 1 (default) is the paper's max(C, M).
-    - `step_overhead_seconds` + `step_overhead_per_token_seconds` x tokens: time per step
-      outside the kernels (input preparation, sampling, kernel launches, the framework's
-      per-request bookkeeping); default 0.
+    - `step_overhead_seconds` + `step_overhead_per_layer_seconds` x layers +
+      `step_overhead_per_token_seconds` x tokens: time per step outside the kernels (input
+      preparation and sampling, per-layer op dispatch and kernel launches, per-request
+      bookkeeping); default 0.
     """
 
     name: str
@@ -279,6 +280,7 @@ class HardwareSpec:
     expert_path_flops_per_second: float | None = None
     compute_memory_overlap_ratio: float = 1.0
     step_overhead_seconds: float = 0.0
+    step_overhead_per_layer_seconds: float = 0.0
     step_overhead_per_token_seconds: float = 0.0
     description: str = ""
 
@@ -302,6 +304,7 @@ class HardwareSpec:
                 _check_float(self, name, 0.0, strict=True)
         _check_float(self, "compute_memory_overlap_ratio", 0.0, strict=False, maximum=1.0)
         _check_float(self, "step_overhead_seconds", 0.0, strict=False)
+        _check_float(self, "step_overhead_per_layer_seconds", 0.0, strict=False)
         _check_float(self, "step_overhead_per_token_seconds", 0.0, strict=False)
         if not isinstance(self.peak_flops_per_second, Mapping) or not self.peak_flops_per_second:
             raise SpecError("peak_flops_per_second", "must map at least one dtype to FLOP/s")

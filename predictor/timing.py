@@ -1,7 +1,7 @@
 """Time of one decode step: max(compute, HBM) + exposed communication (paper eq. 10).
 
-A measured machine may add `(1 - overlap) * min(compute, HBM)` and a per-step overhead (fixed
-plus per token; HardwareSpec refinements from `moe-reuse calibrate`, zero on the presets).
+A measured machine may add `(1 - overlap) * min(compute, HBM)` and a per-step overhead (fixed,
+per layer and per token; HardwareSpec refinements from `moe-reuse calibrate`, zero on the presets).
 
 With `Accounting.cost_scope == "weights"` only the weight path is timed (KV reads, attention
 core and communication left off), the paper's differential view behind its 4.5x headline.
@@ -282,7 +282,11 @@ def step_time(
     hbm_total = sum(hbm.values())
     exposed_total = sum(exposed.values())
     unhidden = (1.0 - hw.compute_memory_overlap_ratio) * min(compute_total, hbm_total)
-    overhead = hw.step_overhead_seconds + hw.step_overhead_per_token_seconds * batch / p.dp
+    overhead = (
+        hw.step_overhead_seconds
+        + hw.step_overhead_per_layer_seconds * model.num_layers / pp
+        + hw.step_overhead_per_token_seconds * batch / p.dp
+    )
     return StepTime(
         batch=batch,
         context_tokens=context_tokens,

@@ -66,10 +66,31 @@ def test_two_ranks_merge_into_one_family_each() -> None:
     assert 'rank="1"' in text and 'rank="0"' in text
 
 
+def _all_live_gauges(layers: int) -> dict:
+    """Every live comparison gauge, per-layer ones included (dead, cold, drift)."""
+    from moe_reuse.plugin.live.window import window_gauges
+
+    fig = {"qs": 0.16, "routing_factor": 32.0, "ridge_point_tokens": 150.0,
+           "hbm_peak_bytes_per_second": 4.8e12, "decode_steps": 10, "capacity_factor": 1.1,
+           "reuse_gap": 35.0, "kv_capacity_moe": 1e6, "kv_capacity_dense": 1.1e6,
+           "dense_speedup": 4.5, "tokens_per_expert_measured": 3.0,
+           "tokens_per_expert_uniform": 2.9, "tokens_per_expert_distinct": 3.1,
+           "step_bytes_measured": 1e10, "step_bytes_predicted": 1e10,
+           "step_seconds_measured": 0.03, "step_seconds_predicted": 0.03,
+           "error_step_seconds": 1.0, "error_step_bytes": 1.0, "error_tokens_per_expert": 1.0,
+           "regime": "bandwidth_bound", "dead": [0] * layers, "cold": [1] * layers,
+           "drift": [0.01] * layers}
+    return window_gauges(fig, list(range(1, layers + 1)))
+
+
 def test_default_cardinality_for_a_61_layer_256_expert_model_is_under_1000() -> None:
-    text = _text([_snap(layers=61, experts=256)])
+    """Defaults, every live gauge included: per-layer summaries only, under 1,000 series."""
+    snap = _snap(layers=61, experts=256)
+    snap["gauges"] = _all_live_gauges(61)
+    text = _text([snap])
     series = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
-    assert len(series) <= 1000
+    assert 'moe_reuse_routing_drift_ratio{engine="0",layer="61"' in text
+    assert len(series) <= 1000, len(series)
     assert not any("expert=" in ln for ln in series)
 
 

@@ -115,12 +115,13 @@ def test_measured_machine_refinements():
     base = step_time(model, HW, Partition(tp=1), 64, 4096)
     assert base.unhidden_seconds == 0 and base.overhead_seconds == 0
     hw = replace(HW, compute_memory_overlap_ratio=0.25, step_overhead_seconds=1e-3,
-                 step_overhead_per_token_seconds=2e-5)
+                 step_overhead_per_layer_seconds=1e-4, step_overhead_per_token_seconds=2e-5)
     s = step_time(model, hw, Partition(tp=1), 64, 4096)
     c, h = s.compute_total_seconds, s.hbm_total_seconds
     assert (c, h) == (base.compute_total_seconds, base.hbm_total_seconds)
     assert s.total_seconds == pytest.approx(
-        max(c, h) + 0.75 * min(c, h) + s.comm_exposed_total_seconds + 1e-3 + 64 * 2e-5, rel=REL)
+        max(c, h) + 0.75 * min(c, h) + s.comm_exposed_total_seconds
+        + 1e-3 + model.num_layers * 1e-4 + 64 * 2e-5, rel=REL)
     assert sum(s.critical_seconds().values()) == pytest.approx(s.total_seconds, rel=REL)
     peak = HW.peak_flops(model.expert_weight_dtype)
     slow = step_time(model, replace(HW, expert_path_flops_per_second=peak / 4), Partition(tp=1),

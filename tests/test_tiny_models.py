@@ -19,6 +19,7 @@ from moe_reuse.plugin.harness.tiny_models import (
 
 EXPECTED_MOE_LAYERS = {
     "qwen3-moe": (0, 1, 2, 3),
+    "qwen3-moe-deep": tuple(range(16)),  # calibrate --engine: per-layer overhead
     "qwen3-moe-rigged": (0, 1, 2, 3),
     "mixtral": (0, 1, 2, 3),
     "deepseek-v3": (1, 2, 3),  # first_k_dense_replace = 1

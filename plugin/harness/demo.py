@@ -81,6 +81,35 @@ def live_line(prev: dict[str, float], cur: dict[str, float], facts: Any) -> str:
     )
 
 
+def live_summary(text: str) -> list[str]:
+    """The live comparison of the last closed window, as /metrics shows it."""
+    got: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name.startswith("moe_reuse_"):
+                tag = smp.labels.get("source") or smp.labels.get("regime") or smp.labels.get(
+                    "quantity") or ""
+                got[f"{smp.name}|{tag}" if tag else smp.name] = smp.value
+    if "moe_reuse_dense_speedup_ratio" not in got:
+        return ["[5/5] live comparison: no decode window closed yet (window_s)"]
+    regime = "compute-bound" if got.get("moe_reuse_ffn_regime|compute_bound") else "bandwidth-bound"
+    g = got.get
+    return [
+        "[5/5] live comparison with the predictor (last window, this machine's hardware spec)",
+        f"      dense twin would decode this workload x{g('moe_reuse_dense_speedup_ratio', 0):.2f}"
+        f" as fast (q*s = {g('moe_reuse_qs_ratio', 0):.3f}, E/k = "
+        f"{g('moe_reuse_routing_factor_ratio', 0):.0f})",
+        f"      tokens per expert: measured {g('moe_reuse_tokens_per_expert|measured', 0):.2f}, "
+        f"predicted {g('moe_reuse_tokens_per_expert|predicted_distinct', 0):.2f} (uniform B*k/E "
+        f"{g('moe_reuse_tokens_per_expert|predicted_uniform', 0):.2f}); FFN {regime} (ridge "
+        f"{g('moe_reuse_ridge_point_tokens', 0):.1f} tokens/expert)",
+        f"      decode step: measured {g('moe_reuse_step_seconds|measured', 0) * 1e3:.2f} ms, "
+        f"predicted {g('moe_reuse_step_seconds|predicted', 0) * 1e3:.2f} ms; bytes measured "
+        f"{g('moe_reuse_step_bytes|measured', 0) / 1e6:.1f} MB, predicted "
+        f"{g('moe_reuse_step_bytes|predicted', 0) / 1e6:.1f} MB",
+    ]
+
+
 def run_demo(
     model: str = "qwen3-moe",
     waves: tuple[int, ...] = (1, 4, 16),
@@ -89,17 +118,17 @@ def run_demo(
     keep: bool = False,
     say: Callable[[str], None] = print,
 ) -> int:
-    say(f"[1/4] building tiny MoE checkpoint {model!r}")
+    say(f"[1/5] building tiny MoE checkpoint {model!r}")
     model_dir = build_model(model, progress=lambda m: say(f"      {m}"))
     facts = model_facts(model)
-    config = {"moe_reuse": {"flush_interval_s": 0.5, "window_s": 10}}
-    say(f"[2/4] starting vLLM with --additional-config '{json.dumps(config)}'")
+    config = {"moe_reuse": {"flush_interval_s": 0.5, "window_s": 5}}
+    say(f"[2/5] starting vLLM with --additional-config '{json.dumps(config)}'")
     server = VllmServer(model_dir, enforce_eager=enforce_eager, additional_config=config)
     server.start(progress=lambda m: say(f"      {m}"))
     try:
         say(f"      /metrics is live at {server.url}/metrics (log: {server.log_path})")
         say(
-            f"[3/4] driving load: waves at concurrency {list(waves)}; "
+            f"[3/5] driving load: waves at concurrency {list(waves)}; "
             f"{facts.num_experts} experts, top-{facts.top_k}, {len(facts.moe_layer_indices)} MoE layers"
         )
         start = scrape(server.metrics_text())
@@ -135,7 +164,7 @@ def run_demo(
             say(f"  wave concurrency={conc}: {n} requests, {gen} tokens in {dt:.1f} s")
             say(live_line(prev, cur, facts))
         end = scrape(server.metrics_text())
-        say("[4/4] conservation (this run): assignments = computed tokens x top-k x MoE layers")
+        say("[4/5] conservation (this run): assignments = computed tokens x top-k x MoE layers")
         layers = len(facts.moe_layer_indices)
         ok = True
         for phase, sent in (("prefill", sent_prompt), ("decode", sent_decode)):
@@ -150,6 +179,8 @@ def run_demo(
                 f"{int(asg)} assignments = {int(tok)} x {facts.top_k} x {layers}: "
                 f"{'OK' if good else 'MISMATCH'}"
             )
+        for line in live_summary(server.metrics_text()):
+            say(line)
         if keep:
             say(f"serving on {server.url} until Ctrl-C")
             while True:

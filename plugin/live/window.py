@@ -117,11 +117,12 @@ def ridge_point_tokens(specs: LiveSpecs) -> float:
     """Tokens per expert at which one expert read costs as long as its math (the expert path).
 
     One weight byte serves 2/bytes_per_param FLOPs per token, so t tokens give an arithmetic
-    intensity of 2t/bytes_per_param; the ridge is peak FLOP/s over expert-path bytes/s.
+    intensity of 2t/bytes_per_param; the ridge is the expert path's FLOP/s (measured by
+    calibrate, else the peak) over its bytes/s.
     """
     hw, m = specs.hardware, specs.model
     per_param = dtype_bytes(m.expert_weight_dtype)
-    return hw.peak_flops(m.expert_weight_dtype) / hw.expert_bytes_per_second * per_param / 2.0
+    return hw.expert_flops(m.expert_weight_dtype) / hw.expert_bytes_per_second * per_param / 2.0
 
 
 def _dense_estimate(t_meas: float, t_moe: float, t_dense: float) -> float:
