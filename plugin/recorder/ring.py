@@ -74,6 +74,7 @@ class RoutingRing:
         )
         # One contiguous flat view per layer: index_add_ needs a 1-D destination.
         self._layer_flat = [self.counts[i].view(-1) for i in range(lay.num_layers)]
+        self._slot_views = [self.counts[:, s] for s in range(lay.ring_steps)]  # zeroed per step
         self._ones = torch.ones(lay.max_tokens * lay.top_k, dtype=torch.int32, device=self.device)
         idle = lay.idle_slot * lay.slot_stride + PAD * lay.num_experts
         self._idle_base = idle
@@ -85,6 +86,7 @@ class RoutingRing:
         self._stage = [
             torch.empty((lay.max_tokens,), dtype=torch.int64, pin_memory=pin) for _ in range(4)
         ]
+        self._stage_np = [t.numpy() for t in self._stage]
         self._stage_events: list[torch.cuda.Event | None] = [None] * 4
         self._stage_next = 0
         self._copy_events: dict[int, torch.cuda.Event] = {}
@@ -108,14 +110,16 @@ class RoutingRing:
         event = self._stage_events[i]
         if event is not None:
             event.synchronize()  # only blocks if the device is 4 steps behind the host
-        host = self._stage[i].numpy()
-        host[:n] = ring_slot * lay.slot_stride + phases.astype(np.int64) * lay.num_experts
-        host[n:] = ring_slot * lay.slot_stride + PAD * lay.num_experts  # padded rows
+        host = self._stage_np[i]
+        base = ring_slot * lay.slot_stride
+        np.multiply(phases, lay.num_experts, out=host[:n], casting="unsafe")
+        host[:n] += base
+        host[n:] = base + PAD * lay.num_experts  # padded rows
         if self.device.type == "cuda":
             copy_done = self._copy_events.pop(ring_slot, None)
             if copy_done is not None:  # the flusher's D2H copy of this slot must finish first
                 torch.cuda.current_stream(self.device).wait_event(copy_done)
-        self.counts[:, ring_slot].zero_()
+        self._slot_views[ring_slot].zero_()
         self.tok_base.copy_(self._stage[i], non_blocking=True)
         if self.device.type == "cuda":
             ev = torch.cuda.Event()
