@@ -297,16 +297,21 @@ _OP_LIB: Any = None
 def _timed_all_reduce(x: torch.Tensor) -> torch.Tensor:
     """The MoE layer's TP all-reduce, timed on the host. Opaque to Dynamo, so it survives compile.
 
-    Like vLLM's own `vllm.all_reduce` op, the output may alias the input (the CPU shared-memory
-    all-reduce works in place), which is why it is registered the way vLLM registers its ops.
+    A custom op's output may not alias its input: torch checks it when the graph is first traced
+    (a cold compile cache), and a violation fails the engine's start-up. The CPU shared-memory
+    all-reduce works in place, so an aliased result is cloned (outside the timed span): one copy
+    of the layer's hidden states, small next to the collective.
     """
     from vllm.distributed.parallel_state import get_tp_group
 
     t0 = time.perf_counter_ns()
     out = get_tp_group()._all_reduce_out_place(x)
+    dt = time.perf_counter_ns() - t0
     session = _ACTIVE
     if session is not None:
-        session.add_comm_ns(0, time.perf_counter_ns() - t0)
+        session.add_comm_ns(0, dt)
+    if out.data_ptr() == x.data_ptr():
+        out = out.clone()
     return out
 
 
