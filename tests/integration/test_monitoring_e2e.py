@@ -29,6 +29,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -80,7 +81,7 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _get_json(url: str, timeout_s: float = 10) -> Any:
+def _get_json(url: str, timeout_s: float = 30) -> Any:
     with urllib.request.urlopen(url, timeout=timeout_s) as r:
         return json.load(r)
 
@@ -91,13 +92,21 @@ def _killpg(pgid: int, sig: int) -> None:
 
 
 def _wait_for(pred: Callable[[], Any], timeout_s: float, what: str, step_s: float = 0.5) -> Any:
+    """Poll `pred` until it returns something truthy. A poll whose HTTP call times out or is
+    refused counts as "not yet": on 2 cores a busy vLLM worker can starve Prometheus's API for
+    seconds (seen once in CI), which says nothing about the rules. The deadline still holds."""
     deadline = time.monotonic() + timeout_s
+    last_error: BaseException | None = None
     while True:
-        got = pred()
+        try:
+            got = pred()
+        except (TimeoutError, ConnectionError, urllib.error.URLError) as e:
+            got, last_error = None, e
         if got:
             return got
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+            detail = f" (last poll failed: {last_error!r})" if last_error else ""
+            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}{detail}")
         time.sleep(step_s)
 
 
