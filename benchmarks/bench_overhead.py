@@ -11,8 +11,9 @@ prompts and a fixed output length (ignore_eos).
 Two figures per wave, each compared as plugin/baseline:
 - decode throughput = generated tokens / wave wall time (what users see);
 - CPU seconds per generated token, summed over every process of the server (API server, engine
-  core, workers), from /proc. Co-tenants of a shared machine change wall time far more than the
-  CPU time the server itself needs, so this is the steadier measure of the plugin's own cost.
+  core, workers), from /proc, also printed per process role (where the cost lands). Co-tenants
+  of a shared machine change wall time far more than the CPU time the server itself needs, so
+  this is the steadier measure of the plugin's own cost.
 Reported: the ratio of the medians and the median of the per-pair ratios (each plugin wave
 against the baseline wave next to it, which cancels slow drift) with its interquartile range.
 The whole experiment runs twice, once with each server started first, and the overhead is the
@@ -39,31 +40,44 @@ from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
 TICK = os.sysconf("SC_CLK_TCK")
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of every live process in a process group (Linux /proc)."""
-    total = 0
+def role_of(comm: str) -> str:
+    """vLLM names its processes (`VLLM::EngineCore`, `VLLM::Worker...`); the rest is the API server."""
+    if comm.startswith("VLLM::EngineCor"):
+        return "engine_core"
+    if comm.startswith("VLLM::Worker"):
+        return "worker"
+    return "api_server"
+
+
+def group_cpu_seconds(pgid: int) -> dict[str, float]:
+    """User + system CPU seconds of every live process in a process group (Linux /proc), by role."""
+    total: dict[str, float] = {"api_server": 0.0, "engine_core": 0.0, "worker": 0.0}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
+                name, rest = f.read().split(" (", 1)[1].rsplit(")", 1)
+        except (OSError, IndexError, ValueError):
             continue
+        fields = rest.split()
         if int(fields[2]) == pgid:  # fields after the name: state, ppid, pgrp, ...
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICK
+            total[role_of(name)] += (int(fields[11]) + int(fields[12])) / TICK  # utime, stime
+    return total
 
 
-def wave(srv: VllmServer, vocab: int, n: int, out_tokens: int, seed: int) -> tuple[float, float]:
-    """(generated tokens per second, server CPU seconds per generated token) of one wave."""
+def wave(srv: VllmServer, vocab: int, n: int, out_tokens: int, seed: int
+         ) -> tuple[float, float, dict[str, float]]:
+    """(generated tokens per second, server CPU seconds per generated token, the same by process
+    role) of one wave."""
     prompts = random_prompts(n, 16, vocab, seed=seed)
     assert srv.pid is not None
     c0, t0 = group_cpu_seconds(srv.pid), time.perf_counter()
     res = run_concurrent(srv.url, [(p, out_tokens) for p in prompts], concurrency=n)
-    dt, cpu = time.perf_counter() - t0, group_cpu_seconds(srv.pid) - c0
+    dt, c1 = time.perf_counter() - t0, group_cpu_seconds(srv.pid)
     tokens = sum(r["usage"]["completion_tokens"] for r in res)
-    return tokens / dt, cpu / tokens
+    by_role = {k: (c1[k] - c0[k]) / tokens for k in c1}
+    return tokens / dt, sum(by_role.values()), by_role
 
 
 def summary(name: str, pairs: list[float], a: list[float], b: list[float], unit: str) -> str:
@@ -94,15 +108,19 @@ def run_once(args: argparse.Namespace, path: Any, vocab: int, swap: bool) -> tup
         cpt: dict[str, list[float]] = {k: [] for k in servers}
         tps_pairs: list[float] = []
         cpt_pairs: list[float] = []
+        roles: dict[str, dict[str, list[float]]] = {k: {} for k in servers}
         for i in range(args.waves):
             order = list(servers) if i % 2 == 0 else list(reversed(servers))
             for name in order:
                 servers[name].resume()
                 time.sleep(0.3)  # let it settle after SIGCONT
-                r, c = wave(servers[name], vocab, args.concurrency, args.output_tokens, seed=100 + i)
+                r, c, by_role = wave(servers[name], vocab, args.concurrency, args.output_tokens,
+                                     seed=100 + i)
                 servers[name].pause()
                 tps[name].append(r)
                 cpt[name].append(c)
+                for role, v in by_role.items():
+                    roles[name].setdefault(role, []).append(v)
             tps_pairs.append(tps["plugin"][-1] / tps["baseline"][-1])
             cpt_pairs.append(cpt["plugin"][-1] / cpt["baseline"][-1])
             print(f"wave {i:2d} plugin {tps['plugin'][-1]:7.1f} tok/s {cpt['plugin'][-1] * 1e3:6.3f}"
@@ -114,6 +132,13 @@ def run_once(args: argparse.Namespace, path: Any, vocab: int, swap: bool) -> tup
                       tps["plugin"], tps["baseline"], "tok/s"))
         print(summary("  server CPU per token (plugin/baseline; 1 = no overhead)", cpt_pairs,
                       cpt["plugin"], cpt["baseline"], "s/tok"))
+        for role in roles["plugin"]:
+            a, b = roles["plugin"][role], roles["baseline"][role]
+            pairs = [x / y for x, y in zip(a, b) if y > 0]
+            if pairs:
+                print(f"    {role:11s} CPU per token: plugin {statistics.median(a) * 1e6:7.1f} us, "
+                      f"baseline {statistics.median(b) * 1e6:7.1f} us; median pair ratio "
+                      f"{statistics.median(pairs):.4f}")
         return statistics.median(tps_pairs), statistics.median(cpt_pairs)
     finally:
         for srv in servers.values():
