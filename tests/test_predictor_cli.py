@@ -101,7 +101,17 @@ def test_predict_fixed_batch_and_q(capsys):
 
 def test_predict_infeasible_prints_null_batch(capsys):
     code, out, _ = run(
-        capsys, "predict", "--model", "switch-c-2048", "--gpus", "16", "--context", "128k", "--json"
+        capsys,
+        "predict",
+        "--model",
+        "switch-c-2048",
+        "--gpus",
+        "16",
+        "--context",
+        "128k",
+        "--json",
+        "--profile",
+        "paper",
     )
     data = json.loads(out)
     assert code == 0 and data["moe"]["feasible"] is False and data["moe"]["batch"] is None
@@ -298,6 +308,8 @@ def test_sweep_over_q(capsys):
         "2,3,5",
         "--csv",
         "--no-plot",
+        "--profile",
+        "paper",
     )
     speedups = [float(r["capacity_factor"]) for r in csv.DictReader(io.StringIO(out))]
     assert code == 0 and speedups[0] > speedups[1] > 1 > speedups[2]

@@ -162,15 +162,24 @@ def test_bad_accounting_names_field(changes, field):
         Accounting(**changes)
 
 
-def test_cost_scope_default_is_physical_and_paper_accounting_differs_only_there():
-    """The live plugin uses the defaults: cost_scope "full". PAPER_ACCOUNTING changes nothing else."""
-    assert DEFAULT_ACCOUNTING.cost_scope == "full"
-    assert PAPER_ACCOUNTING.cost_scope == "weights"
-    diff = {
-        k for k, v in PAPER_ACCOUNTING.to_dict().items() if DEFAULT_ACCOUNTING.to_dict()[k] != v
-    }
-    assert diff == {"cost_scope"}
+def test_default_profile_is_vllm_and_paper_profile_is_the_papers():
+    """The default describes a vLLM deployment (gpu_memory_utilization 0.9, profile-run
+    activations, CUDA graphs, comm buffers, 16-token blocks, MLA latent cache replicated over
+    TP, physical step); the paper profile carries the paper's accounting (0.42, latent split,
+    its Table 5 timing terms)."""
+    from moe_reuse.predictor import PROFILES
 
+    assert PROFILES["vllm"] is DEFAULT_ACCOUNTING and PROFILES["paper"] is PAPER_ACCOUNTING
+    d, p = DEFAULT_ACCOUNTING, PAPER_ACCOUNTING
+    assert (d.usable_hbm_ratio, d.cost_scope, d.mla_kv_sharding, d.kv_block_tokens) == (
+        0.9,
+        "full",
+        "replicated",
+        16,
+    )
+    assert d.activation_tokens == 8192 and d.cuda_graph_bytes > 0 and d.comm_buffer_bytes > 0
+    assert (p.usable_hbm_ratio, p.cost_scope, p.mla_kv_sharding) == (0.42, "paper", "latent")
+    assert p.activation_tokens == 0 and p.cuda_graph_bytes == 0 and p.kv_block_tokens == 1
 
 def test_hardware_spec_in_code_is_checked():
     with pytest.raises(SpecError, match="intra_node_bandwidth_bytes_per_second"):
