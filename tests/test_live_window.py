@@ -15,6 +15,7 @@ from moe_reuse.plugin.live.attach import LIVE_GAUGES, LiveMonitor
 from moe_reuse.plugin.live.spec import ServedFacts, build_specs, resolve_hardware
 from moe_reuse.plugin.live.twin import twin_config
 from moe_reuse.plugin.live.window import (
+    WINDOW_GAUGES,
     WindowAccumulator,
     ridge_point_tokens,
     window_figures,
@@ -36,7 +37,8 @@ def big_specs(q: float = 5.0, kv_fixed: bool = True):  # type: ignore[no-untyped
 
 
 def block(B: int, n: int, L: int = 8, E: int = 64, k: int = 4, dur_s: float = 0.02,
-          ctx: int = 100, kind: int = 0, seed: int = 0):  # type: ignore[no-untyped-def]
+          ctx: int = 100, kind: int = 0,
+          seed: int = 0) -> tuple[BlockStats, dict[str, np.ndarray]]:
     """n decode steps of batch B with uniform random routing."""
     rng = np.random.default_rng(seed)
     counts = np.zeros((L, n, E), dtype=np.int64)
@@ -84,8 +86,15 @@ def test_window_tokens_per_expert_and_bytes() -> None:
     assert fig["error_tokens_per_expert"] == pytest.approx(1.0, rel=0.05)
     # bytes: predictor and recorder count the same weights here (to within router/norm bytes)
     assert fig["error_step_bytes"] == pytest.approx(1.0, rel=0.05)
-    st = step_time(s.model, HW, s.partition, 16, 100)
+    # predicted: the experts the block really touched; predicted_uniform: the expectation
+    touched = float(stats.distinct_all.mean())
+    st = step_time(s.model, HW, s.partition, 16, 100, distinct_experts_per_layer=touched)
+    uni = step_time(s.model, HW, s.partition, 16, 100)
+    assert fig["distinct_experts_per_layer"] == pytest.approx(touched)
     assert fig["step_seconds_predicted"] == pytest.approx(st.total_seconds)
+    assert fig["step_seconds_predicted_uniform"] == pytest.approx(uni.total_seconds)
+    assert fig["routing_cost"] == pytest.approx(st.total_seconds / uni.total_seconds)
+    assert fig["routing_cost"] == pytest.approx(1.0, rel=0.05)  # uniform routing: about 1
     assert fig["step_seconds_measured"] == pytest.approx(0.02)
     assert fig["capacity_factor"] == 1.0 and fig["reuse_gap"] == 16.0  # CPU: fixed KV size
 
@@ -93,7 +102,10 @@ def test_window_tokens_per_expert_and_bytes() -> None:
 def test_gauge_calibration_by_measured_time() -> None:
     s = big_specs()
     for B in (1, 64):
-        mt = step_time(s.model, HW, s.partition, B, 100).total_seconds
+        stats, _ = block(B=B, n=3)
+        touched = float(stats.distinct_all.mean())
+        mt = step_time(s.model, HW, s.partition, B, 100,
+                       distinct_experts_per_layer=touched).total_seconds
         dt = step_time(s.dense, HW, s.dense_partition, B, 100).total_seconds
         for meas, expect in ((mt, mt / dt), (mt + 0.01, (mt + 0.01) / (dt + 0.01)),
                              (mt * 0.5, 1 * mt / dt)):
@@ -141,7 +153,8 @@ def test_gauges_names_match_docs() -> None:
     fig = window_figures(acc.close(1.0), big_specs(), kv_capacity_moe=50_000,
                          kv_bytes_per_token=BM.kv_bytes_per_token, cold_fraction=0.05, baseline=base)
     g = window_gauges(fig, list(range(8)))
-    assert set(g) == set(LIVE_GAUGES)
+    assert set(g) == set(WINDOW_GAUGES)
+    assert set(LIVE_GAUGES) <= set(WINDOW_GAUGES)
     from pathlib import Path
 
     docs = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
@@ -152,6 +165,9 @@ def test_gauges_names_match_docs() -> None:
             assert len(labels) == len(spec["labels"]) and math.isfinite(value)
     labels = {tuple(lv) for lv, _ in g["tokens_per_expert"]["samples"]}
     assert labels == {("measured",), ("predicted_uniform",), ("predicted_distinct",)}
+    for name in ("step_seconds", "step_bytes"):
+        assert {tuple(lv) for lv, _ in g[name]["samples"]} == {
+            ("measured",), ("predicted",), ("predicted_uniform",)}
     assert {tuple(lv) for lv, _ in g["kv_capacity_tokens"]["samples"]} == {("moe",), ("dense",)}
 
 
