@@ -1,4 +1,4 @@
-"""The predictor's subcommands: predict, sweep, models, hardware.
+"""The predictor's subcommands: predict, sweep, whatif, models, hardware.
 
 `add_subcommands` plugs them into the top-level `moe-reuse` parser (owned by the plugin).
 Handlers return an exit status; a user mistake (a `SpecError`) becomes one line on stderr,
@@ -384,6 +384,11 @@ def add_subcommands(subparsers: Any) -> None:
     )
     s.add_argument("--no-plot", action="store_true", help="skip the PNG")
     s.set_defaults(func=_guard(_sweep))
+
+    from .whatif_cli import add_whatif_subcommand, run_whatif
+
+    add_whatif_subcommand(subparsers, add_profile_arguments)
+    subparsers.choices["whatif"].set_defaults(func=_guard(run_whatif))
 
     m = subparsers.add_parser("models", help="list the model presets")
     m.add_argument("--json", action="store_true")

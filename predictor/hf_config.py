@@ -216,5 +216,6 @@ def model_from_hf_config(
         expert_weight_dtype=expert,
         kv_dtype=kv,
         activation_dtype=act,
+        max_context_tokens=int(cfg.get("max_position_embeddings") or 0),
         **attention,
     )

@@ -131,6 +131,7 @@ class ModelSpec:
     expert_weight_dtype: str = ""
     kv_dtype: str = "bf16"
     activation_dtype: str = "bf16"
+    max_context_tokens: int = 0  # the model's context window (0: unknown); whatif checks it
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -159,6 +160,7 @@ class ModelSpec:
             "v_head_dim",
             "sliding_window_tokens",
             "num_sliding_window_layers",
+            "max_context_tokens",
         ):
             _check_int(self, name, 0)
         if self.attention_kind not in ATTENTION_KINDS:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
 
 import pytest
 
@@ -81,7 +82,7 @@ _CACHE: dict[tuple[str, int, float, Accounting, int], object] = {}
 
 def case(
     name: str, gpus: int, q: float, accounting: Accounting = PAPER_ACCOUNTING, context: int = CONTEXT
-):
+) -> Any:
     key = (name, gpus, q, accounting, context)
     if key not in _CACHE:
         _CACHE[key] = evaluate_case(

