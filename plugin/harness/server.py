@@ -44,12 +44,14 @@ __all__ = [
     "ServerFailed",
     "VllmServer",
     "complete",
+    "complete_streamed",
     "free_port",
     "metric_value",
     "prefix_cache_hits",
     "prefix_caching",
     "random_prompts",
     "run_concurrent",
+    "run_concurrent_streamed",
     "served_model",
 ]
 
@@ -422,6 +424,77 @@ def run_concurrent(
         return []
     with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(requests)))) as pool:
         futures = [pool.submit(complete, url, p, n, **kw) for p, n in requests]
+        return [f.result() for f in futures]
+
+
+def complete_streamed(
+    url: str,
+    prompt_token_ids: list[int],
+    max_tokens: int,
+    *,
+    model: str | None = None,
+    ignore_eos: bool = True,
+    temperature: float = 0.0,
+    timeout_s: float = 120,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
+    """Streamed POST /v1/completions, timed by the client: TTFT and every inter-token gap.
+
+    Returns ``{"ttft_seconds", "itl_seconds": [...], "completion_tokens", "prompt_tokens"}``.
+    vLLM sends one SSE chunk per engine step that produced output; with
+    ``continuous_usage_stats`` each chunk says how many tokens it completed so far, so a chunk
+    carrying n tokens counts as n gaps of (its gap / n).
+    """
+    body = {
+        "model": model or served_model(url, timeout_s),
+        "prompt": list(prompt_token_ids),
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "ignore_eos": ignore_eos,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    req = urllib.request.Request(
+        url.rstrip("/") + "/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    start = clock()
+    last = start
+    ttft: float | None = None
+    gaps: list[float] = []
+    done = prompt = 0
+    with urllib.request.urlopen(req, timeout=timeout_s) as r:
+        for raw in r:
+            line = raw.decode(errors="replace").strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            usage = chunk.get("usage") or {}
+            tokens = int(usage.get("completion_tokens") or 0)
+            prompt = int(usage.get("prompt_tokens") or prompt)
+            if tokens <= done:
+                continue
+            now = clock()
+            if ttft is None:
+                ttft = now - start  # tokens beyond the first in this chunk came with it
+            else:
+                n = tokens - done
+                gaps.extend([(now - last) / n] * n)
+            done, last = tokens, now
+    return {"ttft_seconds": ttft, "itl_seconds": gaps, "completion_tokens": done,
+            "prompt_tokens": prompt}
+
+
+def run_concurrent_streamed(
+    url: str, requests: Sequence[tuple[list[int], int]], concurrency: int, **kw: Any
+) -> list[dict[str, Any]]:
+    """``complete_streamed`` for each request, at most ``concurrency`` in flight (closed loop:
+    a worker sends its next request when its last one ends)."""
+    if not requests:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(requests)))) as pool:
+        futures = [pool.submit(complete_streamed, url, p, n, **kw) for p, n in requests]
         return [f.result() for f in futures]
 
 
