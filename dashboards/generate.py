@@ -28,7 +28,19 @@ from .overview import overview
 from .rule_tests import tests_file
 from .rules import GENERATED_HEADER, dump_yaml, render_rules, rules_file
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+
+def _default_root() -> Path:
+    """The checkout this module runs from, else the current directory.
+
+    From a checkout (an editable install) the outputs belong to the repository. An installed wheel
+    has no repository around it (this file sits in site-packages), so `moe-reuse dashboards
+    generate|check` works on the current directory, as `make test` runs from the checkout.
+    """
+    checkout = Path(__file__).resolve().parent.parent
+    return checkout if (checkout / "pyproject.toml").is_file() else Path.cwd()
+
+
+REPO_ROOT = _default_root()
 GENERATED_DIR = "dashboards/generated"
 RULES_PATH = "deploy/prometheus/moe-reuse-rules.yml"
 RULE_TESTS_PATH = "deploy/prometheus/tests/moe-reuse-rules.test.yml"
@@ -164,7 +176,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--check", action="store_true", help="exit 1 listing stale files instead of writing"
     )
     parser.add_argument(
-        "--root", type=Path, default=REPO_ROOT, help="repository root (default: this checkout)"
+        "--root",
+        type=Path,
+        default=REPO_ROOT,
+        help="repository root (default: this checkout, or the current directory when installed)",
     )
     args = parser.parse_args(argv)
     return run(check=args.check, root=args.root)

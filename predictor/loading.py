@@ -19,6 +19,8 @@ from .errors import SpecError
 from .hf_config import model_from_hf_config
 from .specs import HardwareSpec, ModelSpec
 
+_PACKAGE = __name__.rpartition(".")[0]  # moe_reuse.predictor, where data/ ships
+
 # SI field -> accepted (key, factor) spellings.
 _HW_UNITS: dict[str, tuple[tuple[str, float], ...]] = {
     "hbm_capacity_bytes": (
@@ -177,8 +179,33 @@ def model_from_dict(data: Mapping[str, Any], *, default_name: str = "custom") ->
     return ModelSpec(**kwargs)
 
 
+class MissingDataError(SpecError):
+    """A data file the installed package should carry is absent: a partial or broken install."""
+
+
+def packaged_data(package: str, *parts: str) -> Any:
+    """A file or folder shipped inside `package`, found through `importlib.resources`.
+
+    The import system, not `__file__`, knows where an installed wheel, a zip or a checkout keeps
+    its files. Absent data means the install is incomplete (a wheel built without its package
+    data, a hand-copied tree), which is the user's to fix, so it gets a message, not a traceback.
+    """
+    root = resources.files(package)
+    node = root
+    for part in parts:
+        node = node.joinpath(part)
+    if not (node.is_file() or node.is_dir()):
+        raise MissingDataError(
+            "/".join((*package.split("."), *parts)),
+            f"is missing from this installation of vllm-moe-reuse (looked in {root})",
+            "reinstall from a complete wheel: in a checkout run `python -m build`, then "
+            "`pip install --force-reinstall dist/vllm_moe_reuse-*.whl`",
+        )
+    return node
+
+
 def _preset_dir(kind: str) -> Any:
-    return resources.files(__package__).joinpath("data", kind)
+    return packaged_data(_PACKAGE, "data", kind)
 
 
 def _preset_names(kind: str) -> list[str]:
@@ -274,6 +301,6 @@ def resolve_hardware(arg: str) -> HardwareSpec:
 
 def load_table1() -> list[dict[str, Any]]:
     """The paper's Table 1 rows (name, num_experts, top_k, printed s and q*s)."""
-    text = resources.files(__package__).joinpath("data", "table1.json").read_text()
+    text = packaged_data(_PACKAGE, "data", "table1.json").read_text()
     rows: list[dict[str, Any]] = json.loads(text)["rows"]
     return rows

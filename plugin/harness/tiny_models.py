@@ -28,6 +28,7 @@ from functools import cache
 from typing import Any
 
 from moe_reuse.plugin.harness import _tokenizer
+from moe_reuse.predictor.loading import packaged_data
 
 __all__ = [
     "MODEL_NAMES",
@@ -41,12 +42,12 @@ __all__ = [
 
 BUILDER_VERSION = 1  # bump when the build procedure changes in a way the spec does not capture
 SIDECAR = "moe_reuse_model.json"
-_SPECS_FILE = pathlib.Path(__file__).with_name("model_specs.json")
 
 
 @cache
 def _raw_specs() -> Mapping[str, Any]:
-    data: dict[str, Any] = json.loads(_SPECS_FILE.read_text())
+    text = packaged_data("moe_reuse.plugin.harness", "model_specs.json").read_text()
+    data: dict[str, Any] = json.loads(text)
     return data
 
 

@@ -23,12 +23,12 @@ from moe_reuse.predictor import (
     load_hardware_preset,
     model_from_hf_config,
 )
+from moe_reuse.predictor.loading import packaged_data
 from moe_reuse.predictor.sizes import weight_bytes_breakdown
 
 logger = logging.getLogger("vllm.moe_reuse")
 
 CALIBRATED_FILE_ENV = "MOE_REUSE_HARDWARE_FILE"
-_DATA = Path(__file__).with_name("data")
 
 
 def calibrated_hardware_path() -> Path:
@@ -119,5 +119,6 @@ def resolve_hardware(setting: str, device: str = "cpu") -> HardwareSpec:
                 return load_hardware_preset(preset)
     logger.info("moe_reuse: no calibrated hardware file at %s; using a generic CPU spec "
                 "(run `moe-reuse calibrate` for this machine's figures)", path)
-    data = json.loads((_DATA / "cpu-generic.json").read_text())
+    generic = packaged_data("moe_reuse.plugin.live", "data", "cpu-generic.json")
+    data = json.loads(generic.read_text())
     return hardware_from_dict(data, default_name="cpu-generic")
