@@ -83,6 +83,22 @@ class Config:
     plugin_errors_window: str = "10m"
     plugin_errors_severity: str = "warning"
 
+    # --- MoeReuseRebalanceWouldHelp / MoeReuseEplbCostsMore (EP advisor) -------------------------
+    # Fires when vLLM's EPLB policy, rerun on the window's counts, is predicted to cut the MoE
+    # time per decode step by more than this margin (eplb_gain_ratio > 1 + margin) ...
+    eplb_help_margin: float = 0.1
+    # ... for these deployments (regex on the `deployment` label; "served|what_if" includes the
+    # hypothetical EP sizes of `advisor_ep_sizes`, which fire on any skewed server).
+    eplb_help_deployments: str = "served"
+    eplb_help_for: str = "30m"
+    eplb_help_severity: str = "info"
+    # EPLB is on and the served placement is predicted slower than plain contiguous placement
+    # by more than this margin (eplb_net_gain_ratio < 1 - margin): replicas cost more reads
+    # than the balance they buy.
+    eplb_cost_margin: float = 0.05
+    eplb_cost_for: str = "30m"
+    eplb_cost_severity: str = "warning"
+
     # --- dashboards ----------------------------------------------------------------------------
     # Largest number of per-expert cells the heatmap asks for (topk over the opt-in series).
     heatmap_max_series: int = 512

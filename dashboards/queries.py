@@ -389,3 +389,47 @@ def alert_plugin_errors(cfg: Config) -> str:
     m = f"moe_reuse_errors_total{s.sel()}"
     w = cfg.plugin_errors_window
     return f"increase({m}[{w}]) > 0\nor\n({m} > 0 unless {m} offset {w})"
+
+
+# ------------------------------------------------------------------------------------------------
+# EP advisor (plugin/live/advisor.py; docs/eplb.md)
+# ------------------------------------------------------------------------------------------------
+
+
+def eplb_gain(s: Scope) -> str:
+    """Predicted MoE time per decode step now / after vLLM's EPLB rebalancing, by `deployment`
+    (served, what_if) and `ep`: above 1 rebalancing helps, below 1 it makes decode slower."""
+    return f"moe_reuse_eplb_gain_ratio{s.sel()}"
+
+
+def eplb_net_gain(s: Scope) -> str:
+    """EPLB on: predicted MoE time without EPLB / with the served placement (below 1: EPLB
+    costs more than it gives)."""
+    return f"moe_reuse_eplb_net_gain_ratio{s.sel()}"
+
+
+def ep_balancedness(s: Scope) -> str:
+    """Mean over max EP-rank load (vLLM's balancedness), by deployment, ep and placement."""
+    return f"moe_reuse_ep_balancedness_ratio{s.sel()}"
+
+
+def ep_rank_tokens(s: Scope, deployment: str = "served") -> str:
+    """Token-expert assignments per decode step on each EP rank (current placement)."""
+    sel = s.sel(f'deployment=~"{deployment}"', 'placement="current"')
+    return f"moe_reuse_ep_rank_tokens{sel}"
+
+
+def eplb_deciding_term(s: Scope) -> str:
+    """Which term decides the gain: rank_load (compute-bound) or replica_reads (bandwidth)."""
+    return f"moe_reuse_eplb_deciding_term{s.sel()} == 1"
+
+
+def alert_rebalance_would_help(cfg: Config) -> str:
+    s = rules_scope(cfg)
+    sel = s.sel(f'deployment=~"{cfg.eplb_help_deployments}"')
+    return f"moe_reuse_eplb_gain_ratio{sel} > {1 + cfg.eplb_help_margin:g}"
+
+
+def alert_eplb_costs_more(cfg: Config) -> str:
+    s = rules_scope(cfg)
+    return f"moe_reuse_eplb_net_gain_ratio{s.sel()} < {1 - cfg.eplb_cost_margin:g}"

@@ -328,6 +328,42 @@ def _plugin_errors(cfg: Config) -> dict[str, Any]:
     }
 
 
+def _rebalance_would_help(cfg: Config) -> dict[str, Any]:
+    a, b, c, d = (_labels(i) for i in (A, B, C, D))
+    served, what_if = {"deployment": "served", "ep": "8"}, {"deployment": "what_if", "ep": "8"}
+    name = "MoeReuseRebalanceWouldHelp"
+    return {
+        "interval": "1m",
+        "input_series": [
+            _series("moe_reuse_eplb_gain_ratio", {**a, **served}, "1.5x60"),
+            _series("moe_reuse_eplb_gain_ratio", {**b, **served}, "1.05x60"),  # within 10%
+            _series("moe_reuse_eplb_gain_ratio", {**c, **served}, "1.5x20 1x40"),  # not 30m
+            _series("moe_reuse_eplb_gain_ratio", {**d, **what_if}, "3x60"),  # what-if only
+        ],
+        "alert_rule_test": [
+            _alert_case(cfg, name, "20m", []),
+            _alert_case(cfg, name, "40m", [({**a, **served}, 1.5)]),
+        ],
+    }
+
+
+def _eplb_costs_more(cfg: Config) -> dict[str, Any]:
+    a, b, c = (_labels(i, ep="16") for i in (A, B, C))
+    name = "MoeReuseEplbCostsMore"
+    return {
+        "interval": "1m",
+        "input_series": [
+            _series("moe_reuse_eplb_net_gain_ratio", a, "0.8x60"),
+            _series("moe_reuse_eplb_net_gain_ratio", b, "0.97x60"),  # within 5%
+            _series("moe_reuse_eplb_net_gain_ratio", c, "1.3x60"),  # EPLB pays for itself
+        ],
+        "alert_rule_test": [
+            _alert_case(cfg, name, "20m", []),
+            _alert_case(cfg, name, "40m", [(a, 0.8)]),
+        ],
+    }
+
+
 def tests_file(cfg: Config) -> dict[str, Any]:
     return {
         "rule_files": [RULES_FILE_FROM_TESTS],
@@ -342,5 +378,7 @@ def tests_file(cfg: Config) -> dict[str, Any]:
             _predictor(cfg),
             _plugin_disabled(cfg),
             _plugin_errors(cfg),
+            _rebalance_would_help(cfg),
+            _eplb_costs_more(cfg),
         ],
     }

@@ -149,6 +149,28 @@ def alerts(cfg: Config) -> list[Alert]:
             f"{_WHO} counted new moe_reuse_errors_total in stage {{{{ $labels.stage }}}} "
             f"over the last {cfg.plugin_errors_window}.",
         ),
+        Alert(
+            "MoeReuseRebalanceWouldHelp",
+            q.alert_rebalance_would_help(cfg),
+            cfg.eplb_help_for,
+            cfg.eplb_help_severity,
+            "Rebalancing the experts across EP ranks would speed up decode.",
+            f"vLLM's EPLB policy, rerun on the live routing of {_WHO}, is predicted to make the "
+            f"MoE layers of a decode step {VALUE2}x faster ({{{{ $labels.deployment }}}} "
+            f"deployment, EP {{{{ $labels.ep }}}}; threshold {1 + cfg.eplb_help_margin:g}x, for "
+            f"{cfg.eplb_help_for}). See moe_reuse_eplb_deciding_term for why.",
+        ),
+        Alert(
+            "MoeReuseEplbCostsMore",
+            q.alert_eplb_costs_more(cfg),
+            cfg.eplb_cost_for,
+            cfg.eplb_cost_severity,
+            "EPLB is on and its replicas cost more than the balance they buy.",
+            f"With EPLB's placement {_WHO} is predicted to run its MoE layers at {VALUE2}x "
+            f"the speed of plain contiguous placement (EP {{{{ $labels.ep }}}}; threshold "
+            f"{1 - cfg.eplb_cost_margin:g}, for {cfg.eplb_cost_for}): in bandwidth-bound decode "
+            "every replica of a hot expert is one more weight read.",
+        ),
     ]
 
 

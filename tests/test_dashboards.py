@@ -25,7 +25,8 @@ VLLM_METRICS = {
     "vllm:generation_tokens_total",
 }
 OUR_LABELS = {"model", "engine", "rank", "layer", "phase", "kind", "stage", "component", "op",
-              "mode", "source", "quantity", "regime", "model_kind", "expert", "le"}  # fmt: skip
+              "mode", "source", "quantity", "regime", "model_kind", "expert", "le",
+              "deployment", "ep", "placement", "term"}  # fmt: skip
 TARGET_LABELS = {"job", "instance", "pod"}
 VLLM_LABELS = {"model_name", "engine", "le"}
 

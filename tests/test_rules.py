@@ -28,6 +28,8 @@ EXPECTED_ALERTS = {
     "MoeReusePredictorDiverging",
     "MoeReusePluginDisabled",
     "MoeReusePluginErrors",
+    "MoeReuseRebalanceWouldHelp",
+    "MoeReuseEplbCostsMore",
 }
 
 promtool = shutil.which("promtool")
