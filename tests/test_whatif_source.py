@@ -1,0 +1,97 @@
+"""`whatif --from-server`'s reader (plugin/live/whatif_source.py) on a fixed /metrics text.
+
+Unit test: the two documents a server returns are given as text (no server); the reader must
+take the KV capacity from vLLM's own cache_config_info, TP from the ranks, and the routing from
+the plugin's per-layer counters. The real-server run is benchmarks/bench_whatif_server.py and
+tests/integration/test_whatif_server.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moe_reuse.plugin.live.whatif_source import facts_from, parse_metrics
+from moe_reuse.predictor import SpecError, expected_distinct_experts, load_hardware_preset
+from moe_reuse.predictor.whatif import Workload, whatif_from_server
+
+CONFIG = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 512,
+    "hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 256,
+    "max_position_embeddings": 2048, "num_experts": 8, "num_experts_per_tok": 2,
+    "moe_intermediate_size": 64, "decoder_sparse_step": 1, "mlp_only_layers": [],
+    "torch_dtype": "bfloat16",
+}
+
+
+def metrics(ranks: tuple[str, ...] = ("0",), touched: float = 5.0) -> str:
+    """4 MoE layers, 100 decode(+mixed) steps of 6 decode requests, `touched` experts/layer/step."""
+    lines = [
+        "# TYPE moe_reuse_info gauge",
+        *(f'moe_reuse_info{{engine="0",model="m",rank="{r}",experts="8",top_k="2",hardware="h200"}} 1.0'
+          for r in ranks),
+        "# TYPE vllm:cache_config_info gauge",
+        'vllm:cache_config_info{block_size="16",cache_dtype="auto",engine="0",num_gpu_blocks="1234"} 1.0',
+        "# TYPE moe_reuse_steps counter",
+        "# TYPE moe_reuse_batch_requests counter",
+        "# TYPE moe_reuse_experts_touched counter",
+    ]
+    for r in ranks:
+        lines += [
+            f'moe_reuse_steps_total{{rank="{r}",kind="decode"}} 80.0',
+            f'moe_reuse_steps_total{{rank="{r}",kind="mixed"}} 20.0',
+            f'moe_reuse_steps_total{{rank="{r}",kind="prefill"}} 7.0',
+            f'moe_reuse_batch_requests_total{{rank="{r}",phase="decode"}} 600.0',
+            f'moe_reuse_batch_requests_total{{rank="{r}",phase="prefill"}} 9.0',
+        ]
+        for layer in range(4):
+            lines.append(
+                f'moe_reuse_experts_touched_total{{rank="{r}",layer="{layer}",phase="decode"}} {100 * touched}'
+            )
+            lines.append(
+                f'moe_reuse_experts_touched_total{{rank="{r}",layer="{layer}",phase="prefill"}} 999.0'
+            )
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture()
+def served(tmp_path: Path) -> dict[str, object]:
+    (tmp_path / "config.json").write_text(json.dumps(CONFIG))
+    return {"data": [{"id": "tiny", "root": str(tmp_path), "max_model_len": 1024}]}
+
+
+def test_parse_routing_and_batch_from_the_plugins_counters():
+    m = parse_metrics(metrics(("0", "1"), touched=5.0))
+    assert m["ranks"] == 2
+    assert m["distinct_per_layer"] == pytest.approx(5.0)  # 500 per layer / 100 steps
+    assert m["decode_batch"] == pytest.approx(6.0)  # 600 requests / 100 steps
+    assert m["cache"]["num_gpu_blocks"] == "1234"
+
+
+def test_facts_take_vllms_kv_capacity_tp_and_fitted_routing(served):
+    facts = facts_from(metrics(("0", "1"), touched=5.0), served, url="http://x")
+    assert facts.kv_capacity_tokens == 1234 * 16
+    assert facts.partition.tp == 2 and facts.max_model_len == 1024
+    assert facts.hardware.name == "h200"
+    assert facts.routing is not None
+    # Uniform routing of 6 tokens over 8 experts with top-2 touches 6.4; 5 is skewed.
+    assert expected_distinct_experts(8, 2, 6) > 5.0
+    assert facts.routing.distinct(6) == pytest.approx(5.0, rel=1e-6)
+    assert facts.routing.effective_experts < 8
+
+
+def test_whatif_from_server_uses_the_served_capacity(served):
+    facts = facts_from(metrics(), served)
+    r = whatif_from_server(facts, [1, 4, 64], Workload(32, 32, 2048, 64))
+    assert r.moe.kv_capacity_tokens == 1234 * 16 and r.moe.routing is facts.routing
+    assert r.dense.partition.ep == 1 and r.dense.partition.tp == facts.partition.tp
+    assert [m.batch for m, _ in r.levels] == [1, 4, 64]
+
+
+def test_missing_plugin_is_a_clear_error(served):
+    text = 'vllm:cache_config_info{block_size="16",num_gpu_blocks="1"} 1.0\n'
+    with pytest.raises(SpecError, match="--from-server: no moe_reuse_info"):
+        facts_from(text, served, load_hardware_preset("h200"))
