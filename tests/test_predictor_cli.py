@@ -329,3 +329,22 @@ def test_parse_tokens():
         and parse_tokens("16M") == 1 << 24
         and parse_tokens("4096") == 4096
     )
+
+
+def test_profile_paper_on_predict_and_sweep(capsys):
+    """--profile paper on predict and sweep: Table 4's 1k dense speedup (2.14) within 25%, and
+    the default (vllm) profile finds DeepSeek-V3 FP8 feasible on one 8 x H200 node where the
+    paper profile does not (issue 16)."""
+    argv = ["predict", "--model", "deepseek-v3", "--hardware", "paper-reference", "--gpus", "64"]
+    code, out, _ = run(capsys, *argv, "--context", "1k", "--json", "--profile", "paper")
+    data = json.loads(out)
+    assert code == 0 and data["accounting"]["cost_scope"] == "paper"
+    assert abs(data["dense_speedup"] / 2.14 - 1) <= 0.25
+    sweep_argv = ["sweep", "--model", "deepseek-v3", "--hardware", "h200", "--gpus", "8",
+                  "--values", "1k,128k", "--csv", "--no-plot"]
+    code, out, _ = run(capsys, *sweep_argv)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and all(r["moe_batch"] not in ("", "None") for r in rows)
+    code, out, _ = run(capsys, *sweep_argv, "--profile", "paper")
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and all(r["moe_batch"] in ("", "None") for r in rows)
