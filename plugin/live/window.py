@@ -250,9 +250,10 @@ def window_figures(w: WindowData, specs: LiveSpecs, *, kv_capacity_moe: int | No
             "dense_step_seconds_estimated": t_dense_est / n,
             "dense_speedup": t_meas / t_dense_est if t_dense_est > 0 else math.nan,
         })
-        fig["error_step_seconds"] = fig["step_seconds_predicted"] / fig["step_seconds_measured"]
-        fig["error_step_bytes"] = fig["step_bytes_predicted"] / fig["step_bytes_measured"]
-        fig["error_tokens_per_expert"] = fig["tokens_per_expert_distinct"] / measured_tpe
+        fig["error_step_seconds"] = _ratio(fig["step_seconds_predicted"],
+                                           fig["step_seconds_measured"])
+        fig["error_step_bytes"] = _ratio(fig["step_bytes_predicted"], fig["step_bytes_measured"])
+        fig["error_tokens_per_expert"] = _ratio(fig["tokens_per_expert_distinct"], measured_tpe)
         fig["regime"] = ("compute_bound" if measured_tpe >= fig["ridge_point_tokens"]
                          else "bandwidth_bound")
     judged = drift_mod.dead_and_cold(w.expert_tokens, cold_fraction)
@@ -261,6 +262,10 @@ def window_figures(w: WindowData, specs: LiveSpecs, *, kv_capacity_moe: int | No
     if baseline is not None and w.expert_tokens.sum() > 0:
         fig["drift"] = drift_mod.drift_per_layer(w.expert_tokens, baseline)
     return fig
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else math.nan
 
 
 def _g(doc: str, labels: list[str], samples: list[tuple[list[str], float]]) -> dict[str, Any]:
