@@ -19,8 +19,9 @@ Per concurrency level N (N clients, each sending its next request when the last 
   full budget when they crowd), and the mixed share of steps is f = min(1, demand / c).
 * mixed step t_m = step_time(b + c tokens), the KV read charged once for the decodes and once
   per chunk for its prefix (flash attention reads the prefix once per chunk).
-* ITL: every step emits one token per running sequence, so gaps follow the step mix: a share f
-  of t_m and 1 - f of t_d. P50 and P99 are the quantiles of that two-point mix.
+* ITL: every step emits one token per running sequence, so gaps follow the step mix a decoding
+  request sees: the prefills of the b - 1 others, a share min(1, (b-1)/output * prompt / c) of
+  its gaps are t_m, the rest t_d. P50 and P99 are the quantiles of that two-point mix.
 * TTFT: queue wait (N - b requests ahead, drained at b/(output x mean step) per second) plus
   the request's own ceil(prompt/budget) mixed steps plus half a step of alignment. P99 adds
   the prompts of the other requests that arrive in the same step (Poisson, P99 count) and are
@@ -111,6 +112,7 @@ class LevelResult:
     step_seconds: float  # decode-only step
     mixed_step_seconds: float
     mixed_step_ratio: float  # share of steps that carry prefill
+    itl_mixed_ratio: float  # share of a decoding request's gaps that are mixed steps
     prefill_tokens_per_mixed_step: float
     itl_p50_seconds: float
     itl_p99_seconds: float
@@ -223,8 +225,11 @@ def evaluate_level(
     ctx_mix = (b * ctx + (c / chunk) * p / 2) / (b + c)
     t_m = _step(dep, hw, acc, b + c, ctx_mix)
     mean = f * t_m + (1 - f) * t_d
-    itl_p50 = t_m if f >= 0.5 else t_d
-    itl_p99 = t_m if f >= 0.01 else t_d
+    # A decoding request's gaps see the prefills of the b - 1 others (its own prefill is its
+    # TTFT, not a gap): the mix a client measures.
+    seen = min(1.0, (b - 1) / o * p / c)
+    itl_p50 = t_m if seen >= 0.5 else t_d
+    itl_p99 = t_m if seen >= 0.01 else t_d
     chunks = math.ceil(p / budget)
     cycle = o * mean + chunks * t_m  # one request's life in the batch
     queue = (concurrency - b) * cycle / b
@@ -237,6 +242,7 @@ def evaluate_level(
         step_seconds=t_d,
         mixed_step_seconds=t_m,
         mixed_step_ratio=f,
+        itl_mixed_ratio=seen,
         prefill_tokens_per_mixed_step=c,
         itl_p50_seconds=itl_p50,
         itl_p99_seconds=itl_p99,

@@ -74,10 +74,11 @@ def test_p99_comes_from_the_step_mix_not_a_constant_factor(result):
     ratios = []
     for m, _ in result.levels:
         assert m.itl_p50_seconds in (m.step_seconds, m.mixed_step_seconds)
-        assert m.itl_p99_seconds == (m.mixed_step_seconds if m.mixed_step_ratio >= 0.01 else m.step_seconds)
+        assert m.itl_p99_seconds == (m.mixed_step_seconds if m.itl_mixed_ratio >= 0.01 else m.step_seconds)
+        assert m.itl_mixed_ratio <= m.mixed_step_ratio
         ratios.append(m.itl_p99_seconds / m.itl_p50_seconds)
     first = result.levels[0][0]
-    assert first.mixed_step_ratio < 0.01 and ratios[0] == 1.0
+    assert first.itl_mixed_ratio == 0 and ratios[0] == 1.0
     assert len({round(r, 3) for r in ratios}) >= 3
 
 
