@@ -18,6 +18,7 @@ _AREAS = (
     "moe_reuse.dashboards.generate",
     "moe_reuse.plugin.calibrate",
     "moe_reuse.plugin.live.baseline_cli",
+    "moe_reuse.plugin.live.eplb_cli",
     "moe_reuse.plugin.harness.dense_ab",
 )
 

@@ -26,7 +26,7 @@ VLLM_METRICS = {
 }
 OUR_LABELS = {"model", "engine", "rank", "layer", "phase", "kind", "stage", "component", "op",
               "mode", "source", "quantity", "regime", "model_kind", "expert", "le",
-              "deployment", "ep", "placement", "term"}  # fmt: skip
+              "deployment", "ep", "placement", "term", "ep_rank"}  # fmt: skip
 TARGET_LABELS = {"job", "instance", "pod"}
 VLLM_LABELS = {"model_name", "engine", "le"}
 

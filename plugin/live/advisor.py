@@ -160,9 +160,9 @@ def advisor_gauges(fig: Mapping[str, Any], layer_ids: Sequence[int]) -> dict[str
         "ep_layer_balancedness_ratio": _g("Mean over max EP-rank load per MoE layer.",
                                           [*pl_, "layer"], lbal),
         "ep_rank_tokens": _g("Token-expert assignments per decode step on each EP rank, summed "
-                             "over MoE layers.", [*pl_, "rank"], rtok),
+                             "over MoE layers.", [*pl_, "ep_rank"], rtok),
         "ep_rank_experts_touched": _g("Expert replicas read per decode step on each EP rank, "
-                                      "summed over MoE layers (expected).", [*pl_, "rank"], rtouch),
+                                      "summed over MoE layers (expected).", [*pl_, "ep_rank"], rtouch),
         "ep_moe_step_seconds": _g("Predicted routed-expert time per decode step (slowest rank per "
                                   "layer, summed over layers).", pl_, secs),
         "eplb_gain_ratio": _g("Predicted MoE time now / after vLLM's EPLB rebalancing: above 1 it "
