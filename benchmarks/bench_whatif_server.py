@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                          "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
                          "tokens_per_second": toks / wall, "gaps": len(itl)})
             say(f"c={c}: ITL p50 {rows[-1]['itl_p50'] * 1e3:.2f} ms p99 {rows[-1]['itl_p99'] * 1e3:.2f} ms")
-        argv2 = ["whatif", "--from-server", srv.url, "--concurrency", args.levels,
+        argv2 = ["whatif", "--from-server", srv.url, "--hardware", args.hardware_file,
+                 "--concurrency", args.levels,
                  "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len),
                  "--max-num-seqs", str(max(levels)), "--json"]
         if budget:

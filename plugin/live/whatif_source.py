@@ -29,6 +29,7 @@ from moe_reuse.predictor import (
     Partition,
     SpecError,
     list_hardware_presets,
+    load_hardware_file,
     load_hardware_preset,
     model_from_hf_config,
 )
@@ -51,6 +52,9 @@ def hardware_by_name(name: str) -> HardwareSpec:
     """The spec the plugin used: a preset, else the calibrated/generic spec `auto` resolves to."""
     if name in list_hardware_presets():
         return load_hardware_preset(name)
+    generic = Path(__file__).with_name("data") / "cpu-generic.json"
+    if name == "cpu-generic":
+        return load_hardware_file(generic)
     hw = resolve_hardware("auto")
     if hw.name != name:
         raise SpecError(
