@@ -1,8 +1,15 @@
 # The two README commands are `make demo` (the main job) and `make test` (the whole suite).
 # Both set the machine up first from the project's own files (scripts/setup.sh).
+#
+# `make test` tests what users install, the way tox does: it builds the sdist and, from it, the
+# wheel (`python -m build`), replaces the editable install in .venv with that wheel plus its cpu and
+# test extras, runs `pip check`, and runs the suite against the installed package (the checkout's
+# plugin/, predictor/ and dashboards/ folders are not importable as `moe_reuse`, so they cannot
+# shadow it; tests/test_packaging.py asserts that). `make dev` goes back to the editable install.
 PY := .venv/bin/python
+DIST := build/dist
 
-.PHONY: setup demo test unit integration lint fmt generate check-generated bench
+.PHONY: setup dev dist install-wheel demo test unit integration lint fmt generate check-generated bench
 
 setup:
 	@bash scripts/setup.sh
@@ -10,8 +17,21 @@ setup:
 demo: setup
 	$(PY) -m moe_reuse.plugin.cli demo
 
-test: setup check-generated lint
-	$(PY) -m pytest -q -p no:cacheprovider tests
+test: setup check-generated lint install-wheel
+	MOE_REUSE_EXPECT_INSTALLED=1 MOE_REUSE_DIST_DIR=$(DIST) $(PY) -m pytest -q -p no:cacheprovider tests
+
+# The sdist, and the wheel built from it, under $(DIST).
+dist: setup
+	rm -rf $(DIST)
+	$(PY) -m build --outdir $(DIST) .
+
+# The built wheel (not editable) with the cpu and test extras, in place of whatever was installed.
+install-wheel: dist
+	bash scripts/install-wheel.sh $(DIST) $(PY)
+
+# Back to the editable install that setup makes (after `make test`, edits need this to take effect).
+dev: setup
+	$(PY) -m pip install -q -e ".[test]"
 
 unit: setup
 	$(PY) -m pytest -q -m "not integration" tests
