@@ -130,3 +130,28 @@ def test_with_vllms_policy() -> None:
     assert bal[("what_if", "4", "rebalanced")] > bal[("what_if", "4", "current")]
     red = {tuple(lv): v for lv, v in g["eplb_redundant_experts"]["samples"]}
     assert red == {("what_if", "2"): 2.0, ("what_if", "4"): 4.0}  # 10 -> 12 slots on 4 ranks
+
+
+def test_publish_advice_replaces_only_its_gauges_and_survives_a_fault() -> None:
+    from moe_reuse.plugin.live.advisor import publish_advice
+
+    session = SimpleNamespace(gauges={"dense_speedup_ratio": {"doc": "", "labels": [],
+                                                              "samples": []},
+                                      "eplb_gain_ratio": {"doc": "stale", "labels": [],
+                                                          "samples": []}})
+    w = SimpleNamespace(expert_tokens=COUNTS, groups=GROUPS)
+    faults: list[BaseException] = []
+
+    def boom() -> None:
+        raise RuntimeError("no EplbState")
+
+    publish_advice(session, w, SPECS, cfg(advisor_ep_sizes=""), [5], placement=boom,
+                   on_fault=lambda _s, e: faults.append(e))
+    assert len(faults) == 1 and "dense_speedup_ratio" in session.gauges
+    assert "eplb_gain_ratio" not in session.gauges  # the stale advice is withdrawn
+    served = SimpleNamespace(ep_size=2, eplb=False, phys_to_logical=np.arange(8)[None, :],
+                             rank_of_slot=np.repeat([0, 1], 4))
+    publish_advice(session, w, SPECS, cfg(advisor_ep_sizes=""), [5], placement=lambda: served)
+    gain = session.gauges["eplb_gain_ratio"]["samples"]
+    assert [lv for lv, _ in gain] == [["served", "2"]]
+    assert "dense_speedup_ratio" in session.gauges

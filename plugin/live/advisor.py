@@ -186,3 +186,22 @@ def window_advice(counts: np.ndarray, groups: Mapping[int, Sequence[float]], spe
     fig = advisor_figures(counts, batches_from_groups(groups), specs, cfg, served=served,
                           rebalance=rebalance)
     return advisor_gauges(fig, layer_ids) if fig else {}
+
+
+def publish_advice(session: Any, w: Any, specs: LiveSpecs, cfg: PluginConfig,
+                   layer_ids: Sequence[int], *, placement: Callable[[], Any] | None = None,
+                   on_fault: Callable[[Any, BaseException], None] | None = None) -> None:
+    """Replace the advisor gauges in `session.gauges` with those of the closed window `w`
+    (a `WindowData`). Called by the live monitor after its own gauges; never raises: a failure
+    withdraws only the advisor gauges and goes to `on_fault` (the live monitor's `live_fault`).
+    `placement` reads the served placement through the seam (None or returning None: EP off)."""
+    try:
+        served = placement() if placement is not None else None
+        fresh = window_advice(w.expert_tokens, w.groups, specs, cfg, layer_ids, served=served)
+    except Exception as exc:  # noqa: BLE001 - never into the flusher
+        fresh = {}
+        if on_fault is not None:
+            on_fault(session, exc)
+    gauges = {k: v for k, v in session.gauges.items() if k not in ADVISOR_GAUGES}
+    gauges.update(fresh)
+    session.gauges = gauges
