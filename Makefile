@@ -23,7 +23,7 @@ test: setup check-generated lint install-wheel
 # The sdist, and the wheel built from it, under $(DIST).
 dist: setup
 	rm -rf $(DIST)
-	$(PY) -m build --outdir $(DIST) .
+	$(PY) -m build --quiet --outdir $(DIST) .
 
 # The built wheel (not editable) with the cpu and test extras, in place of whatever was installed.
 install-wheel: dist

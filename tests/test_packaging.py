@@ -130,7 +130,8 @@ def test_suite_runs_against_the_installed_wheel() -> None:
     for mod in (moe_reuse.plugin, moe_reuse.predictor, moe_reuse.dashboards):
         where = Path(mod.__file__ or "")
         assert _under(where, site), f"{mod.__name__} imported from {where}, not {site}"
-        assert not _under(where, REPO), f"{mod.__name__} imported from the checkout: {where}"
+        folder = REPO / mod.__name__.split(".")[1]
+        assert not _under(where, folder), f"{mod.__name__} imported from the checkout: {where}"
     direct = json.loads(metadata.distribution(DIST).read_text("direct_url.json") or "{}")
     assert not direct.get("dir_info", {}).get("editable"), f"{DIST} is an editable install: {direct}"
     assert direct.get("url", "").endswith(".whl"), f"{DIST} was not installed from a wheel: {direct}"

@@ -68,7 +68,7 @@ def test_config_and_calibrate_help(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(
-    Path(moe_reuse_dashboards.__file__ or "").resolve().is_relative_to(REPO),
+    Path(moe_reuse_dashboards.__file__ or "").resolve().is_relative_to(REPO / "dashboards"),
     reason="an editable install's `dashboards generate` writes into the checkout; `make test` "
     "runs this against the installed wheel",
 )
