@@ -15,6 +15,9 @@ wheels=("$DIST"/vllm_moe_reuse-*.whl)
 [ "${#wheels[@]}" = 1 ] && [ -f "${wheels[0]}" ] || { echo "expected one wheel in $DIST" >&2; exit 1; }
 
 "$PY" -m pip uninstall -y -q vllm-moe-reuse
+# An editable install leaves vllm_moe_reuse.egg-info in the checkout; on sys.path (`python -m` puts
+# the current directory first) its metadata would shadow the wheel's. `make dev` recreates it.
+rm -rf vllm_moe_reuse.egg-info
 "$PY" -m pip install -q "${wheels[0]}[cpu,test]"
 "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 echo "installed ${wheels[0]##*/} [cpu,test]"

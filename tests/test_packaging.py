@@ -132,7 +132,10 @@ def test_suite_runs_against_the_installed_wheel() -> None:
         assert _under(where, site), f"{mod.__name__} imported from {where}, not {site}"
         folder = REPO / mod.__name__.split(".")[1]
         assert not _under(where, folder), f"{mod.__name__} imported from the checkout: {where}"
-    direct = json.loads(metadata.distribution(DIST).read_text("direct_url.json") or "{}")
+    # one vllm-moe-reuse on the path (a checkout's leftover *.egg-info would shadow its metadata)
+    dists = [d for d in metadata.distributions() if d.metadata["Name"] == DIST]
+    assert len(dists) == 1, [str(d.locate_file("")) for d in dists]
+    direct = json.loads(dists[0].read_text("direct_url.json") or "{}")
     assert not direct.get("dir_info", {}).get("editable"), f"{DIST} is an editable install: {direct}"
     assert direct.get("url", "").endswith(".whl"), f"{DIST} was not installed from a wheel: {direct}"
     given = os.environ.get("MOE_REUSE_DIST_DIR")
