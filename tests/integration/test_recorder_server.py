@@ -11,9 +11,6 @@ and nowhere else, which the interleaved (llama4) and leading-dense (deepseek-v3)
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 
 import pytest
@@ -173,8 +170,9 @@ def test_two_api_servers_prometheus_multiprocess_mode() -> None:
 
 
 def test_fault_disables_plugin_but_server_keeps_serving_and_cardinality() -> None:
-    cfg = {"moe_reuse": {**FLUSH, "inject_fault_after_steps": 3}}
-    with VllmServer(build_model("deepseek-v3"), enforce_eager=True, additional_config=cfg).start() as srv:
+    cfg = {"moe_reuse": FLUSH}
+    with VllmServer(build_model("deepseek-v3"), enforce_eager=True, additional_config=cfg,
+                    env={"MOE_REUSE_INJECT_FAULT": "step:3"}).start() as srv:
         prompts = random_prompts(8, 12, 512, seed=5)
         run_concurrent(srv.url, [(p, 6) for p in prompts], concurrency=8)
         time.sleep(1.0)
@@ -215,22 +213,3 @@ def test_installed_but_not_enabled_changes_nothing() -> None:
         complete(srv.url, random_prompts(1, 8, 512, seed=1)[0], 4)
         assert "moe_reuse_" not in srv.metrics_text()
         assert "moe_reuse:" not in srv.log_text()
-
-
-@pytest.mark.parametrize(
-    "bad, needle",
-    [
-        ({"flush_interval": 1}, "unknown key 'flush_interval'. Did you mean 'flush_interval_s'?"),
-        ({"q": -1}, "moe_reuse.q: -1 is out of range; accepted: 1.0 to 1000.0"),
-        ({"per_expert_series": "yes"}, "moe_reuse.per_expert_series: expected true or false"),
-    ],
-)
-def test_bad_config_stops_startup_with_a_message_naming_the_key(bad: dict, needle: str) -> None:
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model",
-        str(build_model("qwen3-moe")), "--port", "1", "--additional-config",
-        json.dumps({"moe_reuse": bad}),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert proc.returncode != 0
-    assert needle in proc.stdout + proc.stderr
