@@ -218,7 +218,8 @@ def run_pass(kind: str, model_dir: Path, args: argparse.Namespace, vocab: int,
         extra["additional_config"] = {"moe_reuse": {
             "window_s": args.window_s, "q": args.q, "hardware": args.hardware}}
     srv = VllmServer(model_dir, enforce_eager=args.eager, max_num_seqs=max(args.levels),
-                     max_model_len=1024, served_model_name=kind, **extra)
+                     max_model_len=1024, served_model_name=kind,
+                     startup_timeout_s=args.startup_timeout_s, **extra)
     say(f"starting {kind} server ({model_dir.name}{', ' + regime + ' routing' if regime else ''})")
     out = []
     with srv.start(progress=lambda m: say(f"  {m}")):
@@ -366,6 +367,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="hardware spec for the gauge: calibrate (measure once, before the first "
                          "server), auto, a preset or a file")
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--startup-timeout-s", type=float, default=900.0,
+                    help="per server start (torch.compile of the big model on a busy 2-core VM "
+                         "took over 5 minutes)")
     ap.add_argument("--out", default="benchmarks/results/dense_twin_ab.json")
 
 
