@@ -8,47 +8,108 @@ copy. The format is numpy's npz with a JSON header and no pickle, so reading a s
 execute code.
 
 The run id ties the API server to its own engines: `register()` sets MOE_REUSE_RUN_ID in the first
-vLLM process that loads the plugin, before it spawns anything, and every child inherits it.
+vLLM process that loads the plugin, before it spawns anything, and every child inherits it. That
+first process also removes the run directories of servers that no longer exist (the run id starts
+with the pid of the process that made it), so files never pile up across restarts, however a
+server ended (SIGTERM, SIGKILL, OOM).
+
+The directory is a local attack surface (/dev/shm is shared by every user of the host), so:
+- the default base is per user (`/dev/shm/moe_reuse-<uid>`), and the base and run directories are
+  created with mode 0700;
+- a directory we use must be ours (owned by this user, not a symlink, not writable by group or
+  others), and its ancestors must be owned by root or us and, if writable by others, sticky;
+- files are opened relative to the checked directory with O_NOFOLLOW (and O_NONBLOCK, so a FIFO
+  cannot hang a scrape), must be regular files of ours, and are read up to MAX_SNAPSHOT_BYTES;
+- what is refused is counted by reason (`ScanResult.refused`), and the collector exports it.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
+import logging
 import os
+import re
+import stat
 import tempfile
+import time
 import uuid
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from . import faults
+
+logger = logging.getLogger("vllm.moe_reuse")
+
 RUN_ID_ENV = "MOE_REUSE_RUN_ID"
 DIR_ENV = "MOE_REUSE_SNAPSHOT_DIR"
-DEFAULT_DIR = "/dev/shm/moe_reuse" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+DEFAULT_DIR = str(
+    Path("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+    / f"moe_reuse-{os.geteuid()}"
+)
+MAX_SNAPSHOT_BYTES = 8 * 1024 * 1024
+"""Read cap per rank file: a 61-layer, 256-expert rank with every live gauge is under 1 MiB, and
+the cap keeps a scrape well under 100 ms whatever a file holds (also its unpacked npz members)."""
+MAX_RANK_FILES = 4096
+STALE_AFTER_S = 10.0
+"""A rank whose snapshot has not been rewritten for max(this, 5 flush intervals) is stale: the
+flusher rewrites it every `flush_interval_s` whether or not there was traffic. With the flush
+interval unknown, the longest one accepted (60 s) is assumed."""
+_MAX_FLUSH_INTERVAL_S = 60.0
+REASONS = ("symlink", "foreign_owner", "writable_by_others", "not_a_regular_file", "too_large",
+           "corrupt", "unreadable")
+_RANK_FILE = re.compile(r"^e[^/]*-r[^/]*\.npz$")
+_RUN_DIR = re.compile(r"^(\d+)-[0-9a-f]+$")
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class SnapshotRefused(OSError):
+    """A snapshot path we will not trust; `reason` is one of REASONS (the exported label)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def ensure_run_id() -> str:
-    """The run id of this server, created once by the first process and inherited after."""
+    """The run id of this server, created once by the first process and inherited after.
+
+    The process that creates it is the server's first; it clears the leftovers of dead servers.
+    """
     run_id = os.environ.get(RUN_ID_ENV)
     if not run_id:
         run_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.environ[RUN_ID_ENV] = run_id
+        with contextlib.suppress(Exception):  # housekeeping must never stop a server
+            removed = remove_stale_runs(keep=run_id)
+            if removed:
+                logger.info("moe_reuse: removed %d snapshot directories of servers that no longer "
+                            "run: %s", len(removed), ", ".join(removed[:8]))
     return run_id
 
 
+def base_dir() -> Path:
+    return Path(os.environ.get(DIR_ENV) or DEFAULT_DIR)
+
+
 def run_dir(base: str | None = None, run_id: str | None = None) -> Path:
-    base = base or os.environ.get(DIR_ENV) or DEFAULT_DIR
-    return Path(base) / (run_id or ensure_run_id())
+    return Path(base or base_dir()) / (run_id or ensure_run_id())
 
 
 def snapshot_path(directory: Path, engine: str, rank: str) -> Path:
     return directory / f"e{engine}-r{rank}.npz"
 
 
+# ---- encoding (pure) ---------------------------------------------------------------------------
 def encode(snapshot: dict[str, Any]) -> bytes:
     header = {k: v for k, v in snapshot.items() if k != "totals"}
+    header.setdefault("pid", os.getpid())  # the writer: a reader can tell when it died
     arrays = {f"t_{k}": np.asarray(v) for k, v in snapshot["totals"].items()}
     buf = io.BytesIO()
     arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
@@ -56,37 +117,267 @@ def encode(snapshot: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def decode(data: bytes) -> dict[str, Any]:
+def decode(data: bytes, max_bytes: int = MAX_SNAPSHOT_BYTES) -> dict[str, Any]:
+    """Bytes -> snapshot. Refuses compressed or oversized members (no zip bombs), never unpickles."""
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        infos = zf.infolist()
+        if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
+            raise ValueError("compressed npz members are not ours")
+        if sum(i.file_size for i in infos) > max_bytes:
+            raise ValueError("npz members larger than the read cap")
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         snap: dict[str, Any] = json.loads(bytes(z["header"]).decode())
         snap["totals"] = {k[2:]: z[k] for k in z.files if k.startswith("t_")}
     return snap
 
 
-def write_snapshot(path: Path, snapshot: dict[str, Any]) -> None:
-    """Atomically replace `path` with the encoded snapshot."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+# ---- trusted directories -----------------------------------------------------------------------
+def _check_ours(st: os.stat_result, what: str) -> None:
+    if st.st_uid != os.geteuid():
+        raise SnapshotRefused("foreign_owner", f"{what} is owned by uid {st.st_uid}, not by us "
+                                               f"(uid {os.geteuid()})")
+    if st.st_mode & 0o022:
+        raise SnapshotRefused("writable_by_others", f"{what} is writable by group or others "
+                                                    f"(mode {stat.S_IMODE(st.st_mode):o})")
+
+
+def _check_ancestors(path: Path) -> None:
+    """Every existing ancestor of `path` must be root's or ours, and sticky if others can write."""
+    p = Path(os.path.realpath(path))
+    for anc in [p, *p.parents]:
+        try:
+            st = os.stat(anc)
+        except FileNotFoundError:
+            continue
+        if st.st_uid not in (0, os.geteuid()):
+            raise SnapshotRefused("foreign_owner", f"{anc} is owned by uid {st.st_uid}")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise SnapshotRefused("writable_by_others", f"{anc} is writable by others and not "
+                                                        "sticky")
+
+
+def _why_not(dir_fd: int, name: str, what: str, exc: OSError) -> SnapshotRefused:
+    """Why an open failed, as a refusal reason (a symlink, someone else's, or unreadable)."""
     try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return SnapshotRefused("unreadable", f"{what}: {exc.strerror or exc}")
+    if stat.S_ISLNK(st.st_mode):
+        return SnapshotRefused("symlink", f"{what} is a symlink")
+    if st.st_uid != os.geteuid():
+        return SnapshotRefused("foreign_owner", f"{what} is owned by uid {st.st_uid}, not by us")
+    if isinstance(exc, NotADirectoryError):
+        return SnapshotRefused("not_a_regular_file", f"{what} is not a directory")
+    return SnapshotRefused("unreadable", f"{what}: {exc.strerror or exc}")
+
+
+def _open_subdir(parent_fd: int, name: str, what: str, create: bool) -> int:
+    """openat(name) as a directory we own, without following a symlink; mkdir 0700 if asked."""
+    if create:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(name, 0o700, dir_fd=parent_fd)
+    try:
+        fd = os.open(name, _O_DIR, dir_fd=parent_fd)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _why_not(parent_fd, name, what, exc) from None
+    try:
+        _check_ours(os.fstat(fd), what)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def open_dir(directory: Path, create: bool = False) -> int:
+    """A file descriptor of `directory` (<base>/<run id>, or a base alone) after every check.
+
+    Raises FileNotFoundError when it does not exist (and `create` is false), SnapshotRefused when
+    it or an ancestor is not trustworthy.
+    """
+    directory = Path(os.path.abspath(directory))
+    ours = [directory.parent, directory] if _RUN_DIR.match(directory.name) else [directory]
+    top = ours[0].parent
+    if create:
+        top.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _check_ancestors(top)
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for d in ours:
+            nxt = _open_subdir(fd, d.name, str(d), create)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# ---- writing (worker) --------------------------------------------------------------------------
+def write_snapshot(path: Path, snapshot: dict[str, Any]) -> None:
+    """Atomically replace `path` with the encoded snapshot, inside a checked directory."""
+    faults.check("snapshot_write")
+    data = encode(snapshot)
+    dfd = open_dir(path.parent, create=True)
+    tmp = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=dfd)
         with os.fdopen(fd, "wb") as f:
-            f.write(encode(snapshot))
-        os.replace(tmp, path)
+            f.write(data)
+        os.replace(tmp, path.name, src_dir_fd=dfd, dst_dir_fd=dfd)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dfd)
         raise
+    finally:
+        os.close(dfd)
+
+
+# ---- reading (API server) ----------------------------------------------------------------------
+@dataclass
+class RankFile:
+    """One rank's latest snapshot, how old it is and whether it is still being refreshed."""
+
+    snapshot: dict[str, Any]
+    age_s: float
+    stale: bool
+
+
+@dataclass
+class ScanResult:
+    ranks: list[RankFile] = field(default_factory=list)
+    refused: collections.Counter[str] = field(default_factory=collections.Counter)
+    messages: list[str] = field(default_factory=list)  # why, for one log line per cause
+
+    @property
+    def fresh(self) -> list[dict[str, Any]]:
+        return [r.snapshot for r in self.ranks if not r.stale]
+
+
+def pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
+
+
+def is_stale(snap: dict[str, Any], age_s: float, flush_interval_s: float | None = None) -> bool:
+    """Its writer died, or it stopped refreshing a snapshot it refreshes every flush."""
+    pid = snap.get("pid")
+    if isinstance(pid, int) and not pid_alive(pid):
+        return True
+    if snap.get("status_only"):
+        return False  # written once (why a rank records nothing); alive while its writer is
+    flush = flush_interval_s or snap.get("options", {}).get("flush_interval_s")
+    return age_s > max(STALE_AFTER_S, 5 * float(flush or _MAX_FLUSH_INTERVAL_S))
+
+
+def _read_rank(dfd: int, name: str, max_bytes: int) -> tuple[bytes, os.stat_result]:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise _why_not(dfd, name, name, exc) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise SnapshotRefused("not_a_regular_file", f"{name} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        _check_ours(st, name)
+        if st.st_size > max_bytes:
+            raise SnapshotRefused("too_large", f"{name} has {st.st_size} bytes, over the "
+                                               f"{max_bytes}-byte cap")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise SnapshotRefused("too_large", f"{name} grew over the {max_bytes}-byte cap")
+    return data, st
+
+
+def scan_snapshots(directory: Path, *, now: float | None = None,
+                   max_bytes: int = MAX_SNAPSHOT_BYTES,
+                   flush_interval_s: float | None = None) -> ScanResult:
+    """Every rank's latest snapshot in `directory`, sorted by (engine, rank), with refusals.
+
+    Never raises for what the directory holds: a missing directory is an empty result, and
+    anything untrustworthy or unreadable is counted in `refused` by reason and skipped.
+    """
+    out = ScanResult()
+    try:
+        dfd = open_dir(directory)
+    except FileNotFoundError:
+        return out
+    except SnapshotRefused as exc:
+        out.refused[exc.reason] += 1
+        out.messages.append(str(exc))
+        return out
+    try:
+        names = sorted(n for n in os.listdir(dfd) if _RANK_FILE.match(n))[:MAX_RANK_FILES]
+        t = time.time() if now is None else now
+        for name in names:
+            try:
+                data, st = _read_rank(dfd, name, max_bytes)
+                snap = decode(data, max_bytes)
+            except FileNotFoundError:
+                continue  # a rank that vanished between listing and opening
+            except SnapshotRefused as exc:
+                out.refused[exc.reason] += 1
+                out.messages.append(f"{directory}/{exc}")
+                continue
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+                out.refused["corrupt"] += 1
+                out.messages.append(f"{directory}/{name} is not a snapshot: {exc}")
+                continue
+            age = max(t - st.st_mtime, 0.0)
+            out.ranks.append(RankFile(snap, age, is_stale(snap, age, flush_interval_s)))
+    finally:
+        os.close(dfd)
+    return out
 
 
 def read_snapshots(directory: Path) -> list[dict[str, Any]]:
-    """Every rank's latest snapshot in `directory`, sorted by (engine, rank); unreadable skipped."""
-    out = []
+    """Every live rank's latest snapshot in `directory`, sorted by (engine, rank)."""
+    return scan_snapshots(directory).fresh
+
+
+# ---- housekeeping ------------------------------------------------------------------------------
+def remove_stale_runs(base: Path | None = None, keep: str | None = None) -> list[str]:
+    """Remove `<base>/<pid>-<hex>` directories whose creating process no longer exists.
+
+    Only directories we own and trust are touched, through file descriptors (no symlink is
+    followed); a live server's directory is kept whoever owns it.
+    """
     try:
-        paths = sorted(directory.glob("e*-r*.npz"))
-    except OSError:
+        bfd = open_dir(base or base_dir())
+    except (FileNotFoundError, SnapshotRefused):
         return []
-    for p in paths:
-        try:
-            out.append(decode(p.read_bytes()))
-        except (OSError, ValueError, KeyError):
-            continue  # a rank that vanished between glob and read
-    return out
+    removed = []
+    try:
+        for name in os.listdir(bfd):
+            m = _RUN_DIR.match(name)
+            if not m or name == keep or pid_alive(int(m.group(1))):
+                continue
+            try:
+                rfd = _open_subdir(bfd, name, name, create=False)
+            except (OSError, SnapshotRefused):
+                continue
+            try:
+                for entry in os.listdir(rfd):
+                    st = os.stat(entry, dir_fd=rfd, follow_symlinks=False)
+                    if not stat.S_ISDIR(st.st_mode):
+                        os.unlink(entry, dir_fd=rfd)
+            finally:
+                os.close(rfd)
+            with contextlib.suppress(OSError):
+                os.rmdir(name, dir_fd=bfd)
+                removed.append(name)
+    finally:
+        os.close(bfd)
+    return sorted(removed)

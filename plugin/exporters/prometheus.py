@@ -14,7 +14,9 @@ Metric names, labels and intended PromQL are documented in docs/metrics.md.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import collections
+import logging
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,13 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
+from prometheus_client.samples import Sample
 
+from .. import faults
 from ..recorder.aggregate import COMM_OPS, COMPONENTS, HIST_BOUNDS, KINDS, PHASES
-from ..snapshot import read_snapshots
+from ..snapshot import REASONS, ScanResult, scan_snapshots
 
+logger = logging.getLogger("vllm.moe_reuse")
 BASE_LABELS = ("model", "engine", "rank")
 P = "moe_reuse_"
 
@@ -61,21 +66,47 @@ class _Families:
         return fam  # type: ignore[return-value]
 
 
-def _add_rank(f: _Families, snap: dict[str, Any], options: dict[str, Any]) -> None:
+ENABLED_DOC = ("1 while the recorder records; 0 when it does not, with the reason: fault, "
+               "bind_failed, no_moe_layers, unsupported_runner, no_rank_reporting.")
+
+
+def _add_status(f: _Families, snap: dict[str, Any]) -> list[str]:
+    """info, enabled{reason} and errors: what every rank exports, recording or not."""
     lab = snap["labels"]
     base = [str(lab.get(k, "")) for k in BASE_LABELS]
-    t = snap["totals"]
-    layers = [str(i) for i in snap["layer_ids"]]
     info = snap["info"]
     info_keys = sorted(info)
     f.gauge("info", "Static facts of the served MoE model and the plugin.",
             [*BASE_LABELS, *info_keys]).add_metric(base + [str(info[k]) for k in info_keys], 1)
-    f.gauge("enabled", "1 while the recorder records; 0 after a runtime fault disabled it.",
-            BASE_LABELS).add_metric(base, 1.0 if snap["enabled"] else 0.0)
-    errs = f.counter("errors", "Runtime faults caught inside the plugin, by stage.",
+    reason = str(snap.get("reason") or ("recording" if snap["enabled"] else "fault"))
+    f.gauge("enabled", ENABLED_DOC, [*BASE_LABELS, "reason"]).add_metric(
+        base + [reason], 1.0 if snap["enabled"] else 0.0)
+    errs = f.counter("errors", "Faults caught inside the plugin, by stage.",
                      [*BASE_LABELS, "stage"])
     for stage, n in sorted(snap["errors"].items()):
         errs.add_metric(base + [stage], n)
+    return base
+
+
+def _add_rank(f: _Families, snap: dict[str, Any], options: dict[str, Any]) -> None:
+    if not snap.get("applicable", True):
+        return  # a dense model: nothing to record, nothing to export
+    base = _add_status(f, snap)
+    if snap.get("status_only"):
+        return
+    t = snap["totals"]
+    layers = [str(i) for i in snap["layer_ids"]]
+    f.counter("scheduled_tokens", "Tokens the scheduler sent to this rank's forward steps (the "
+              "self-check's expected side; vLLM's figure, not the recorder's).",
+              BASE_LABELS).add_metric(base, float(t.get("scheduled_tokens", 0)))
+    f.counter("selfcheck_mismatch_assignments",
+              "Assignments counted minus scheduled tokens x top-k, in absolute value, summed over "
+              "MoE layers and steps: 0 while counting is exact.",
+              BASE_LABELS).add_metric(base, float(t.get("selfcheck_mismatch", 0)))
+    inv = f.counter("invalid_expert_ids", "Routed ids outside [0, experts) (e.g. -1 'no expert'), "
+                    "counted apart from every expert.", [*BASE_LABELS, "phase"])
+    for i, ph in enumerate(PHASES):
+        inv.add_metric(base + [ph], float(t["invalid_ids"][i]) if "invalid_ids" in t else 0.0)
     f.counter("dropped_steps", "Steps not recorded because the device ring was full.",
               BASE_LABELS).add_metric(base, float(t["dropped_steps"]))
     steps = f.counter("steps", "Forward steps recorded, by kind.", [*BASE_LABELS, "kind"])
@@ -154,25 +185,103 @@ def _per_expert(f: _Families, base: list[str], layers: list[str], et: np.ndarray
                 fam.add_metric(base + [layer, "other", ph], float(et[li, pi][~keep[li]].sum()))
 
 
-def snapshot_families(snapshots: list[dict[str, Any]]) -> list[Metric]:
-    """Pure: the latest snapshot of every rank -> metric families (one per name)."""
+def frontend_families(f: _Families, frontend: Any, snapshots: list[dict[str, Any]]) -> None:
+    """What the API-server process knows without any worker: the vLLM version check, and a
+    `no_rank_reporting` status when the plugin was asked for but no rank has published."""
+    if frontend is None or getattr(frontend, "config", None) is None:
+        return
+    f.gauge("vllm_info", "The running vLLM and whether it is in this release's tested range.",
+            ["version", "tested_range", "supported"]).add_metric(
+        [frontend.vllm_version, frontend.tested_range, str(bool(frontend.supported)).lower()], 1)
+    if frontend.config.enabled and not snapshots:
+        f.gauge("enabled", ENABLED_DOC, [*BASE_LABELS, "reason"]).add_metric(
+            [frontend.model, "", "", "no_rank_reporting"], 0.0)
+
+
+def snapshot_families(snapshots: list[dict[str, Any]], frontend: Any = None) -> list[Metric]:
+    """Pure: the latest snapshot of every rank (and the front end's state) -> metric families."""
     f = _Families()
     for snap in snapshots:
         _add_rank(f, snap, snap.get("options", {}))
+    frontend_families(f, frontend, snapshots)
+    return list(f.by_name.values())
+
+
+def reader_families(result: ScanResult, refused: Mapping[str, int], collector_errors: int,
+                    fams: list[Metric] | None = None) -> list[Metric]:
+    """Pure: what the reader itself knows, merged into `fams`: each rank's snapshot age (stale
+    ranks included, which export nothing else), refusals by reason, and its own faults."""
+    f = _Families()
+    for m in fams or []:
+        f.by_name[m.name[len(P):]] = m
+    if result.ranks:
+        age = f.gauge("snapshot_age_seconds", "Seconds since the rank last rewrote its snapshot; "
+                      "a stale rank (writer gone, or not refreshed for 5 flush intervals) exports "
+                      "only this. PromQL: max by (model, engine, rank) "
+                      "(moe_reuse_snapshot_age_seconds) > 30", BASE_LABELS)
+        for r in result.ranks:
+            lab = r.snapshot.get("labels", {})
+            age.add_metric([str(lab.get(k, "")) for k in BASE_LABELS], round(r.age_s, 3))
+    ref = f.counter("snapshot_refused", "Snapshot files or directories the reader refused, by "
+                    "reason (symlink, foreign_owner, writable_by_others, not_a_regular_file, "
+                    "too_large, corrupt, unreadable). PromQL: "
+                    "sum by (reason) (rate(moe_reuse_snapshot_refused_total[5m])) > 0", ["reason"])
+    for reason in REASONS:
+        ref.add_metric([reason], float(refused.get(reason, 0)))
+    if collector_errors:  # the API server's own stage: no model, engine or rank labels
+        errs = f.counter("errors", "Faults caught inside the plugin, by stage.",
+                         [*BASE_LABELS, "stage"])
+        errs.samples.append(Sample(P + "errors_total", {"stage": "collector"},
+                                   float(collector_errors)))
     return list(f.by_name.values())
 
 
 class SnapshotCollector:
-    """Custom collector for the API server's REGISTRY: reads the rank snapshots at scrape time."""
+    """Custom collector for the API server's REGISTRY: reads the rank snapshots at scrape time.
 
-    def __init__(self, directory: Callable[[], Path]) -> None:
+    A scrape of vLLM's /metrics must never fail or stall because of us: reading is bounded
+    (snapshot.MAX_SNAPSHOT_BYTES per rank), refusals are counted and logged once per cause, and a
+    fault here drops only our series for that scrape, counted in errors_total{stage="collector"}.
+    """
+
+    def __init__(self, directory: Callable[[], Path], frontend: Any = None) -> None:
         self._directory = directory
+        self._frontend = frontend
+        self._refused: collections.Counter[str] = collections.Counter()
+        self._errors = 0
+        self._logged: set[str] = set()
+
+    def _active(self) -> bool:
+        """Installed but not asked for: no series at all (unless something was refused)."""
+        return self._frontend is None or getattr(self._frontend, "config", None) is not None
+
+    def _log_once(self, key: str, msg: str, *args: Any) -> None:
+        if key not in self._logged and len(self._logged) < 64:
+            self._logged.add(key)
+            logger.warning(msg, *args)
 
     def collect(self) -> Iterable[Metric]:
         try:
-            return snapshot_families(read_snapshots(self._directory()))
-        except Exception:  # noqa: BLE001 - a scrape must never fail because of us
-            return []
+            faults.check("collector")
+            cfg = getattr(self._frontend, "config", None)
+            result = scan_snapshots(self._directory(),
+                                    flush_interval_s=getattr(cfg, "flush_interval_s", None))
+            self._refused.update(result.refused)
+            for msg in result.messages:
+                self._log_once(msg, "moe_reuse: refused a snapshot path: %s", msg)
+            fams = snapshot_families(result.fresh, self._frontend)
+        except Exception as exc:  # noqa: BLE001 - a scrape must never fail because of us
+            self._errors += 1
+            self._log_once("collector", "moe_reuse: the snapshot collector failed: %s: %s "
+                           "(scrapes go on without the plugin's series; counted in "
+                           "moe_reuse_errors_total{stage=\"collector\"})", type(exc).__name__, exc)
+            result, fams = ScanResult(), []
+        if not (self._active() or self._refused or self._errors or result.ranks):
+            return fams
+        try:
+            return reader_families(result, self._refused, self._errors, fams)
+        except Exception:  # noqa: BLE001
+            return fams
 
     def describe(self) -> Iterable[Metric]:
         return []  # unchecked collector: families depend on which ranks are up
