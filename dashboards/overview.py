@@ -161,6 +161,29 @@ def qs_and_reuse_gap(cfg: Config) -> timeseries.Panel:
     )
 
 
+def routing_cost(cfg: Config) -> stat.Panel:
+    s = q.dashboard_scope(cfg)
+    return (
+        stat.Panel()
+        .title("Routing makes the MoE x times as costly")
+        .description(
+            "The MoE's decode step predicted under the routing the server really sees over the "
+            "same under uniform routing (per export window). Below 1 the routing concentrates on "
+            "fewer experts than uniform and each step reads fewer expert weights; above 1 it is "
+            "dearer. The dense-speedup gauge already includes this."
+        )
+        .unit(UNIT_TIMES)
+        .decimals(2)
+        .datasource(DATASOURCE)
+        .with_target(target(q.routing_cost(s), "{{model}} e{{engine}} r{{rank}}"))
+        .reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"]))
+        .graph_mode(BigValueGraphMode.AREA)
+        .color_mode(BigValueColorMode.NONE)
+        .height(4)
+        .span(6)
+    )
+
+
 def plugin_status(cfg: Config) -> stat.Panel:
     s = q.dashboard_scope(cfg)
     return (
@@ -483,6 +506,7 @@ def overview(cfg: Config) -> dashboard.Dashboard:
                 plugin_status(cfg),
                 ffn_regime(cfg),
                 qs_and_reuse_gap(cfg),
+                routing_cost(cfg),
             ],
         ),
         (

@@ -109,6 +109,12 @@ def dense_speedup(s: Scope) -> str:
     return f"moe_reuse_dense_speedup_ratio{s.sel()}"
 
 
+def routing_cost(s: Scope) -> str:
+    """MoE decode step predicted under the window's measured routing / under uniform routing:
+    below 1 the routing makes the MoE cheaper than uniform routing would, above 1 dearer."""
+    return f"moe_reuse_routing_cost_ratio{s.sel()}"
+
+
 # ------------------------------------------------------------------------------------------------
 # Routing health
 # ------------------------------------------------------------------------------------------------
