@@ -17,7 +17,7 @@ setup:
 demo: setup
 	$(PY) -m moe_reuse.plugin.cli demo
 
-test: setup check-generated lint install-wheel
+test: setup lint install-wheel check-generated
 	MOE_REUSE_EXPECT_INSTALLED=1 MOE_REUSE_DIST_DIR=$(DIST) $(PY) -m pytest -q -p no:cacheprovider tests
 
 # The sdist, and the wheel built from it, under $(DIST).
