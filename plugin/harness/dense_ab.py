@@ -229,6 +229,9 @@ def run_pass(kind: str, model_dir: Path, args: argparse.Namespace, vocab: int,
         for c in args.levels:
             gauge = None
             if kind == "moe":
+                # the recorder's counters lag the steps by up to a flush: let the previous level's
+                # last steps land before taking this level's starting point
+                time.sleep(args.settle_s)
                 before = read_counters(srv.metrics_text())
 
                 def gauge(before: dict[str, float] = before) -> dict[str, Any]:
@@ -367,6 +370,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="hardware spec for the gauge: calibrate (measure once, before the first "
                          "server), auto, a preset or a file")
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--settle-s", type=float, default=3.0,
+                    help="idle seconds before each MoE level, so the recorder has flushed the "
+                         "previous level's steps before the level's counters are read")
     ap.add_argument("--startup-timeout-s", type=float, default=900.0,
                     help="per server start (torch.compile of the big model on a busy 2-core VM "
                          "took over 5 minutes)")
