@@ -10,6 +10,7 @@ of a plugin that disables itself minutes later, or a drift gauge computed agains
 - `routing_baseline`: a readable baseline file whose expert and MoE-layer counts match the
   served model;
 - `ring_steps`: the device ring it asks for fits the counters' memory budget for this model;
+- `max_expert_series`: with per-expert series on, it holds the per-layer overflow series;
 - `MOE_REUSE_INJECT_FAULT`: the testing knob, when set, parses.
 
 Inputs are plain data: `served` is the front end's summary of the model (`num_layers`,
@@ -85,6 +86,21 @@ def validate_for_model(cfg: PluginConfig, served: Mapping[str, Any]) -> None:
         check_routing_baseline(cfg.routing_baseline, shape)
     if cfg.ring_steps:
         check_ring_steps(cfg.ring_steps, shape)
+    if cfg.per_expert_series:
+        check_expert_series_cap(cfg.max_expert_series, shape)
+
+
+def check_expert_series_cap(cap: int, shape: ModelShape) -> None:
+    """The cap must hold at least the overflow series (one per MoE layer and phase)."""
+    if not shape.moe_layers:
+        return
+    floor = 2 * shape.moe_layers
+    if cap < floor:
+        raise ConfigError(
+            f"moe_reuse.max_expert_series: {cap} cannot hold one expert=\"other\" series per MoE "
+            f"layer and phase of {shape.name} ({shape.moe_layers} MoE layers x 2 phases = "
+            f"{floor}); use at least {floor}, or turn per_expert_series off"
+        )
 
 
 def _check_fault_knob() -> None:
