@@ -52,3 +52,13 @@ def test_bad_values_name_the_variable(value: str, message: str) -> None:
 def test_unknown_stage_in_code_is_a_programming_error() -> None:
     with pytest.raises(ValueError, match="unknown fault stage"):
         faults.check("nowhere")
+
+
+def test_snapshot_write_fails_once_so_the_count_can_still_be_published(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(faults.ENV, "snapshot_write:2")
+    faults.reset()
+    faults.check("snapshot_write")
+    with pytest.raises(faults.InjectedFault):
+        faults.check("snapshot_write")
+    faults.check("snapshot_write")  # the next write goes through, carrying errors and enabled=0

@@ -405,3 +405,21 @@ def test_start_up_removes_run_directories_of_dead_servers_only(who: Who) -> None
     left = sorted(os.listdir(base))
     assert left == sorted([live, other_users, "notes.txt", "4000001-aaaaaaaa"])
     assert os.listdir(who.work)  # the symlink's target is intact
+
+
+def test_injected_snapshot_write_fault_writes_nothing_then_recovers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from moe_reuse.plugin import faults
+
+    path = snapshot_path(tmp_path / "base" / RUN, "0", "0")
+    monkeypatch.setenv(faults.ENV, "snapshot_write:1")
+    faults.reset()
+    try:
+        with pytest.raises(faults.InjectedFault):
+            write_snapshot(path, snap())
+        assert not path.exists()
+        write_snapshot(path, snap())
+        assert [r.snapshot["labels"]["rank"] for r in scan_snapshots(path.parent).ranks] == ["0"]
+    finally:
+        monkeypatch.delenv(faults.ENV)
+        faults.reset()
