@@ -466,7 +466,7 @@ def ep_rank_load(cfg: Config) -> timeseries.Panel:
         "Token-expert assignments per decode step on each EP rank of the served placement, "
         "summed over MoE layers. Empty when expert parallelism is off.",
         UNIT_TOKENS,
-    ).with_target(target(q.ep_rank_tokens(s), "rank {{rank}} (EP{{ep}})"))
+    ).with_target(target(q.ep_rank_tokens(s), "EP rank {{ep_rank}} of {{ep}} (r{{rank}})"))
 
 
 def eplb_deciding_term(cfg: Config) -> stat.Panel:
