@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from contextlib import redirect_stdout
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def test_kv_capacity_and_whatif_from_server() -> None:
     with VllmServer(
         model_dir,
         enforce_eager=True,
-        additional_config={"moe_reuse": {"hardware": CPU_SPEC}},
+        additional_config={"moe_reuse": {"hardware": CPU_SPEC, "flush_interval_s": 0.2}},
         env={"VLLM_CPU_KVCACHE_SPACE": str(KV_GIB)},
         max_num_seqs=MAX_SEQS,
     ).start() as srv:
@@ -55,6 +56,12 @@ def test_kv_capacity_and_whatif_from_server() -> None:
         assert all(r["completion_tokens"] == 12 and len(r["itl_seconds"]) <= 11 for r in res)
         assert all(r["ttft_seconds"] and r["ttft_seconds"] > 0 for r in res)
 
+        # The plugin publishes its counters on its flush interval: wait until the decode
+        # routing of the requests above is on /metrics before reading it.
+        deadline = time.monotonic() + 30
+        while parse_metrics(srv.metrics_text())["distinct_per_layer"] <= 0:
+            assert time.monotonic() < deadline, "decode routing never reached /metrics"
+            time.sleep(0.5)
         cache = parse_metrics(srv.metrics_text())["cache"]
         blocks, block = int(cache["num_gpu_blocks"]), int(cache["block_size"])
         model = model_from_hf_config(json.loads((model_dir / "config.json").read_text()))
