@@ -90,7 +90,7 @@ def main() -> int:
 
     def recorded_step() -> None:  # the recorder's step protocol around the forward, as in vLLM
         session.step_started()
-        session.step_prepared(sched, computed, prompt)
+        session.step_prepared(sched, computed >= prompt, computed)
         fns["recorded"](x)
         session.step_finished()
 
@@ -110,7 +110,7 @@ def main() -> int:
         def host_protocol() -> None:
             for i in range(1000):
                 session.step_started()
-                session.step_prepared(sched, computed, prompt)
+                session.step_prepared(sched, computed >= prompt, computed)
                 session.step_finished()
                 if i % 100 == 99:
                     session.flush()

@@ -176,7 +176,7 @@ def expert_order(
 def reference_counts(
     ids_per_layer: list[torch.Tensor], phases: np.ndarray, num_experts: int
 ) -> torch.Tensor:
-    """Eager reference of one step's ring slot: [L, 3, E] int64, via torch.bincount on the CPU.
+    """Eager reference of one step's ring slot: [L, 3, E + 1] int64 (column E: out-of-range ids), via torch.bincount on the CPU.
 
     ids_per_layer: each [B, K] (the batch as the graph ran it, padded rows included); phases:
     one per real token (the first len(phases) rows), every later row counts in the PAD phase.
@@ -186,13 +186,14 @@ def reference_counts(
     out = []
     for ids in ids_per_layer:
         ids = ids.detach().to("cpu", torch.int64)
+        ids = torch.where((ids >= 0) & (ids < num_experts), ids, num_experts)  # column E: invalid
         b = ids.shape[0]
         row_phase = torch.full((b,), PAD, dtype=torch.int64)
         n = min(int(phases.shape[0]), b)
         row_phase[:n] = torch.from_numpy(np.asarray(phases[:n], dtype=np.int64))
-        flat = (row_phase.unsqueeze(1) * num_experts + ids).reshape(-1)
-        counts = torch.bincount(flat, minlength=NUM_PHASES * num_experts)
-        out.append(counts.view(NUM_PHASES, num_experts))
+        flat = (row_phase.unsqueeze(1) * (num_experts + 1) + ids).reshape(-1)
+        counts = torch.bincount(flat, minlength=NUM_PHASES * (num_experts + 1))
+        out.append(counts.view(NUM_PHASES, num_experts + 1))
     return torch.stack(out)
 
 
@@ -564,7 +565,7 @@ class ModelRun:
                 hist.append([t.clone() for t in ids])  # D2D, after the replay on the same stream
                 phases_list.append(phases)
             torch.cuda.synchronize()
-            got = ring.counts[:, :chunk].to("cpu", torch.int64)  # [L, chunk, 3, E]
+            got = ring.counts[:, :chunk].to("cpu", torch.int64)  # [L, chunk, 3, E + 1]
             for j in range(chunk):
                 ref = reference_counts(hist[j], phases_list[j], E)
                 if not torch.equal(got[:, j], ref):
@@ -822,7 +823,7 @@ class ModelRun:
                       batch: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]) -> None:
         sess = self.session
         sess.step_started()
-        sess.step_prepared(batch[0], batch[1], batch[2])
+        sess.step_prepared(batch[0], batch[1] >= batch[2], batch[1])
         self._load_input(step, b)
         g.replay()
         sess.step_finished()
@@ -838,7 +839,7 @@ class ModelRun:
         sess.flush()
         before = sess.totals.expert_tokens.copy()
         dropped0 = sess.totals.dropped_steps
-        ref = torch.zeros((L, 3, E), dtype=torch.int64)
+        ref = torch.zeros((L, 3, E + 1), dtype=torch.int64)
         hist: list[tuple[list[torch.Tensor], np.ndarray]] = []
         batches = []
         for _ in range(16):
@@ -863,7 +864,7 @@ class ModelRun:
         sess.flush()
         got = sess.totals.expert_tokens - before
         dropped = sess.totals.dropped_steps - dropped0
-        exact = np.array_equal(got, ref[:, :2].numpy())
+        exact = np.array_equal(got, ref[:, :2, :E].numpy())
         ok = error is None and sess.enabled and not sess.errors and dropped == 0 and exact
         out = {"steps": steps, "error": error, "enabled": sess.enabled, "errors":
                dict(sess.errors), "dropped_steps": dropped, "totals_exact": exact}

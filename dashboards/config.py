@@ -83,6 +83,17 @@ class Config:
     plugin_errors_window: str = "10m"
     plugin_errors_severity: str = "warning"
 
+    # --- MoeReuseRankStale: a rank's snapshot not rewritten for this long (worker gone or hung;
+    # the flusher rewrites it every flush_interval_s, traffic or not).
+    rank_stale_seconds: float = 60.0
+    rank_stale_for: str = "2m"
+    rank_stale_severity: str = "warning"
+
+    # --- MoeReuseCountingMismatch: counted assignments differ from the scheduler's tokens x top-k
+    # (the recorder's self-check; 0 while counting is exact).
+    selfcheck_window: str = "10m"
+    selfcheck_severity: str = "warning"
+
     # --- MoeReuseRebalanceWouldHelp / MoeReuseEplbCostsMore (EP advisor) -------------------------
     # Fires when vLLM's EPLB policy, rerun on the window's counts, is predicted to cut the MoE
     # time per decode step by more than this margin (eplb_gain_ratio > 1 + margin) ...

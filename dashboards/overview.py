@@ -190,17 +190,24 @@ def plugin_status(cfg: Config) -> stat.Panel:
         stat.Panel()
         .title("Plugin status")
         .description(
-            "`enabled` is 1 while the plugin records and 0 once a runtime fault disabled it "
-            "(MoeReusePluginDisabled); `errors` counts the faults it caught "
-            "(MoeReusePluginErrors); `dropped steps/s` are steps the flusher missed."
+            "`enabled` is 1 while the plugin records and 0, with the reason, when it does not "
+            "(fault, bind_failed, no_moe_layers, unsupported_runner, no_rank_reporting; "
+            "MoeReusePluginDisabled); `errors` counts the faults it caught "
+            "(MoeReusePluginErrors); `dropped steps/s` are steps the flusher missed; `age` is "
+            "how old each rank's snapshot is (MoeReuseRankStale); `miscounted` is the "
+            "self-check, assignments counted minus scheduled tokens x top-k "
+            "(MoeReuseCountingMismatch), 0 while counting is exact."
         )
         .unit("short")
         .datasource(DATASOURCE)
-        .with_target(target(q.plugin_enabled(s), "enabled r{{rank}}", "A", instant=True))
+        .with_target(target(q.plugin_enabled(s), "enabled ({{reason}}) r{{rank}}", "A",
+                            instant=True))
         .with_target(target(q.plugin_errors(s), "errors r{{rank}}", "B", instant=True))
         .with_target(
             target(q.dropped_steps_rate(s), "dropped steps/s r{{rank}}", "C", instant=True)
         )
+        .with_target(target(q.snapshot_age(s), "age s r{{rank}}", "D", instant=True))
+        .with_target(target(q.selfcheck_mismatch(s), "miscounted r{{rank}}", "E", instant=True))
         .graph_mode(BigValueGraphMode.NONE)
         .height(8)
         .span(6)

@@ -384,8 +384,34 @@ def alert_predictor_diverging(cfg: Config) -> str:
 
 
 def alert_plugin_disabled(cfg: Config) -> str:
+    """Any reason but `not_moe` (a dense model: nothing to record, nothing wrong)."""
     s = rules_scope(cfg)
-    return f"moe_reuse_enabled{s.sel()} == 0"
+    sel = s.sel('reason!="not_moe"')
+    return f"moe_reuse_enabled{sel} == 0"
+
+
+def alert_rank_stale(cfg: Config) -> str:
+    """A rank whose snapshot stopped being rewritten (it then exports only its age)."""
+    s = rules_scope(cfg)
+    return f"moe_reuse_snapshot_age_seconds{s.sel()} > {cfg.rank_stale_seconds:g}"
+
+
+def alert_counting_mismatch(cfg: Config) -> str:
+    """The recorder's self-check: counted assignments != scheduled tokens x top-k."""
+    s = rules_scope(cfg)
+    m = f"moe_reuse_selfcheck_mismatch_assignments_total{s.sel()}"
+    w = cfg.selfcheck_window
+    return f"increase({m}[{w}]) > 0\nor\n({m} > 0 unless {m} offset {w})"
+
+
+def snapshot_age(s: Scope) -> str:
+    """Seconds since each rank last published (a stale rank exports only this)."""
+    return f"max by (rank) (moe_reuse_snapshot_age_seconds{s.sel()})"
+
+
+def selfcheck_mismatch(s: Scope) -> str:
+    """Assignments the self-check found miscounted over the rate window (0 while exact)."""
+    return f"sum by (rank) (increase(moe_reuse_selfcheck_mismatch_assignments_total{s.sel()}[{s.interval}]))"
 
 
 def alert_plugin_errors(cfg: Config) -> str:

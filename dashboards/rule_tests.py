@@ -294,18 +294,55 @@ def _predictor(cfg: Config) -> dict[str, Any]:
 
 
 def _plugin_disabled(cfg: Config) -> dict[str, Any]:
-    a, b = _labels(A), _labels(B)
+    a, b = _labels(A, reason="fault"), _labels(B, reason="recording")
+    c, d = _labels(C, reason="not_moe"), _labels(D, reason="bind_failed")
     name = "MoeReusePluginDisabled"
     return {
         "interval": "1m",
         "input_series": [
-            _series("moe_reuse_enabled", a, "1x4 0x10"),  # disabled from 5m on
+            _series("moe_reuse_enabled", a, "_x4 0x10"),  # disabled from 4m on
             _series("moe_reuse_enabled", b, "1x15"),
+            _series("moe_reuse_enabled", c, "0x15"),  # a dense model: never an alert
+            _series("moe_reuse_enabled", d, "_x6 0x10"),  # never bound, from 6m on
         ],
         "alert_rule_test": [
             _alert_case(cfg, name, "3m", []),
-            _alert_case(cfg, name, "5m", []),  # pending for 1m
-            _alert_case(cfg, name, "8m", [(a, 0.0)]),
+            _alert_case(cfg, name, "4m", []),  # pending for 1m
+            _alert_case(cfg, name, "8m", [(a, 0.0), (d, 0.0)]),
+        ],
+    }
+
+
+def _rank_stale(cfg: Config) -> dict[str, Any]:
+    a, b = _labels(A), _labels(B, rank="1")
+    name = "MoeReuseRankStale"
+    lim = cfg.rank_stale_seconds
+    return {
+        "interval": "1m",
+        "input_series": [  # a: writes every second until 5m, then its age grows 60 s a minute
+            _series("moe_reuse_snapshot_age_seconds", a, "0.5x5 60+60x15"),
+            _series("moe_reuse_snapshot_age_seconds", b, "0.5x20"),
+        ],
+        "alert_rule_test": [
+            _alert_case(cfg, name, "4m", []),
+            _alert_case(cfg, name, "15m", [(a, 600.0)] if lim < 480 else []),
+        ],
+    }
+
+
+def _counting_mismatch(cfg: Config) -> dict[str, Any]:
+    a, b, c = _labels(A), _labels(B), _labels(C)
+    name = "MoeReuseCountingMismatch"
+    return {
+        "interval": "1m",
+        "input_series": [
+            _series("moe_reuse_selfcheck_mismatch_assignments_total", a, "0x5 8+8x20"),  # from 6m
+            _series("moe_reuse_selfcheck_mismatch_assignments_total", b, "_x3 16x20"),  # appears
+            _series("moe_reuse_selfcheck_mismatch_assignments_total", c, "0x25"),  # exact
+        ],
+        "alert_rule_test": [
+            _alert_case(cfg, name, "2m", []),
+            _alert_case(cfg, name, "8m", [(a, 24.0), (b, 16.0)]),
         ],
     }
 
@@ -378,6 +415,8 @@ def tests_file(cfg: Config) -> dict[str, Any]:
             _predictor(cfg),
             _plugin_disabled(cfg),
             _plugin_errors(cfg),
+            _rank_stale(cfg),
+            _counting_mismatch(cfg),
             _rebalance_would_help(cfg),
             _eplb_costs_more(cfg),
         ],

@@ -137,8 +137,29 @@ def alerts(cfg: Config) -> list[Alert]:
             cfg.plugin_disabled_for,
             cfg.plugin_disabled_severity,
             "The MoE reuse plugin disabled itself.",
-            f"moe_reuse_enabled is 0 on {_WHO}: a runtime fault disabled recording, the MoE "
-            "reuse series are frozen. vLLM keeps serving.",
+            f"moe_reuse_enabled is 0 on {_WHO} with reason {{{{ $labels.reason }}}}: the plugin "
+            "records nothing there (fault: a runtime fault disabled it; bind_failed, "
+            "no_moe_layers, unsupported_runner: it never started; no_rank_reporting: no worker "
+            "published at all). vLLM keeps serving.",
+        ),
+        Alert(
+            "MoeReuseRankStale",
+            q.alert_rank_stale(cfg),
+            cfg.rank_stale_for,
+            cfg.rank_stale_severity,
+            "A rank stopped publishing its MoE reuse snapshot.",
+            f"The snapshot of {_WHO} is {VALUE2} s old (threshold {cfg.rank_stale_seconds:g} s, "
+            f"for {cfg.rank_stale_for}): the worker died or hangs, and its series are gone.",
+        ),
+        Alert(
+            "MoeReuseCountingMismatch",
+            q.alert_counting_mismatch(cfg),
+            "",
+            cfg.selfcheck_severity,
+            "The recorder's counts disagree with vLLM's scheduler.",
+            f"{_WHO} counted expert assignments that differ from scheduled tokens x top-k over the "
+            f"last {cfg.selfcheck_window} ({VALUE2} assignments): a routing source is missed or a "
+            "vLLM change moved the step layout; the reuse figures cannot be trusted.",
         ),
         Alert(
             "MoeReusePluginErrors",

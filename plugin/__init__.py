@@ -26,10 +26,11 @@ def register() -> None:
 
     ensure_run_id()  # before vLLM spawns anything, so every child shares this server's run id
     try:
-        from . import vllm_seam
+        from . import frontend, worker_runtime
+        from .vllm import hooks
 
-        vllm_seam.install_config_validation()
-        vllm_seam.install_worker_hook()
+        hooks.install_config_validation(frontend.on_engine_config)
+        hooks.install_worker_hook(worker_runtime.on_model_loaded)
         _register_collector()
     except ImportError as exc:  # vLLM missing: the predictor and CLI still work
         logger.debug("moe_reuse: vLLM hooks not installed: %s", exc)
@@ -40,6 +41,7 @@ def _register_collector() -> None:
     from prometheus_client import REGISTRY
 
     from .exporters.prometheus import SnapshotCollector
+    from .frontend import STATE
     from .snapshot import run_dir
 
-    REGISTRY.register(SnapshotCollector(run_dir))  # type: ignore[arg-type]
+    REGISTRY.register(SnapshotCollector(run_dir, frontend=STATE))  # type: ignore[arg-type]

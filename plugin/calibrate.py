@@ -81,7 +81,7 @@ class _Bench:
     def __init__(self, dev: Any, size_mb: int, repeats: int) -> None:
         import torch
 
-        from . import vllm_seam
+        from .vllm import kernels as vllm_seam
 
         self.torch, self.dev, self.repeats = torch, dev, repeats
         self.sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)

@@ -8,7 +8,8 @@ of a plugin that disables itself minutes later, or a drift gauge computed agains
 - `hardware`: a preset name (a typo gets the nearest one), `auto`, or a hardware JSON file that
   exists and is a valid spec (predictor.loading's own validators);
 - `routing_baseline`: a readable baseline file whose expert and MoE-layer counts match the
-  served model;
+  served model, or a path not written yet in an existing directory (saved later from this server
+  with `moe-reuse baseline save --out`, then picked up without a restart);
 - `ring_steps`: the device ring it asks for fits the counters' memory budget for this model;
 - `max_expert_series`: with per-expert series on, it holds the per-layer overflow series;
 - `MOE_REUSE_INJECT_FAULT`: the testing knob, when set, parses.
@@ -169,7 +170,10 @@ def check_routing_baseline(setting: str, shape: ModelShape) -> None:
     key = "moe_reuse.routing_baseline"
     fix = 'save one with `moe-reuse baseline save --out FILE`, or set "" to disable drift'
     if not path.exists():
-        raise ConfigError(f"{key}: no file at {path}; {fix}")
+        if path.parent.is_dir():
+            return  # saved later from this server (`baseline save --out`); drift starts then
+        raise ConfigError(f"{key}: no file at {path} and no directory {path.parent} to save one "
+                          f"in; {fix}")
     try:
         data = json.loads(path.read_text())
     except OSError as exc:

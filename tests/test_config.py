@@ -146,8 +146,9 @@ def _file_cases(tmp: Path) -> list[tuple[dict[str, Any], str]]:
          f"file (`moe-reuse calibrate` writes one) or one of: {PRESETS}"),
         ({"hardware": str(bad_hw)},
          f"moe_reuse.hardware: {bad_hw} is not a valid hardware spec: {hw_err.value}"),
-        ({"routing_baseline": str(tmp / "nope.json")},
-         f"moe_reuse.routing_baseline: no file at {tmp / 'nope.json'}; {BASELINE_FIX}"),
+        ({"routing_baseline": str(tmp / "nodir" / "nope.json")},
+         f"moe_reuse.routing_baseline: no file at {tmp / 'nodir' / 'nope.json'} and no directory "
+         f"{tmp / 'nodir'} to save one in; {BASELINE_FIX}"),
         ({"routing_baseline": str(unreadable)},
          f"moe_reuse.routing_baseline: cannot read {unreadable}: Is a directory"),
         ({"routing_baseline": str(not_json)},

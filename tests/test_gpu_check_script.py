@@ -136,10 +136,10 @@ def test_reference_counts_phases_padding_and_layers() -> None:
     ids1 = torch.tensor([[3, 4], [3, 4], [3, 4], [3, 4]])
     phases = np.array([PREFILL, DECODE, DECODE], dtype=np.int8)  # 4th row is padding
     ref = G.reference_counts([ids0, ids1], phases, 8)
-    assert ref.shape == (2, 3, 8)
-    assert ref[0, PREFILL].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
-    assert ref[0, DECODE].tolist() == [0, 2, 1, 0, 0, 0, 0, 1]
-    assert ref[0, PAD].tolist() == [0, 0, 0, 0, 0, 1, 1, 0]
+    assert ref.shape == (2, 3, 9)  # column 8: out-of-range ids
+    assert ref[0, PREFILL].tolist() == [1, 1, 0, 0, 0, 0, 0, 0, 0]
+    assert ref[0, DECODE].tolist() == [0, 2, 1, 0, 0, 0, 0, 1, 0]
+    assert ref[0, PAD].tolist() == [0, 0, 0, 0, 0, 1, 1, 0, 0]
     assert ref[1, DECODE, 3] == 2 and ref[1, PAD, 4] == 1 and int(ref[1].sum()) == 8
 
 

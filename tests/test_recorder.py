@@ -33,7 +33,8 @@ def _session(ring_steps: int = 8, **kw) -> tuple[RecorderSession, list[dict]]:
 
 def _step(s: RecorderSession, sched, computed, prompt, routing: list[torch.Tensor]) -> None:
     s.step_started()
-    s.step_prepared(np.array(sched), np.array(computed), np.array(prompt))
+    c = np.array(computed)
+    s.step_prepared(np.array(sched), c >= np.array(prompt), c)
     for layer, ids in enumerate(routing):
         s.capture_fn(layer)(ids)
     s.step_finished()
@@ -46,9 +47,9 @@ def test_capture_counts_by_phase_and_sends_padding_to_the_sink() -> None:
     ring.capture(0, ids)
     ring.end_step()
     c = ring.counts[0, 2]
-    assert c[PREFILL].tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
-    assert c[DECODE].tolist() == [0, 2, 1, 0, 0, 0, 0, 1]
-    assert c[PAD].tolist() == [0, 0, 0, 0, 0, 1, 1, 0]
+    assert c[PREFILL].tolist() == [1, 1, 0, 0, 0, 0, 0, 0, 0]  # last column: invalid ids
+    assert c[DECODE].tolist() == [0, 2, 1, 0, 0, 0, 0, 1, 0]
+    assert c[PAD].tolist() == [0, 0, 0, 0, 0, 1, 1, 0, 0]
     # between steps everything goes to the idle slot (warm-up and dummy batches are not counted)
     ring.capture(0, torch.tensor([[3, 4]] * 5))
     assert int(ring.counts[0, :4].sum()) == 8 and int(ring.counts[0, 4].sum()) == 10
@@ -68,7 +69,18 @@ def test_capture_is_traceable_by_torch_compile_without_graph_breaks() -> None:
         compiled(ids, ids)
         ring.end_step()
         assert ring.counts[0, 1, DECODE].sum().item() == n * K
-        assert ring.counts[1, 1, DECODE].tolist() == torch.bincount(ids.flatten(), minlength=E).tolist()
+        assert ring.counts[1, 1, DECODE].tolist() == torch.bincount(
+            ids.flatten(), minlength=E + 1).tolist()
+
+
+def test_out_of_range_expert_ids_land_in_the_invalid_column_not_in_an_expert() -> None:
+    """A negative or >= E id (masked routing, a kernel bug) is counted apart, never as expert 0."""
+    ring = RoutingRing(RingLayout(1, E, K, max_tokens=16, ring_steps=4))
+    ring.begin_step(0, np.array([DECODE, DECODE], dtype=np.int8))
+    ring.capture(0, torch.tensor([[-1, 3], [E, E + 5]]))
+    ring.end_step()
+    c = ring.counts[0, 0, DECODE]
+    assert c[E].item() == 3 and c[3].item() == 1 and int(c.sum()) == 4
 
 
 def test_session_conservation_phases_bytes_and_histogram() -> None:
@@ -128,14 +140,27 @@ def test_fault_disables_counts_and_logs_once(caplog: pytest.LogCaptureFixture) -
 
 def test_fold_block_empty_and_padding() -> None:
     tot = Totals(1, 4)
-    counts = np.zeros((1, 2, 3, 4), dtype=np.int32)
+    counts = np.zeros((1, 2, 3, 5), dtype=np.int32)
     counts[0, 0, PAD, 1] = 6  # 3 padded rows at top-2
     meta = {
         "kind": np.zeros(2, np.int8), "tokens": np.zeros((2, 2), np.int64),
         "requests": np.zeros((2, 2), np.int64), "context": np.zeros((2, 2), np.int64),
         "duration_ns": np.array([10**9, 2 * 10**9]), "comm_ns": np.zeros((2, 2), np.int64),
+        "scheduled": np.zeros(2, np.int64),
     }
     fold_block(tot, counts, meta, ByteModel((8,)), top_k=2)
     assert tot.padding_tokens == 3
     assert tot.duration_s[0] == pytest.approx(3.0)
     assert tot.assignments.sum() == 0
+
+
+def test_selfcheck_is_zero_when_every_layer_counts_and_catches_a_missing_layer() -> None:
+    """The self-check compares each layer's count with the scheduler's tokens x top-k."""
+    s, _ = _session()
+    routing = [torch.randint(0, E, (3, K)) for _ in range(L)]
+    _step(s, [1, 2], [10, 0], [5, 5], routing)
+    s.flush()
+    assert s.totals.selfcheck_mismatch == 0 and s.totals.scheduled_tokens == 3
+    _step(s, [1, 2], [11, 2], [5, 5], routing[:-1])  # the last MoE layer never reported
+    s.flush()
+    assert s.totals.selfcheck_mismatch == 3 * K and s.totals.scheduled_tokens == 6

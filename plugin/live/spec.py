@@ -1,7 +1,8 @@
 """Served model -> predictor specs (MoE and its dense twin), and hardware resolution.
 
-Pure apart from reading files: the vLLM facts arrive as plain values (`ServedFacts`, filled by
-`moe_reuse.plugin.vllm_seam` accessors in `attach.py`), so everything here is unit-testable.
+Pure apart from reading files: the vLLM facts arrive as plain values (`ServedFacts`, filled from
+the seam `moe_reuse.plugin.vllm.facts` by `worker_runtime.py`), so everything here is
+unit-testable.
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ class StepMeta:
         self.context = np.zeros((n, 2), dtype=np.int64)
         self.duration_ns = np.zeros(n, dtype=np.int64)
         self.comm_ns = np.zeros((n, len(COMM_OPS)), dtype=np.int64)
+        self.scheduled = np.zeros(n, dtype=np.int64)  # the scheduler's own token count (self-check)
 
     def take(self, start: int, stop: int) -> dict[str, np.ndarray]:
         return {k: v[start:stop].copy() for k, v in vars(self).items()}
@@ -76,7 +77,10 @@ class Totals:
     expert_tokens: np.ndarray = field(init=False)
     hbm_bytes: np.ndarray = field(init=False)
     comm_s: np.ndarray = field(init=False)
+    invalid_ids: np.ndarray = field(init=False)
     dropped_steps: int = 0
+    scheduled_tokens: int = 0
+    selfcheck_mismatch: int = 0
 
     def __post_init__(self) -> None:
         L, E = self.num_layers, self.num_experts
@@ -93,11 +97,14 @@ class Totals:
         self.expert_tokens = np.zeros((L, 2, E), dtype=np.int64)
         self.hbm_bytes = np.zeros(len(COMPONENTS), dtype=np.float64)
         self.comm_s = np.zeros(len(COMM_OPS), dtype=np.float64)
+        self.invalid_ids = np.zeros(2, dtype=np.int64)
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {k: v for k, v in vars(self).items() if isinstance(v, np.ndarray)}
         out["padding_tokens"] = np.array(self.padding_tokens, dtype=np.int64)
         out["dropped_steps"] = np.array(self.dropped_steps, dtype=np.int64)
+        out["scheduled_tokens"] = np.array(self.scheduled_tokens, dtype=np.int64)
+        out["selfcheck_mismatch"] = np.array(self.selfcheck_mismatch, dtype=np.int64)
         return out
 
 
@@ -130,9 +137,17 @@ def fold_block(
 ) -> BlockStats:
     """Fold n finished steps into `totals`.
 
-    counts: [L, n, 3, E] per-step expert counts from the device ring; meta: StepMeta.take().
+    counts: [L, n, 3, E+1] per-step expert counts from the device ring (column E: out-of-range
+    ids); meta: StepMeta.take().
+
+    Self-check: every MoE layer must have counted the scheduler's tokens x top-k assignments in
+    each step (out-of-range ids included); any difference, summed over layers and steps, goes to
+    `selfcheck_mismatch`. The expected side is the scheduler's own figure (`meta["scheduled"]`),
+    never the recorder's.
     """
-    c = counts[:, :, :PAD].astype(np.int64)  # [L, n, 2, E], padding sink dropped
+    E = counts.shape[3] - 1
+    real = counts[:, :, :PAD].astype(np.int64)  # [L, n, 2, E+1], padding sink dropped
+    c = real[..., :E]  # [L, n, 2, E]
     n = c.shape[1]
     if n == 0:
         empty = np.zeros(0, dtype=np.int64)
@@ -148,6 +163,11 @@ def fold_block(
     totals.comm_s += meta["comm_ns"].sum(axis=0) / 1e9
     # Padding: rows in the sink of a real step (first layer; every layer routes the same rows).
     totals.padding_tokens += int(counts[0, :, PAD].sum()) // max(top_k, 1)
+    totals.invalid_ids += real[..., E].sum(axis=(0, 1))
+    scheduled = meta["scheduled"].astype(np.int64)
+    totals.scheduled_tokens += int(scheduled.sum())
+    counted = real.sum(axis=(2, 3))  # [L, n]
+    totals.selfcheck_mismatch += int(np.abs(counted - scheduled[None, :] * top_k).sum())
 
     present = c > 0
     totals.assignments += c.sum(axis=(1, 3))

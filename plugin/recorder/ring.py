@@ -5,14 +5,17 @@ experts touched per step, the largest expert load, the expert-local batch histog
 of one step's counts, and a counter read while a step is writing to it tears. Each step writes only
 its own slot; the flusher copies finished slots off the device in batches, never the slot in use.
 
-Layout: `counts[layer_slot, ring_slot, phase, expert]` (int32). Phases are prefill, decode and a
-sink that absorbs padded rows. Ring slot `ring_steps` is the idle slot: outside a real step (the
+Layout: `counts[layer_slot, ring_slot, phase, expert]` (int32), with one column more than there
+are experts: column E takes expert ids out of range (ids >= E, and the negative "no expert" ids
+some kernels emit), so a bad id can never land in another slot, phase or layer, and is counted.
+Phases are prefill, decode and a sink that absorbs padded rows. Ring slot `ring_steps` is the idle slot: outside a real step (the
 compile warm-up's dummy batch, CUDA-graph capture, data-parallel dummy steps) every row points at
 its sink, so those tokens are never counted.
 
-The hot path (`capture`) is two tensor ops per MoE layer, on preallocated buffers: an add that
-forms flat indices from `tok_base` (per token: ring_slot*3*E + phase*E, written by the host before
-the forward) and the top-k ids, and an `index_add_` into that layer's counters. No host sync, no
+The hot path (`capture`) is a few tensor ops per MoE layer, on preallocated buffers: a bounds
+check that sends out-of-range ids to column E, an add that forms flat indices from `tok_base` (per
+token: ring_slot*3*(E+1) + phase*(E+1), written by the host before the forward) and the top-k ids,
+and an `index_add_` into that layer's counters. No host sync, no
 Python per token, nothing that breaks torch.compile or CUDA-graph capture.
 """
 
@@ -48,7 +51,7 @@ class RingLayout:
         """Ring length: as many steps as fit RING_BYTES_BUDGET, between 8 and 512."""
         if requested > 0:
             return requested
-        per_step = num_layers * NUM_PHASES * num_experts * 4
+        per_step = num_layers * NUM_PHASES * (num_experts + 1) * 4
         return int(max(8, min(512, RING_BYTES_BUDGET // max(per_step, 1))))
 
     @property
@@ -56,8 +59,13 @@ class RingLayout:
         return self.ring_steps
 
     @property
+    def columns(self) -> int:
+        """Experts plus the out-of-range column."""
+        return self.num_experts + 1
+
+    @property
     def slot_stride(self) -> int:
-        return NUM_PHASES * self.num_experts
+        return NUM_PHASES * self.columns
 
 
 class RoutingRing:
@@ -68,7 +76,7 @@ class RoutingRing:
         self.device = torch.device(device)
         lay = layout
         self.counts = torch.zeros(
-            (lay.num_layers, lay.ring_steps + 1, NUM_PHASES, lay.num_experts),
+            (lay.num_layers, lay.ring_steps + 1, NUM_PHASES, lay.columns),
             dtype=torch.int32,
             device=self.device,
         )
@@ -76,7 +84,7 @@ class RoutingRing:
         self._layer_flat = [self.counts[i].view(-1) for i in range(lay.num_layers)]
         self._slot_views = [self.counts[:, s] for s in range(lay.ring_steps)]  # zeroed per step
         self._ones = torch.ones(lay.max_tokens * lay.top_k, dtype=torch.int32, device=self.device)
-        idle = lay.idle_slot * lay.slot_stride + PAD * lay.num_experts
+        idle = lay.idle_slot * lay.slot_stride + PAD * lay.columns
         self._idle_base = idle
         self.tok_base = torch.full((lay.max_tokens,), idle, dtype=torch.int64, device=self.device)
         pin = self.device.type == "cuda"
@@ -94,7 +102,9 @@ class RoutingRing:
     # ---- hot path: inside the forward -------------------------------------------------------
     def capture(self, layer_slot: int, topk_ids: torch.Tensor) -> None:
         """Count one MoE layer's routing. Tensor ops only (traced by Dynamo, captured by graphs)."""
-        idx = self.tok_base[: topk_ids.shape[0]].unsqueeze(1) + topk_ids
+        E = self.layout.num_experts
+        ids = torch.where((topk_ids >= 0) & (topk_ids < E), topk_ids, E)
+        idx = self.tok_base[: topk_ids.shape[0]].unsqueeze(1) + ids
         flat = idx.reshape(-1)
         self._layer_flat[layer_slot].index_add_(0, flat, self._ones[: flat.shape[0]])
 
@@ -112,9 +122,9 @@ class RoutingRing:
             event.synchronize()  # only blocks if the device is 4 steps behind the host
         host = self._stage_np[i]
         base = ring_slot * lay.slot_stride
-        np.multiply(phases, lay.num_experts, out=host[:n], casting="unsafe")
+        np.multiply(phases, lay.columns, out=host[:n], casting="unsafe")
         host[:n] += base
-        host[n:] = base + PAD * lay.num_experts  # padded rows
+        host[n:] = base + PAD * lay.columns  # padded rows
         if self.device.type == "cuda":
             copy_done = self._copy_events.pop(ring_slot, None)
             if copy_done is not None:  # the flusher's D2H copy of this slot must finish first
@@ -135,7 +145,7 @@ class RoutingRing:
             self._copy_events[s] = event
 
     def read_range(self, start: int, stop: int, out: torch.Tensor) -> torch.cuda.Event | None:
-        """Copy ring slots [start, stop) into host tensor `out` [L, stop-start, 3, E].
+        """Copy ring slots [start, stop) into host tensor `out` [L, stop-start, 3, E+1].
 
         Called by the flusher thread. On CUDA the copy runs on a side stream, ordered after the
         last finished step's event, and the returned event marks its completion; the step thread

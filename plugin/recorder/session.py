@@ -1,8 +1,9 @@
 """One rank's recording session: the step protocol, the flusher thread and fault isolation.
 
-The seam to vLLM (`moe_reuse.plugin.vllm_seam`) calls four things, all off the forward:
-`step_started()` when execute_model begins, `step_prepared(...)` once the batch layout is known,
-`step_finished()` after sampling, and `capture_fn(slot)` once per MoE router at bind time. This
+The seam to vLLM (`moe_reuse.plugin.vllm`) drives four things, all off the forward except the
+capture: `step_started()` when execute_model begins, `step_prepared(...)` once the batch layout is
+known, `step_finished()` after sampling, and `record(slot, topk_ids)` (or `capture_fn(slot)`) from
+each MoE layer's routing hook. This
 module imports torch and numpy, never vLLM, so it can be driven and benchmarked with torch alone.
 
 A fault anywhere in here must never reach the engine: every entry point catches, disables the
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import faults
 from .aggregate import COMM_OPS, BlockStats, ByteModel, StepMeta, Totals, fold_block, step_kind
 from .ring import DECODE, PREFILL, RingLayout, RoutingRing
 
@@ -64,6 +66,7 @@ class RecorderSession:
         self.inject_after = inject_fault_after_steps
         self.clock = clock
         self.enabled = True
+        self.reason = "recording"  # why `enabled` is what it is (exported as a label)
         self.errors: dict[str, int] = {}
         self.listeners: list[BlockListener] = []
         self.gauges: dict[str, Any] = {}  # filled by listeners (live comparison)
@@ -80,11 +83,15 @@ class RecorderSession:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._host = torch.empty(
-            (layout.num_layers, layout.ring_steps, 3, layout.num_experts), dtype=torch.int32,
+            (layout.num_layers, layout.ring_steps, 3, layout.columns), dtype=torch.int32,
             pin_memory=self.ring.device.type == "cuda",
         )
 
     # ---- binding -----------------------------------------------------------------------------
+    def record(self, layer_slot: int, topk_ids: torch.Tensor) -> None:
+        """Count one MoE layer's routing (inside the forward: tensor ops only)."""
+        self.ring.capture(layer_slot, topk_ids)
+
     def capture_fn(self, layer_slot: int) -> Callable[[torch.Tensor], None]:
         ring = self.ring
 
@@ -100,9 +107,18 @@ class RecorderSession:
             self._in_step = True
 
     def step_prepared(
-        self, num_scheduled: np.ndarray, num_computed: np.ndarray, num_prompt: np.ndarray
+        self,
+        num_scheduled: np.ndarray,
+        is_decode: np.ndarray,
+        num_computed: np.ndarray,
+        scheduled_total: int = -1,
     ) -> None:
-        """Batch layout in input-batch order (one entry per request); vectorised, no token loop."""
+        """Batch layout in batch order (one entry per request); vectorised, no token loop.
+
+        `is_decode`: the request is past its prefill; `num_computed`: tokens already in its KV
+        cache; `scheduled_total`: the scheduler's own token count for the step (the self-check's
+        expected side; -1 takes the layout's sum).
+        """
         if not (self.enabled and self._in_step):
             return
         try:
@@ -111,7 +127,7 @@ class RecorderSession:
                 self.totals.dropped_steps += 1  # ring full: never overwrite an unread slot
                 self._recording = False
                 return
-            phase = (num_computed >= num_prompt).view(np.int8)  # PREFILL 0, DECODE 1
+            phase = np.asarray(is_decode, dtype=bool).view(np.int8)  # PREFILL 0, DECODE 1
             slot = self._steps_begun % lay.ring_steps
             self.ring.begin_step(slot, np.repeat(phase, num_scheduled))
             m = self.meta
@@ -120,6 +136,7 @@ class RecorderSession:
             m.requests[slot] = np.bincount(phase, minlength=2)
             m.context[slot] = np.bincount(phase, weights=num_computed, minlength=2) + m.tokens[slot]
             m.kind[slot] = step_kind(m.tokens[slot])
+            m.scheduled[slot] = int(sched.sum()) if scheduled_total < 0 else scheduled_total
             self._comm_ns[:] = 0
             self._slot = slot
             self._recording = True
@@ -158,6 +175,7 @@ class RecorderSession:
         try:
             first = self.enabled
             self.enabled = False
+            self.reason = "fault"
             self.errors[stage] = self.errors.get(stage, 0) + 1
             with contextlib.suppress(Exception):
                 self.ring.end_step()
@@ -192,6 +210,7 @@ class RecorderSession:
         with self._lock:
             try:
                 if self.enabled:
+                    faults.check("flush")
                     self._fold_pending()
             except Exception as exc:  # noqa: BLE001
                 self.fault("flush", exc)
@@ -236,6 +255,7 @@ class RecorderSession:
             "layer_ids": list(self.layer_ids),
             "top_k": self.layout.top_k,
             "enabled": bool(self.enabled),
+            "reason": self.reason,
             "errors": dict(self.errors),
             "comm_mode": self.info.get("comm_mode", "none"),
             "totals": {k: v.copy() for k, v in self.totals.arrays().items()},

@@ -29,9 +29,10 @@ from prometheus_client.core import (
     Metric,
 )
 
-from moe_reuse.plugin.exporters.prometheus import snapshot_families
+from moe_reuse.plugin.exporters.prometheus import reader_families, snapshot_families
 from moe_reuse.plugin.live.window import window_gauges
 from moe_reuse.plugin.recorder.aggregate import COMPONENTS, HIST_BOUNDS, KINDS, Totals
+from moe_reuse.plugin.snapshot import RankFile, ScanResult
 
 E, K, LAYERS = 8, 2, 2
 STEPS_PER_SECOND = 20.0
@@ -45,7 +46,9 @@ class _Collector:
 
     def collect(self) -> Iterable[Metric]:
         snap, vllm = self.exporter.state()
-        return [*snapshot_families([snap]), *vllm]
+        fams = snapshot_families([snap])  # what the rank exports, then what the reader adds
+        read = ScanResult(ranks=[RankFile(snap, age_s=0.5, stale=False)])
+        return [*reader_families(read, {}, 0, fams), *vllm]
 
 
 class StandInExporter:

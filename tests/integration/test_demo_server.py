@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from moe_reuse.plugin.harness.demo import run_demo
 from moe_reuse.plugin.harness.tiny_models import model_facts
+
+pytestmark = pytest.mark.integration
 
 
 def test_demo_conserves_and_compares_every_wave() -> None:
@@ -13,6 +17,7 @@ def test_demo_conserves_and_compares_every_wave() -> None:
     assert run_demo("qwen3-moe", waves=(1, 8), wave_seconds=5.0, enforce_eager=True,
                     say=lines.append) == 0
     text = "\n".join(lines)
+    assert "model runner: v2 (Model Runner V2" in text  # V2 by default, and it says so
     facts = model_facts("qwen3-moe")
     layers = len(facts.moe_layer_indices)
     for phase in ("prefill", "decode"):

@@ -1,4 +1,6 @@
-"""The live comparison on a real vLLM server (one server, eager, the rigged Qwen3-MoE).
+"""The live comparison on a real vLLM server (one server, eager, Model Runner V2, the rigged
+Qwen3-MoE). On V2 because that is what every GPU server runs; the live comparison sits downstream
+of the step protocol; the what-if, EP advisor and monitoring end-to-end tests run it on V1.
 
 The rigged model's router can never pick expert 7 in any layer, and otherwise serves like any
 Qwen3-MoE, so one server start checks three things:
@@ -71,7 +73,8 @@ def test_live_gauges_dead_expert_and_drift(tmp_path: Path) -> None:
                          "routing_baseline": str(baseline), "otlp_endpoint": rx.endpoint,
                          "otlp_interval_s": 1.0}}
     vocab = facts.vocab_size
-    with rx, VllmServer(model_dir, enforce_eager=True, additional_config=cfg).start() as srv:
+    with rx, VllmServer(model_dir, enforce_eager=True, additional_config=cfg,
+                        runner="v2").start() as srv:
         # diverse traffic (near-uniform routing), long enough for a judged window
         diverse = random_prompts(48, 24, vocab, seed=1)
         t0 = time.monotonic()

