@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from prometheus_client.core import (
 )
 
 from moe_reuse.plugin.exporters.prometheus import reader_families, snapshot_families
+from moe_reuse.plugin.live.advisor import advisor_gauges
 from moe_reuse.plugin.live.window import window_gauges
 from moe_reuse.plugin.recorder.aggregate import COMPONENTS, HIST_BOUNDS, KINDS, Totals
 from moe_reuse.plugin.snapshot import RankFile, ScanResult
@@ -116,6 +118,16 @@ class StandInExporter:
         self.generated += steps * b
         self.itl_buckets += steps * b * np.array([0.2, 0.9, 0.99, 1.0])
 
+    def _advice(self) -> dict[str, Any]:
+        """The EP advisor's what-if figures as `advisor_figures` reports them (EP 2, one window)."""
+        def placement(bal: float, secs: float) -> SimpleNamespace:
+            return SimpleNamespace(balancedness=bal, seconds=secs, layer_balancedness=[bal] * LAYERS,
+                                   rank_assignments=[10.0, 10.0 * bal], rank_reads=[4.0, 4.0])
+
+        gain = SimpleNamespace(gain=1.15, layer_gain=[1.15] * LAYERS, term="rank_load")
+        return {"what_if:2": {"current": placement(0.8, 0.004), "rebalanced": placement(0.95, 0.0035),
+                              "gain": gain, "net": None, "redundant": 2}}
+
     def _figures(self) -> dict[str, Any]:
         """The live comparison window as `window_figures` reports it."""
         tpe = 4.0 if self.mode == "healthy" else 1.0
@@ -131,6 +143,7 @@ class StandInExporter:
             "step_seconds_measured": 0.02, "step_seconds_predicted": 0.018,
             "error_step_seconds": 0.9, "error_step_bytes": 0.95, "error_tokens_per_expert": 1.0,
             "regime": "bandwidth_bound", "dead": [0, 0], "cold": [0, 1], "drift": [0.01, 0.02],
+            "routing_cost": 1.1,
         }
 
     def state(self) -> tuple[dict[str, Any], list[Metric]]:
@@ -145,7 +158,8 @@ class StandInExporter:
                          "top_k": str(K), "shared_experts": "0", "compile_mode": "eager",
                          "hardware": "cpu", "comm_mode": "none"},
                 "totals": {k: v.copy() for k, v in self.totals.arrays().items()},
-                "gauges": window_gauges(self._figures(), list(range(LAYERS))),
+                "gauges": {**window_gauges(self._figures(), list(range(LAYERS))),
+                           **advisor_gauges(self._advice(), list(range(LAYERS)))},
                 "options": {"per_expert_series": True, "max_expert_series": 2000},
             }
             vllm = self._vllm_families()
