@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -40,10 +41,17 @@ MAX_SEQS = 8
 CPU_SPEC = str(Path(__file__).resolve().parents[2] / "plugin" / "live" / "data" / "cpu-generic.json")
 
 
-def test_kv_capacity_and_whatif_from_server() -> None:
+# CI runs the V1 runner (KV capacity and the routing come through the seam the same way on both);
+# MOE_REUSE_FULL_MATRIX=1 adds Model Runner V2.
+RUNNERS = ["v1", "v2"] if os.environ.get("MOE_REUSE_FULL_MATRIX") == "1" else ["v1"]
+
+
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_kv_capacity_and_whatif_from_server(runner: str) -> None:
     model_dir = build_model("qwen3-moe")
     with VllmServer(
         model_dir,
+        runner=runner,
         enforce_eager=True,
         additional_config={"moe_reuse": {"hardware": CPU_SPEC, "flush_interval_s": 0.2}},
         env={"VLLM_CPU_KVCACHE_SPACE": str(KV_GIB)},
