@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -82,8 +83,6 @@ class _Steps:
     def step_prepared(self, layout: Any) -> None:
         s = self.session
         if s.bytes_model.kv_bytes_per_token == 0:
-            import dataclasses
-
             kv = self.seam_facts.kv_bytes_per_token(self.worker)
             s.bytes_model = dataclasses.replace(s.bytes_model, kv_bytes_per_token=kv)
         s.step_prepared(layout.num_scheduled, layout.is_decode, layout.num_computed,

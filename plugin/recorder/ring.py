@@ -8,8 +8,8 @@ its own slot; the flusher copies finished slots off the device in batches, never
 Layout: `counts[layer_slot, ring_slot, phase, expert]` (int32), with one column more than there
 are experts: column E takes expert ids out of range (ids >= E, and the negative "no expert" ids
 some kernels emit), so a bad id can never land in another slot, phase or layer, and is counted.
-Phases are prefill, decode and a sink that absorbs padded rows. Ring slot `ring_steps` is the idle slot: outside a real step (the
-compile warm-up's dummy batch, CUDA-graph capture, data-parallel dummy steps) every row points at
+Phases are prefill, decode and a sink that absorbs padded rows. Ring slot `ring_steps` is the idle
+slot: outside a real step (the compile warm-up's dummy batch, CUDA-graph capture, data-parallel dummy steps) every row points at
 its sink, so those tokens are never counted.
 
 The hot path (`capture`) is a few tensor ops per MoE layer, on preallocated buffers: a bounds

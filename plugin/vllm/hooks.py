@@ -34,37 +34,33 @@ def served_model_summary(config: Any) -> dict[str, Any]:
     return out
 
 
-def install_config_validation(callback: FrontendCallback) -> None:
-    """`callback(additional_config, served_model_summary)` runs on every engine config built."""
-    from vllm.engine.arg_utils import EngineArgs
-
-    orig = EngineArgs.create_engine_config
+def _wrap_once(cls: Any, name: str, after: Callable[[Any, Any], None]) -> None:
+    """Wrap `cls.name` so that `after(self, result)` runs after it (once, however often called)."""
+    orig = getattr(cls, name)
     if getattr(orig, "_moe_reuse", False):
         return
 
     @functools.wraps(orig)
-    def create_engine_config(self: Any, *args: Any, **kwargs: Any) -> Any:
-        config = orig(self, *args, **kwargs)
-        callback(config.additional_config, served_model_summary(config))
-        return config
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = orig(self, *args, **kwargs)
+        after(self, result)
+        return result
 
-    create_engine_config._moe_reuse = True  # type: ignore[attr-defined]
-    EngineArgs.create_engine_config = create_engine_config  # type: ignore[method-assign]
+    wrapper._moe_reuse = True  # type: ignore[attr-defined]
+    setattr(cls, name, wrapper)
+
+
+def install_config_validation(callback: FrontendCallback) -> None:
+    """`callback(additional_config, served_model_summary)` runs on every engine config built."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    _wrap_once(EngineArgs, "create_engine_config", lambda _self, config: callback(
+        config.additional_config, served_model_summary(config)))
 
 
 def install_worker_hook(callback: WorkerCallback) -> None:
     """`callback(worker, additional_config)` runs once the worker's model is loaded."""
     from vllm.v1.worker.gpu_worker import Worker
 
-    orig = Worker.load_model
-    if getattr(orig, "_moe_reuse", False):
-        return
-
-    @functools.wraps(orig)
-    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        result = orig(self, *args, **kwargs)
-        callback(self, getattr(self.vllm_config, "additional_config", None))
-        return result
-
-    load_model._moe_reuse = True  # type: ignore[attr-defined]
-    Worker.load_model = load_model  # type: ignore[method-assign]
+    _wrap_once(Worker, "load_model", lambda worker, _result: callback(
+        worker, getattr(worker.vllm_config, "additional_config", None)))
