@@ -56,14 +56,21 @@ DEFAULT_DIR = str(
 MAX_SNAPSHOT_BYTES = 8 * 1024 * 1024
 """Read cap per rank file: a 61-layer, 256-expert rank with every live gauge is under 1 MiB, and
 the cap keeps a scrape well under 100 ms whatever a file holds (also its unpacked npz members)."""
-MAX_RANK_FILES = 4096
+MAX_RANK_FILES = 512
+MAX_SCAN_BYTES = 32 * 1024 * 1024
+"""Bytes one scan may read over all rank files; files past it are skipped and counted as
+`over_budget`. With MAX_RANK_FILES this bounds a scan whatever the directory holds (an 8-rank,
+61-layer server with per-expert series writes about 2 MiB in all)."""
+SCAN_BUDGET_S = 0.25
+"""A fail-safe on wall time (same policy), for a file system that stalls; deliberately above a
+normal scan on a loaded host, so a busy API server never drops healthy ranks from a scrape."""
 STALE_AFTER_S = 10.0
 """A rank whose snapshot has not been rewritten for max(this, 5 flush intervals) is stale: the
 flusher rewrites it every `flush_interval_s` whether or not there was traffic. With the flush
 interval unknown, the longest one accepted (60 s) is assumed."""
 _MAX_FLUSH_INTERVAL_S = 60.0
 REASONS = ("symlink", "foreign_owner", "writable_by_others", "not_a_regular_file", "too_large",
-           "corrupt", "unreadable")
+           "corrupt", "unreadable", "over_budget")
 _RANK_FILE = re.compile(r"^e[^/]*-r[^/]*\.npz$")
 _RUN_DIR = re.compile(r"^(\d+)-[0-9a-f]+$")
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -303,12 +310,19 @@ def _read_rank(dfd: int, name: str, max_bytes: int) -> tuple[bytes, os.stat_resu
 
 def scan_snapshots(directory: Path, *, now: float | None = None,
                    max_bytes: int = MAX_SNAPSHOT_BYTES,
-                   flush_interval_s: float | None = None) -> ScanResult:
+                   flush_interval_s: float | None = None,
+                   budget_s: float = SCAN_BUDGET_S,
+                   max_total_bytes: int = MAX_SCAN_BYTES,
+                   clock: Any = time.perf_counter) -> ScanResult:
     """Every rank's latest snapshot in `directory`, sorted by (engine, rank), with refusals.
 
     Never raises for what the directory holds: a missing directory is an empty result, and
-    anything untrustworthy or unreadable is counted in `refused` by reason and skipped.
+    anything untrustworthy or unreadable is counted in `refused` by reason and skipped. Bounded:
+    once `budget_s` of wall time or `max_total_bytes` are spent, the remaining files are skipped
+    and counted as `over_budget` (one message), so a scrape never stalls on a full directory.
     """
+    t_start = clock()
+    spent = 0
     out = ScanResult()
     try:
         dfd = open_dir(directory)
@@ -321,9 +335,16 @@ def scan_snapshots(directory: Path, *, now: float | None = None,
     try:
         names = sorted(n for n in os.listdir(dfd) if _RANK_FILE.match(n))[:MAX_RANK_FILES]
         t = time.time() if now is None else now
-        for name in names:
+        for i, name in enumerate(names):
+            if clock() - t_start > budget_s or spent > max_total_bytes:
+                out.refused["over_budget"] += len(names) - i
+                out.messages.append(f"{directory}: {len(names) - i} rank files left unread: the "
+                                    f"scan's budget ({budget_s * 1000:.0f} ms, "
+                                    f"{max_total_bytes} bytes) is spent")
+                break
             try:
                 data, st = _read_rank(dfd, name, max_bytes)
+                spent += len(data)
                 snap = decode(data, max_bytes)
             except FileNotFoundError:
                 continue  # a rank that vanished between listing and opening

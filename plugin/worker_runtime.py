@@ -83,8 +83,13 @@ class _Steps:
     def step_prepared(self, layout: Any) -> None:
         s = self.session
         if s.bytes_model.kv_bytes_per_token == 0:
-            kv = self.seam_facts.kv_bytes_per_token(self.worker)
-            s.bytes_model = dataclasses.replace(s.bytes_model, kv_bytes_per_token=kv)
+            groups = tuple(self.seam_facts.kv_groups(self.worker))
+            kv = int(sum(g[0] for g in groups))
+            s.bytes_model = dataclasses.replace(s.bytes_model, kv_bytes_per_token=kv,
+                                                kv_groups=groups)
+            if any(w or c for _, w, c in groups):
+                logger.info("moe_reuse: KV bytes per token by attention kind (window, chunk): %s",
+                            ", ".join(f"{b:.0f} B ({w or '-'}, {c or '-'})" for b, w, c in groups))
         s.step_prepared(layout.num_scheduled, layout.is_decode, layout.num_computed,
                         layout.scheduled_total)
 

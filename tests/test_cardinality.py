@@ -2,7 +2,8 @@
 
 Synthetic snapshots in the real format (a RecorderSession's own `snapshot()`), skewed routing so
 the cap has to choose, read back through prometheus_client's parser from the exposition text.
-Checks: each rank stays within `max_expert_series`; per (rank, layer, phase) the `expert="other"`
+Checks: each rank stays within `max_expert_series`, and all ranks together within the scrape's
+budget (`EXPERT_SERIES_PER_SCRAPE`, shared evenly: rendering is what a scrape pays per series); per (rank, layer, phase) the `expert="other"`
 series holds exactly the experts that were not kept; every series together equals the layer
 totals (`moe_reuse_expert_assignments_total`), rank by rank and overall.
 """
@@ -20,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moe_reuse.plugin.config import ConfigError, parse_config
 from moe_reuse.plugin.config_checks import validate_for_model
-from moe_reuse.plugin.exporters.prometheus import snapshot_families
+from moe_reuse.plugin.exporters.prometheus import EXPERT_SERIES_PER_SCRAPE, snapshot_families
 from moe_reuse.plugin.recorder.aggregate import PHASES, ByteModel
 from moe_reuse.plugin.recorder.ring import RingLayout
 from moe_reuse.plugin.recorder.session import RecorderSession
@@ -57,10 +58,12 @@ def _exposition(snaps: list[dict[str, Any]]) -> str:
     return generate_latest(reg).decode()
 
 
-@pytest.mark.parametrize("cap", [2000, 500])
-def test_per_expert_series_capped_per_rank_and_conserved(cap: int) -> None:
+@pytest.mark.parametrize("cap, ranks", [(2000, RANKS), (500, RANKS), (2000, 1), (100000, 2)])
+def test_per_expert_series_capped_per_rank_and_conserved(cap: int, ranks: int) -> None:
+    """Each rank gets min(its cap, the scrape's budget / ranks) series, at least the overflow."""
     rng = np.random.default_rng(61)
-    snaps = [_rank_snapshot(r, rng, cap) for r in range(RANKS)]
+    snaps = [_rank_snapshot(r, rng, cap) for r in range(ranks)]
+    want = max(min(cap, EXPERT_SERIES_PER_SCRAPE // ranks), 2 * LAYERS)
     t0 = time.perf_counter()
     text = _exposition(snaps)
     build_s = time.perf_counter() - t0
@@ -77,9 +80,10 @@ def test_per_expert_series_capped_per_rank_and_conserved(cap: int) -> None:
             elif smp.name == "moe_reuse_expert_assignments_total":
                 assignments[(lab["rank"], lab["layer"], lab["phase"])] = smp.value
 
-    assert set(per_rank) == {str(r) for r in range(RANKS)}
-    assert all(n <= cap for n in per_rank.values()), dict(per_rank)
-    assert min(per_rank.values()) > cap - 2 * LAYERS  # the cap is used, not wasted
+    assert set(per_rank) == {str(r) for r in range(ranks)}
+    assert all(n <= want for n in per_rank.values()), dict(per_rank)
+    assert min(per_rank.values()) > want - 2 * LAYERS  # the cap is used, not wasted
+    assert sum(per_rank.values()) <= max(EXPERT_SERIES_PER_SCRAPE, 2 * LAYERS * ranks)
     for snap in snaps:
         rank = snap["labels"]["rank"]
         et = snap["totals"]["expert_tokens"]
@@ -96,7 +100,7 @@ def test_per_expert_series_capped_per_rank_and_conserved(cap: int) -> None:
     everything = sum(sum(v.values()) for v in series.values())
     assert everything == sum(assignments.values()) == sum(
         int(s["totals"]["expert_tokens"].sum()) for s in snaps)
-    print(f"cap {cap}: {sum(per_rank.values())} expert series over {RANKS} ranks, "
+    print(f"cap {cap}: {sum(per_rank.values())} expert series over {ranks} ranks, "
           f"families built and exposed in {build_s * 1000:.0f} ms")
 
 

@@ -220,7 +220,7 @@ def test_monitor_publishes_and_never_raises() -> None:
     mon = LiveMonitor(big_specs(), cfg, list(range(8)), kv_capacity=lambda: 4096, baseline=None,
                       clock=lambda: t[0])
     session = SimpleNamespace(gauges={"other": {"doc": "", "labels": [], "samples": []}},
-                              bytes_model=BM, errors={})
+                              bytes_model=BM, errors={}, degraded=set())
     mon(*block(B=4, n=5), session)
     assert "qs_ratio" in session.gauges and "dense_speedup_ratio" not in session.gauges
     t[0] = 1.5
@@ -228,7 +228,11 @@ def test_monitor_publishes_and_never_raises() -> None:
     assert session.gauges["dense_speedup_ratio"]["samples"][0][1] > 0
     assert "other" in session.gauges
     mon(None, {}, session)  # garbage: counted, gauges withdrawn, no exception
-    assert session.errors == {"live": 1} and "dense_speedup_ratio" not in session.gauges
+    assert session.errors == {"live_window": 1} and "dense_speedup_ratio" not in session.gauges
+    assert session.degraded == {"live_window"}  # exported as enabled{reason="degraded"} 1
+    t[0] = 3.0
+    mon(*block(B=4, n=5), session)  # the next window that closes fine clears it
+    assert session.degraded == set() and "dense_speedup_ratio" in session.gauges
 
 
 def test_resolve_hardware(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -164,3 +164,28 @@ def test_selfcheck_is_zero_when_every_layer_counts_and_catches_a_missing_layer()
     _step(s, [1, 2], [11, 2], [5, 5], routing[:-1])  # the last MoE layer never reported
     s.flush()
     assert s.totals.selfcheck_mismatch == 3 * K and s.totals.scheduled_tokens == 6
+
+
+def test_a_failed_snapshot_write_is_retried_and_recording_goes_on() -> None:
+    """The flusher's write fails once: counted with its stage, degraded, nothing lost; the next
+    flush writes everything and clears the degraded state."""
+    published: list[dict] = []
+    fail = [True]
+
+    def publish(snap: dict) -> None:
+        if fail[0]:
+            fail[0] = False
+            raise OSError(28, "No space left on device")
+        published.append(snap)
+
+    s, _ = _session()
+    s.publish = publish
+    _step(s, [2, 1], [0, 5], [2, 3], [torch.tensor([[0, 1], [2, 3], [4, 5]])] * L)
+    s.flush()
+    assert s.enabled and s.errors == {"snapshot_write": 1} and s.degraded == {"snapshot_write"}
+    assert published == []
+    s.flush()
+    assert s.degraded == set() and s.errors == {"snapshot_write": 1}
+    snap = published[-1]
+    assert snap["enabled"] and snap["degraded"] == []
+    assert snap["totals"]["assignments"].sum() == 3 * K * L  # the step before the failure

@@ -423,3 +423,17 @@ def test_injected_snapshot_write_fault_writes_nothing_then_recovers(
     finally:
         monkeypatch.delenv(faults.ENV)
         faults.reset()
+
+
+def test_a_scan_stops_at_its_byte_budget_and_counts_the_rest(tmp_path: Path) -> None:
+    """Whatever the directory holds, one scan reads a bounded amount: the files past the budget
+    are skipped and counted as over_budget, the ones before it are read."""
+    d = tmp_path / "base" / RUN
+    for r in range(6):
+        write_snapshot(snapshot_path(d, "0", str(r)), snap(str(r)))
+    size = (d / "e0-r0.npz").stat().st_size
+    res = scan_snapshots(d, max_total_bytes=2 * size + size // 2)
+    assert len(res.ranks) == 3  # reads until more than the budget is spent
+    assert res.refused == {"over_budget": 3} and "left unread" in res.messages[0]
+    res = scan_snapshots(d, budget_s=-1.0)  # a stalled file system: nothing read
+    assert res.ranks == [] and res.refused == {"over_budget": 6}

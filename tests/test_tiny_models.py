@@ -24,6 +24,7 @@ EXPECTED_MOE_LAYERS = {
     "mixtral": (0, 1, 2, 3),
     "deepseek-v3": (1, 2, 3),  # first_k_dense_replace = 1
     "llama4": (1, 3),  # interleave_moe_layer_step = 2
+    "llama4-chunked": (1, 3),  # llama4 with a 64-token attention chunk (KV bytes test)
     "qwen2-moe": (0, 1, 2, 3),
     "olmoe": (0, 1, 2, 3),
     "dense": (),

@@ -66,8 +66,10 @@ class _Families:
         return fam  # type: ignore[return-value]
 
 
-ENABLED_DOC = ("1 while the recorder records; 0 when it does not, with the reason: fault, "
-               "bind_failed, no_moe_layers, unsupported_runner, no_rank_reporting.")
+ENABLED_DOC = ("1 while the recorder records (reason recording, or degraded when a part such as "
+               "the live comparison or the OTLP push is failing: see errors_total by stage); 0 "
+               "when it does not, with the reason: fault, bind_failed, no_moe_layers, "
+               "unsupported_runner, not_moe, no_rank_reporting, collector_fault.")
 
 
 def _add_status(f: _Families, snap: dict[str, Any]) -> list[str]:
@@ -79,6 +81,8 @@ def _add_status(f: _Families, snap: dict[str, Any]) -> list[str]:
     f.gauge("info", "Static facts of the served MoE model and the plugin.",
             [*BASE_LABELS, *info_keys]).add_metric(base + [str(info[k]) for k in info_keys], 1)
     reason = str(snap.get("reason") or ("recording" if snap["enabled"] else "fault"))
+    if snap["enabled"] and snap.get("degraded"):
+        reason = "degraded"  # recording, but a part (live comparison, OTLP push) is down
     f.gauge("enabled", ENABLED_DOC, [*BASE_LABELS, "reason"]).add_metric(
         base + [reason], 1.0 if snap["enabled"] else 0.0)
     errs = f.counter("errors", "Faults caught inside the plugin, by stage.",
@@ -196,19 +200,47 @@ def frontend_families(f: _Families, frontend: Any, snapshots: list[dict[str, Any
             [frontend.model, "", "", "no_rank_reporting"], 0.0)
 
 
+EXPERT_SERIES_PER_SCRAPE = 1000
+"""Per-expert series one scrape carries over all ranks. prometheus_client renders about 20 us per
+sample on a 2-core host, and the plugin's other series are already about 430 per rank of a
+61-layer model, so when several ranks export per-expert series each rank's cap becomes
+min(max_expert_series, this / ranks), never below the one `expert="other"` series per layer and
+phase that keeps the sum exact (benchmarks/bench_scrape.py measures a scrape)."""
+
+
+def _expert_caps(snapshots: list[dict[str, Any]]) -> dict[int, int]:
+    """Rank index -> the per-expert series cap it gets in this scrape (see above)."""
+    on = [i for i, s in enumerate(snapshots) if s.get("options", {}).get("per_expert_series")]
+    if not on:
+        return {}
+    share = EXPERT_SERIES_PER_SCRAPE // len(on)
+    caps = {}
+    for i in on:
+        opts = snapshots[i]["options"]
+        floor = 2 * len(snapshots[i].get("layer_ids", ()))
+        caps[i] = max(min(int(opts.get("max_expert_series", 2000)), share), floor)
+    return caps
+
+
 def snapshot_families(snapshots: list[dict[str, Any]], frontend: Any = None) -> list[Metric]:
     """Pure: the latest snapshot of every rank (and the front end's state) -> metric families."""
     f = _Families()
-    for snap in snapshots:
-        _add_rank(f, snap, snap.get("options", {}))
+    caps = _expert_caps(snapshots)
+    for i, snap in enumerate(snapshots):
+        opts = snap.get("options", {})
+        if i in caps:
+            opts = {**opts, "max_expert_series": caps[i]}
+        _add_rank(f, snap, opts)
     frontend_families(f, frontend, snapshots)
     return list(f.by_name.values())
 
 
 def reader_families(result: ScanResult, refused: Mapping[str, int], collector_errors: int,
-                    fams: list[Metric] | None = None) -> list[Metric]:
+                    fams: list[Metric] | None = None, *, failed_now: bool = False,
+                    model: str = "") -> list[Metric]:
     """Pure: what the reader itself knows, merged into `fams`: each rank's snapshot age (stale
-    ranks included, which export nothing else), refusals by reason, and its own faults."""
+    ranks included, which export nothing else), refusals by reason, and its own faults (a scrape
+    whose collection failed says so: `enabled{reason="collector_fault"} 0`)."""
     f = _Families()
     for m in fams or []:
         f.by_name[m.name[len(P):]] = m
@@ -224,7 +256,7 @@ def reader_families(result: ScanResult, refused: Mapping[str, int], collector_er
             age.add_metric([str(lab.get(k, "")) for k in BASE_LABELS], round(r.age_s, 3))
     ref = f.counter("snapshot_refused", "Snapshot files or directories the reader refused, by "
                     "reason (symlink, foreign_owner, writable_by_others, not_a_regular_file, "
-                    "too_large, corrupt, unreadable). PromQL: "
+                    "too_large, corrupt, unreadable, over_budget). PromQL: "
                     "sum by (reason) (rate(moe_reuse_snapshot_refused_total[5m])) > 0", ["reason"])
     for reason in REASONS:
         ref.add_metric([reason], float(refused.get(reason, 0)))
@@ -233,6 +265,9 @@ def reader_families(result: ScanResult, refused: Mapping[str, int], collector_er
                          [*BASE_LABELS, "stage"])
         errs.samples.append(Sample(P + "errors_total", {"stage": "collector"},
                                    float(collector_errors)))
+    if failed_now:  # this scrape has none of the ranks' series: not blind without saying so
+        f.gauge("enabled", ENABLED_DOC, [*BASE_LABELS, "reason"]).add_metric(
+            [model, "", "", "collector_fault"], 0.0)
     return list(f.by_name.values())
 
 
@@ -261,6 +296,7 @@ class SnapshotCollector:
             logger.warning(msg, *args)
 
     def collect(self) -> Iterable[Metric]:
+        failed = False
         try:
             faults.check("collector")
             cfg = getattr(self._frontend, "config", None)
@@ -271,6 +307,7 @@ class SnapshotCollector:
                 self._log_once(msg, "moe_reuse: refused a snapshot path: %s", msg)
             fams = snapshot_families(result.fresh, self._frontend)
         except Exception as exc:  # noqa: BLE001 - a scrape must never fail because of us
+            failed = True
             self._errors += 1
             self._log_once("collector", "moe_reuse: the snapshot collector failed: %s: %s "
                            "(scrapes go on without the plugin's series; counted in "
@@ -279,7 +316,8 @@ class SnapshotCollector:
         if not (self._active() or self._refused or self._errors or result.ranks):
             return fams
         try:
-            return reader_families(result, self._refused, self._errors, fams)
+            return reader_families(result, self._refused, self._errors, fams, failed_now=failed,
+                                   model=str(getattr(self._frontend, "model", "") or ""))
         except Exception:  # noqa: BLE001
             return fams
 

@@ -45,6 +45,7 @@ __all__ = [
     "VllmServer",
     "complete",
     "complete_streamed",
+    "engine_iterations",
     "free_port",
     "metric_value",
     "prefix_cache_hits",
@@ -550,6 +551,27 @@ def metric_value(metrics_text: str, name: str, **labels: str) -> float:
         if all(got.get(k) == v for k, v in labels.items()):
             total += float(m.group(3))
     return total
+
+
+_ITERATION = re.compile(
+    r"Iteration\((\d+)\): (\d+) context requests, (\d+) context tokens, (\d+) generation "
+    r"requests, (\d+) generation tokens")
+
+
+def engine_iterations(log_text: str) -> dict[str, int]:
+    """Sum of vLLM's own per-step figures from its log (``--enable-logging-iteration-details``):
+    each engine step logs the requests and tokens it scheduled, split as vLLM splits them (a
+    "context" request has no output token yet, everything else is "generation"). This is the
+    scheduler's count of the tokens the model really computed, recomputation after preemption and
+    the tokens of requests aborted later included, independent of the plugin."""
+    out = {"iterations": 0, "context_requests": 0, "context_tokens": 0,
+           "generation_requests": 0, "generation_tokens": 0}
+    for m in _ITERATION.finditer(log_text):
+        out["iterations"] += 1
+        for key, g in (("context_requests", 2), ("context_tokens", 3),
+                       ("generation_requests", 4), ("generation_tokens", 5)):
+            out[key] += int(m.group(g))
+    return out
 
 
 def prefix_caching(metrics_text: str) -> tuple[bool, int]:

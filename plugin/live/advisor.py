@@ -190,18 +190,21 @@ def window_advice(counts: np.ndarray, groups: Mapping[int, Sequence[float]], spe
 
 def publish_advice(session: Any, w: Any, specs: LiveSpecs, cfg: PluginConfig,
                    layer_ids: Sequence[int], *, placement: Callable[[], Any] | None = None,
-                   on_fault: Callable[[Any, BaseException], None] | None = None) -> None:
+                   on_fault: Callable[[Any, BaseException], None] | None = None) -> bool:
     """Replace the advisor gauges in `session.gauges` with those of the closed window `w`
     (a `WindowData`). Called by the live monitor after its own gauges; never raises: a failure
-    withdraws only the advisor gauges and goes to `on_fault` (the live monitor's `live_fault`).
+    withdraws only the advisor gauges, goes to `on_fault` (the live monitor's `live_fault`) and
+    returns False.
     `placement` reads the served placement through the seam (None or returning None: EP off)."""
+    ok = True
     try:
         served = placement() if placement is not None else None
         fresh = window_advice(w.expert_tokens, w.groups, specs, cfg, layer_ids, served=served)
     except Exception as exc:  # noqa: BLE001 - never into the flusher
-        fresh = {}
+        fresh, ok = {}, False
         if on_fault is not None:
             on_fault(session, exc)
     gauges = {k: v for k, v in session.gauges.items() if k not in ADVISOR_GAUGES}
     gauges.update(fresh)
     session.gauges = gauges
+    return ok

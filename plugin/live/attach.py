@@ -5,9 +5,11 @@ seam by the worker's assembly), builds the predictor specs (MoE and dense twin) 
 listeners: `LiveMonitor` (window figures -> gauges)
 and, when `otlp_endpoint` is set, the OTel bridge. Both run in the flusher thread, off the step.
 
-Fault policy: a failure here never reaches vLLM and never stops the recorder. It is counted in
-`session.errors["live"]` (so `moe_reuse_errors_total{stage="live"}` shows it), logged once, and
-the live gauges are withdrawn; the recorder's own counters keep flowing.
+Fault policy: a failure here never reaches vLLM and never stops the recorder. It is counted with
+its stage in `session.errors` (`moe_reuse_errors_total{stage=...}`: live_setup, live_window,
+live_advisor, otlp_push), logged once per stage, the live gauges are withdrawn, and the part is
+marked degraded (`moe_reuse_enabled{reason="degraded"} 1`: recording, but a part is down) until
+it next succeeds; the recorder's own counters keep flowing.
 """
 
 from __future__ import annotations
@@ -33,16 +35,28 @@ logger = logging.getLogger("vllm.moe_reuse")
 LIVE_GAUGES = WINDOW_GAUGES  # what a window publishes, and withdraws when the live part faults
 
 
-def live_fault(session: Any, exc: BaseException) -> None:
-    """Count and log a live-comparison failure; never raises, never disables the recorder."""
+LIVE_STAGES = ("live_setup", "live_window", "live_advisor", "otlp_push")
+
+
+def live_fault(session: Any, exc: BaseException, stage: str = "live_setup") -> None:
+    """Count and log a live-comparison failure at `stage` (one log line per stage), mark the
+    part degraded; never raises, never disables the recorder."""
     try:
-        first = "live" not in session.errors
-        session.errors["live"] = session.errors.get("live", 0) + 1
+        first = stage not in session.errors
+        session.errors[stage] = session.errors.get(stage, 0) + 1
+        session.degraded.add(stage)
         if first:
-            logger.error("moe_reuse: live comparison failed (recording continues): %s: %s",
+            logger.error("moe_reuse: %s failed (recording continues; counted in "
+                         "moe_reuse_errors_total{stage=\"%s\"}): %s: %s", stage, stage,
                          type(exc).__name__, exc)
     except Exception:  # noqa: BLE001
         pass
+
+
+def _recovered(session: Any, stage: str) -> None:
+    degraded = getattr(session, "degraded", None)
+    if degraded:
+        degraded.discard(stage)
 
 
 class LiveMonitor:
@@ -116,10 +130,13 @@ class LiveMonitor:
             self.last_figures = fig
             self.windows += 1
             self.publish(session, fig)
-            publish_advice(session, w, self.specs, self.cfg, self.layer_ids,
-                           placement=self.placement, on_fault=live_fault)
+            _recovered(session, "live_window")
+            if publish_advice(session, w, self.specs, self.cfg, self.layer_ids,
+                              placement=self.placement,
+                              on_fault=lambda s, e: live_fault(s, e, "live_advisor")):
+                _recovered(session, "live_advisor")
         except Exception as exc:  # noqa: BLE001 - never into the flusher (it would disable all)
-            live_fault(session, exc)
+            live_fault(session, exc, "live_window")
             session.gauges = {k: v for k, v in session.gauges.items()
                               if k not in LIVE_GAUGES and k not in ADVISOR_GAUGES}
 
@@ -157,12 +174,13 @@ def attach_otel(session: Any, cfg: PluginConfig) -> None:
             try:
                 faults.check("otlp_push")
                 bridge.update(s.snapshot())
+                _recovered(s, "otlp_push")
             except Exception as exc:  # noqa: BLE001
-                live_fault(s, exc)
+                live_fault(s, exc, "otlp_push")
 
         session.listeners.append(push)
         atexit.register(bridge.shutdown)
         logger.info("moe_reuse: pushing metrics over OTLP to %s every %gs", cfg.otlp_endpoint,
                     cfg.otlp_interval_s)
     except Exception as exc:  # noqa: BLE001
-        live_fault(session, exc)
+        live_fault(session, exc, "otlp_push")

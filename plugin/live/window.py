@@ -111,7 +111,9 @@ class WindowAccumulator:
         step_distinct = (distinct.mean(axis=0) if distinct.shape[0] else
                          np.zeros(int(mask.sum())))
         const = bm.shared_expert_bytes + bm.dense_ffn_bytes + bm.attention_bytes + bm.embedding_bytes
-        d.bytes_measured += float(routed + const * mask.sum() + ctx.sum() * bm.kv_bytes_per_token)
+        kv = (np.asarray(meta["kv_bytes"])[mask, 1].sum() if "kv_bytes" in meta
+              else ctx.sum() * bm.kv_bytes_per_token)
+        d.bytes_measured += float(routed + const * mask.sum() + kv)
         for b in np.unique(B):
             sel = b == B
             g = d.groups.setdefault(int(b), [0.0, 0.0, 0.0, 0.0, 0.0])

@@ -37,7 +37,28 @@ class ByteModel:
     dense_ffn_bytes: int = 0
     attention_bytes: int = 0
     embedding_bytes: int = 0
-    kv_bytes_per_token: int = 0
+    kv_bytes_per_token: int = 0  # over every KV-cache group: what one token of full context costs
+    kv_groups: tuple[tuple[float, int, int], ...] = ()
+    """(bytes per token, sliding window or 0, attention chunk or 0) per kind of attention layer on
+    this rank, from vLLM's KV-cache groups: a sliding-window layer reads at most its window of
+    the context, a chunked-local one the tokens of the current chunk. Empty: all full."""
+
+
+def kv_read_bytes(bm: ByteModel, context: np.ndarray) -> np.ndarray:
+    """KV bytes read per request whose context (tokens in its KV after the step) is `context`."""
+    ctx = np.asarray(context, dtype=np.float64)
+    if not bm.kv_groups:
+        return ctx * bm.kv_bytes_per_token
+    out = np.zeros_like(ctx)
+    for per_token, window, chunk in bm.kv_groups:
+        if window:
+            eff = np.minimum(ctx, window)
+        elif chunk:  # tokens since the start of the chunk the newest token is in
+            eff = ctx - np.floor(np.maximum(ctx - 1, 0) / chunk) * chunk
+        else:
+            eff = ctx
+        out += per_token * eff
+    return out
 
 
 class StepMeta:
@@ -49,6 +70,7 @@ class StepMeta:
         self.tokens = np.zeros((n, 2), dtype=np.int64)
         self.requests = np.zeros((n, 2), dtype=np.int64)
         self.context = np.zeros((n, 2), dtype=np.int64)
+        self.kv_bytes = np.zeros((n, 2), dtype=np.float64)  # KV read, per KV-cache group's rule
         self.duration_ns = np.zeros(n, dtype=np.int64)
         self.comm_ns = np.zeros((n, len(COMM_OPS)), dtype=np.int64)
         self.scheduled = np.zeros(n, dtype=np.int64)  # the scheduler's own token count (self-check)
@@ -184,7 +206,8 @@ def fold_block(
     distinct_all = (c.sum(axis=2) > 0).sum(axis=2)  # [L, n]
     bm = bytes_model
     routed = float((distinct_all.sum(axis=1) * np.asarray(bm.expert_bytes_per_layer)).sum())
-    kv = float(meta["context"].sum()) * bm.kv_bytes_per_token
+    kv = float(meta["kv_bytes"].sum()) if "kv_bytes" in meta else (
+        float(meta["context"].sum()) * bm.kv_bytes_per_token)
     per_step = np.array(
         [0.0, bm.shared_expert_bytes, bm.dense_ffn_bytes, bm.attention_bytes, bm.embedding_bytes, 0.0]
     )

@@ -100,6 +100,11 @@ class RoutingRing:
         self._copy_events: dict[int, torch.cuda.Event] = {}
 
     # ---- hot path: inside the forward -------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes held by the ring's tensors (device counters, token map, host staging)."""
+        tensors = [self.counts, self._ones, self.tok_base, self._idle_host, *self._stage]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def capture(self, layer_slot: int, topk_ids: torch.Tensor) -> None:
         """Count one MoE layer's routing. Tensor ops only (traced by Dynamo, captured by graphs)."""
         E = self.layout.num_experts

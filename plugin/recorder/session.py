@@ -24,7 +24,16 @@ import numpy as np
 import torch
 
 from .. import faults
-from .aggregate import COMM_OPS, BlockStats, ByteModel, StepMeta, Totals, fold_block, step_kind
+from .aggregate import (
+    COMM_OPS,
+    BlockStats,
+    ByteModel,
+    StepMeta,
+    Totals,
+    fold_block,
+    kv_read_bytes,
+    step_kind,
+)
 from .ring import DECODE, PREFILL, RingLayout, RoutingRing
 
 logger = logging.getLogger("vllm.moe_reuse")
@@ -68,6 +77,7 @@ class RecorderSession:
         self.enabled = True
         self.reason = "recording"  # why `enabled` is what it is (exported as a label)
         self.errors: dict[str, int] = {}
+        self.degraded: set[str] = set()  # parts that failed while recording goes on (live, OTLP)
         self.listeners: list[BlockListener] = []
         self.gauges: dict[str, Any] = {}  # filled by listeners (live comparison)
         self._lock = threading.Lock()  # serialises flushes (thread vs close)
@@ -86,6 +96,14 @@ class RecorderSession:
             (layout.num_layers, layout.ring_steps, 3, layout.columns), dtype=torch.int32,
             pin_memory=self.ring.device.type == "cuda",
         )
+        # Fixed at start-up; exported so a soak can show they never grow.
+        self.gauges["buffer_bytes"] = {
+            "doc": "Bytes of the recorder's buffers, allocated once at start-up: the device "
+                   "ring (counters, token map, staging) and the host copy the flusher reads into.",
+            "labels": ["buffer"],
+            "samples": [(("device_ring",), float(self.ring.nbytes())),
+                        (("host_copy",), float(self._host.numel() * self._host.element_size()))],
+        }
 
     # ---- binding -----------------------------------------------------------------------------
     def record(self, layer_slot: int, topk_ids: torch.Tensor) -> None:
@@ -134,7 +152,10 @@ class RecorderSession:
             sched = num_scheduled.astype(np.int64)
             m.tokens[slot] = np.bincount(phase, weights=sched, minlength=2)
             m.requests[slot] = np.bincount(phase, minlength=2)
-            m.context[slot] = np.bincount(phase, weights=num_computed, minlength=2) + m.tokens[slot]
+            ctx = np.asarray(num_computed, dtype=np.int64) + sched  # KV tokens after the step
+            m.context[slot] = np.bincount(phase, weights=ctx, minlength=2)
+            m.kv_bytes[slot] = np.bincount(phase, weights=kv_read_bytes(self.bytes_model, ctx),
+                                           minlength=2)
             m.kind[slot] = step_kind(m.tokens[slot])
             m.scheduled[slot] = int(sched.sum()) if scheduled_total < 0 else scheduled_total
             self._comm_ns[:] = 0
@@ -215,9 +236,25 @@ class RecorderSession:
             except Exception as exc:  # noqa: BLE001
                 self.fault("flush", exc)
             try:
-                self.publish(self.snapshot())
+                snap = self.snapshot()  # if it gets written, the write works again: say so
+                snap["degraded"] = [d for d in snap["degraded"] if d != "snapshot_write"]
+                self.publish(snap)
+                self.degraded.discard("snapshot_write")
             except Exception as exc:  # noqa: BLE001
-                self.fault("publish", exc)
+                self._write_failed(exc)
+
+    def _write_failed(self, exc: BaseException) -> None:
+        """A snapshot that could not be written (tmpfs full, a refused directory): the counts are
+        safe in the session, so recording goes on and the next flush retries; counted, logged
+        once, degraded until a write succeeds (a write that never succeeds makes the rank stale,
+        which MoeReuseRankStale pages on)."""
+        first = "snapshot_write" not in self.errors
+        self.errors["snapshot_write"] = self.errors.get("snapshot_write", 0) + 1
+        self.degraded.add("snapshot_write")
+        if first:
+            logger.error("moe_reuse: could not write the snapshot (recording continues, retried "
+                         "every flush; counted in moe_reuse_errors_total{stage=\"snapshot_write\"}): "
+                         "%s: %s", type(exc).__name__, exc)
 
     def _fold_pending(self) -> None:
         S = self.layout.ring_steps
@@ -257,6 +294,7 @@ class RecorderSession:
             "enabled": bool(self.enabled),
             "reason": self.reason,
             "errors": dict(self.errors),
+            "degraded": sorted(self.degraded),
             "comm_mode": self.info.get("comm_mode", "none"),
             "totals": {k: v.copy() for k, v in self.totals.arrays().items()},
             "gauges": dict(self.gauges),

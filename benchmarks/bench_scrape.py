@@ -1,0 +1,132 @@
+"""What the plugin adds to one scrape of /metrics, for normal and hostile snapshot directories.
+
+The API server's `SnapshotCollector` reads every rank's snapshot file at scrape time and builds
+the families; prometheus_client then renders them. Both are on the scrape's critical path, so
+both are timed here, apart and together as /metrics runs them (`generate_latest` over a
+registry holding the collector), median of `--repeat` scrapes per case:
+- `8 ranks`: a 61-layer, 256-expert model (DeepSeek-V3's shape) on 8 ranks, per-expert series on;
+- `8 ranks, per-expert off`;
+- `8 ranks + junk`: the same plus 200 files the reader must refuse (symlinks, a FIFO, oversized,
+  corrupt, zip bombs, foreign names);
+- `512 ranks`: a directory at the rank-file cap.
+The budget is 100 ms per scrape.
+
+    python benchmarks/bench_scrape.py [--repeat 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
+
+from moe_reuse.plugin.exporters.prometheus import SnapshotCollector
+from moe_reuse.plugin.recorder.aggregate import ByteModel
+from moe_reuse.plugin.recorder.ring import RingLayout
+from moe_reuse.plugin.recorder.session import RecorderSession
+from moe_reuse.plugin.snapshot import MAX_SNAPSHOT_BYTES, snapshot_path, write_snapshot
+
+LAYERS, EXPERTS, TOP_K = 61, 256, 8
+RUN = "4000000-abcdef01"
+
+
+def rank_snapshot(rank: int, per_expert: bool, rng: np.random.Generator) -> dict[str, Any]:
+    s = RecorderSession(
+        RingLayout(LAYERS, EXPERTS, TOP_K, 8, 8), ByteModel((1,) * LAYERS),
+        labels={"model": "ds", "engine": "0", "rank": str(rank)}, info={"top_k": str(TOP_K)},
+        layer_ids=list(range(3, 3 + LAYERS)), publish=lambda _: None,
+    )
+    et = rng.integers(0, 1000, size=(LAYERS, 2, EXPERTS))
+    s.totals.expert_tokens[:] = et
+    s.totals.assignments[:] = et.sum(axis=2)
+    snap = s.snapshot()
+    snap["options"] = {"per_expert_series": per_expert, "max_expert_series": 2000,
+                       "flush_interval_s": 1.0}
+    return snap
+
+
+def junk(d: Path, n: int) -> None:
+    big = d / "big.bin"
+    big.write_bytes(b"\0" * (MAX_SNAPSHOT_BYTES + 1))
+    for i in range(n):
+        kind = i % 5
+        p = d / f"e9-r{i}.npz"
+        if kind == 0:
+            p.symlink_to("/etc/passwd")
+        elif kind == 1 and not (d / "e9-rfifo.npz").exists():
+            os.mkfifo(d / "e9-rfifo.npz")
+        elif kind == 2:
+            os.link(big, p)  # oversized
+        elif kind == 3:
+            p.write_bytes(os.urandom(4096))  # corrupt
+        else:
+            with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as zf:  # a zip bomb
+                zf.writestr("header.npy", b"\0" * (64 << 20))
+
+
+def time_scrapes(base: Path, repeat: int) -> tuple[float, float, float, int]:
+    """Median ms of: the collector (read + families), prometheus_client's rendering of its
+    families, and the whole scrape (`generate_latest` over a registry holding the collector)."""
+    os.environ["MOE_REUSE_SNAPSHOT_DIR"] = str(base)
+    collector = SnapshotCollector(lambda: base / RUN)
+    reg = CollectorRegistry()
+    reg.register(collector)  # type: ignore[arg-type]
+    t_collect, t_render, t_total, size = [], [], [], 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fams = list(collector.collect())
+        t1 = time.perf_counter()
+        fixed = CollectorRegistry()
+        fixed.register(_Fixed(fams))  # type: ignore[arg-type]
+        generate_latest(fixed)
+        t2 = time.perf_counter()
+        size = len(generate_latest(reg))
+        t3 = time.perf_counter()
+        t_collect.append(t1 - t0)
+        t_render.append(t2 - t1)
+        t_total.append(t3 - t2)
+    return (1000 * statistics.median(t_collect), 1000 * statistics.median(t_render),
+            1000 * statistics.median(t_total), size)
+
+
+class _Fixed:
+    def __init__(self, fams: list[Any]) -> None:
+        self.fams = fams
+
+    def collect(self) -> list[Any]:
+        return self.fams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=20)
+    args = ap.parse_args()
+    rng = np.random.default_rng(0)
+    cases = [("8 ranks, per-expert on", 8, True, 0), ("8 ranks, per-expert off", 8, False, 0),
+             ("8 ranks + 200 junk files", 8, True, 200), ("512 ranks, per-expert off", 512, False, 0)]
+    print(f"{'case':28s} {'collector ms':>12s} {'render ms':>10s} {'scrape ms':>10s} {'bytes':>9s}")
+    for name, ranks, pe, n_junk in cases:
+        with tempfile.TemporaryDirectory() as tmp:
+            base = Path(tmp) / "base"
+            d = base / RUN
+            d.mkdir(parents=True, mode=0o700)
+            if n_junk:  # first: zip bombs take seconds to write, and the ranks must be fresh
+                junk(d, n_junk)
+            for r in range(ranks):
+                write_snapshot(snapshot_path(d, "0", str(r)), rank_snapshot(r, pe, rng))
+            collect, render, total, size = time_scrapes(base, args.repeat)
+            print(f"{name:28s} {collect:12.1f} {render:10.1f} {total:10.1f} {size:9d}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
