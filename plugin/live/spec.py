@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,8 +89,20 @@ class LiveSpecs:
         return max(int(moe_tokens + delta / kv_bytes_per_token_rank), 0)
 
 
+def _has_quantization_config(hf_config: Mapping[str, Any]) -> bool:
+    text = hf_config.get("text_config")
+    return any(isinstance(c, Mapping) and isinstance(c.get("quantization_config"), Mapping)
+               for c in (hf_config, text))
+
+
 def build_specs(facts: ServedFacts, hardware: HardwareSpec, q: float) -> LiveSpecs:
-    model = model_from_hf_config(facts.hf_config, weight_dtype=facts.weight_dtype,
+    """The served model's spec. A checkpoint quantized on disk (FP8, INT8/INT4, MXFP4 experts)
+    keeps the weight dtypes of its `quantization_config`: vLLM's `model_config.dtype` is the
+    activation dtype, and passing it as the weight dtype would size an FP8 model's weights at two
+    bytes, unlike what the recorder measures from the loaded tensors."""
+    quantized = _has_quantization_config(facts.hf_config)
+    model = model_from_hf_config(facts.hf_config,
+                                 weight_dtype=None if quantized else facts.weight_dtype,
                                  kv_dtype=facts.kv_dtype)
     dense = dense_twin(model, q)
     part = Partition(tp=facts.tp, pp=facts.pp, dp=facts.dp, ep=facts.ep)

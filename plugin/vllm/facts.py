@@ -124,9 +124,12 @@ def served_hf_config(worker: Any) -> dict[str, Any]:
 def served_dtypes(worker: Any) -> tuple[str, str]:
     """(weight dtype, KV-cache dtype) as vLLM resolved them, e.g. ("bfloat16", "bfloat16")."""
     vc = worker.vllm_config
-    weight = str(vc.model_config.dtype).replace("torch.", "")
+    act = str(vc.model_config.dtype).replace("torch.", "")
     kv = str(getattr(vc.cache_config, "cache_dtype", "auto") or "auto")
-    return weight, (weight if kv == "auto" else kv)
+    # `--quantization fp8` on a BF16 checkpoint quantizes the weights at load: FP8 weights with
+    # BF16 activations (a checkpoint quantized on disk says so in its own quantization_config)
+    weight = "fp8" if str(getattr(vc.model_config, "quantization", "") or "") == "fp8" else act
+    return weight, (act if kv == "auto" else kv)
 
 
 def parallel_sizes(worker: Any) -> tuple[int, int, int, int]:
