@@ -27,6 +27,7 @@ EXPECTED_MOE_LAYERS = {
     "llama4-chunked": (1, 3),  # llama4 with a 64-token attention chunk (KV bytes test)
     "qwen2-moe": (0, 1, 2, 3),
     "olmoe": (0, 1, 2, 3),
+    "gpt-oss": (0, 1, 2, 3),
     "dense": (),
     "big-moe": tuple(range(8)),
 }

@@ -159,6 +159,9 @@ def _facts_from_config(name: str, cfg: Mapping[str, Any], dead: tuple[int, ...])
         step = int(text.get("interleave_moe_layer_step", 1))
         moe = [i for i in range(n) if step > 0 and (i + 1) % step == 0]
         shared, moe_inter = 1, int(text["intermediate_size"])
+    elif arch == "GptOssForCausalLM":  # gpt_oss.py: every layer is MoE, no shared expert
+        experts, top_k = int(text["num_local_experts"]), int(text["num_experts_per_tok"])
+        moe, moe_inter = list(range(n)), int(text["intermediate_size"])
     elif arch not in ("Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM"):
         raise ValueError(f"model_facts does not know the MoE layout of {arch}")
     return ModelFacts(
