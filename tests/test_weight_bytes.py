@@ -84,7 +84,9 @@ def _model(fmt: str, expert_dtype: torch.dtype) -> tuple[nn.Module, list[nn.Modu
     shared = nn.Module()
     shared.gate_up_proj = linear(fmt, H, 2 * I_SHARED)
     shared.down_proj = linear(fmt, I_SHARED, H)
-    gate = linear("bf16", H, E)  # router gates stay unquantized
+    gate = _bare(ReplicatedLinear, input_size=H, output_size=E)  # router gates stay bf16, and
+    gate.register_parameter("weight", nn.Parameter(torch.empty(0, dtype=BF16),  # a replicated
+                                                   requires_grad=False))  # one is prepacked too
     runner = nn.Module()
     runner.w13_weight = nn.Parameter(torch.zeros(E, 2 * I_MOE, H, dtype=torch.uint8).view(
         expert_dtype) if expert_dtype == FP8 else torch.zeros(E, 2 * I_MOE, H, dtype=expert_dtype),

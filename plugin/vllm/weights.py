@@ -15,6 +15,8 @@ import torch
 def _logical_weight_bytes(m: Any, item: int) -> int:
     if hasattr(m, "input_size_per_partition") and hasattr(m, "output_size_per_partition"):
         return int(m.input_size_per_partition) * int(m.output_size_per_partition) * item
+    if hasattr(m, "input_size") and hasattr(m, "output_size"):  # ReplicatedLinear: not split
+        return int(m.input_size) * int(m.output_size) * item
     if hasattr(m, "num_embeddings_per_partition") and hasattr(m, "embedding_dim"):
         return int(m.num_embeddings_per_partition) * int(m.embedding_dim) * item
     return 0
