@@ -14,7 +14,6 @@ connection after that many streamed tokens; vLLM notices on its next write and a
 
 from __future__ import annotations
 
-import json
 import random
 import time
 import urllib.error
@@ -24,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .server import NUM_SPECIAL_TOKENS, complete
+from .server import NUM_SPECIAL_TOKENS, complete, complete_streamed
 
 __all__ = ["LoadRequest", "LoadResult", "mixed_requests", "run_load", "send", "summarize"]
 
@@ -83,41 +82,15 @@ def mixed_requests(
     return out
 
 
-def _streamed(url: str, req: LoadRequest, model: str, timeout_s: float) -> tuple[str, int]:
-    body = {
-        "model": model,
-        "prompt": list(req.prompt),
-        "max_tokens": req.max_tokens,
-        "temperature": 0.0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-    }
-    http = urllib.request.Request(
-        url.rstrip("/") + "/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    done = 0
-    with urllib.request.urlopen(http, timeout=timeout_s) as r:
-        for raw in r:
-            line = raw.decode(errors="replace").strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            usage = json.loads(line[5:]).get("usage") or {}
-            done = max(done, int(usage.get("completion_tokens") or 0))
-            if req.abort_after_tokens is not None and done >= req.abort_after_tokens:
-                r.close()  # hang up: vLLM aborts the request on its next write
-                return "aborted", done
-    return "completed", done
-
-
 def send(url: str, req: LoadRequest, model: str, timeout_s: float = 300) -> LoadResult:
     """One request; failures are returned (outcome "failed"), never raised."""
     t0 = time.monotonic()
     try:
         if req.stream:
-            outcome, tokens = _streamed(url, req, model, timeout_s)
+            out = complete_streamed(url, list(req.prompt), req.max_tokens, model=model,
+                                    timeout_s=timeout_s, abort_after_tokens=req.abort_after_tokens)
+            outcome = "aborted" if out["aborted"] else "completed"
+            tokens = int(out["completion_tokens"])
         else:
             out = complete(url, list(req.prompt), req.max_tokens, model=model, timeout_s=timeout_s)
             outcome, tokens = "completed", int(out["usage"]["completion_tokens"])

@@ -470,10 +470,13 @@ def complete_streamed(
     temperature: float = 0.0,
     timeout_s: float = 120,
     clock: Callable[[], float] = time.monotonic,
+    abort_after_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Streamed POST /v1/completions, timed by the client: TTFT and every inter-token gap.
 
-    Returns ``{"ttft_seconds", "itl_seconds": [...], "completion_tokens", "prompt_tokens"}``.
+    Returns ``{"ttft_seconds", "itl_seconds": [...], "completion_tokens", "prompt_tokens",
+    "aborted"}``. ``abort_after_tokens``: hang up once that many tokens arrived (a client that
+    disconnects mid-stream; vLLM aborts the request on its next write).
     vLLM sends one SSE chunk per engine step that produced output; with
     ``continuous_usage_stats`` each chunk says how many tokens it completed so far, so a chunk
     carrying n tokens counts as n gaps of (its gap / n).
@@ -515,8 +518,12 @@ def complete_streamed(
                 n = tokens - done
                 gaps.extend([(now - last) / n] * n)
             done, last = tokens, now
+            if abort_after_tokens is not None and done >= abort_after_tokens:
+                r.close()
+                return {"ttft_seconds": ttft, "itl_seconds": gaps, "completion_tokens": done,
+                        "prompt_tokens": prompt, "aborted": True}
     return {"ttft_seconds": ttft, "itl_seconds": gaps, "completion_tokens": done,
-            "prompt_tokens": prompt}
+            "prompt_tokens": prompt, "aborted": False}
 
 
 def run_concurrent_streamed(

@@ -46,7 +46,7 @@ def _per_step(runner: str, quant: str | None) -> dict[str, float]:
                    for c in ("routed_experts", "attention", "dense_ffn")}}
 
 
-@pytest.mark.parametrize("runner", ["v1"])
+@pytest.mark.parametrize("runner", ["v1", "v2"])
 def test_int8_experts_are_counted_at_one_byte_plus_scales(runner: str) -> None:
     cfg = model_spec("qwen3-moe")["config"]
     h, i = cfg["hidden_size"], cfg["moe_intermediate_size"]
