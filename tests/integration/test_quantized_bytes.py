@@ -14,6 +14,7 @@ bf16, so their bytes per step are the same in both servers.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -22,6 +23,7 @@ from moe_reuse.plugin.harness.server import VllmServer, complete, metric_value, 
 from moe_reuse.plugin.harness.tiny_models import build_model, model_spec
 
 pytestmark = pytest.mark.integration
+FULL = os.environ.get("MOE_REUSE_FULL_MATRIX") == "1"
 
 
 def _per_step(runner: str, quant: str | None) -> dict[str, float]:
@@ -46,7 +48,8 @@ def _per_step(runner: str, quant: str | None) -> dict[str, float]:
                    for c in ("routed_experts", "attention", "dense_ffn")}}
 
 
-@pytest.mark.parametrize("runner", ["v1", "v2"])
+# V2 adds two more servers; CI runs V1 (the byte model binds at load_model on either runner)
+@pytest.mark.parametrize("runner", ["v1", "v2"] if FULL else ["v1"])
 def test_int8_experts_are_counted_at_one_byte_plus_scales(runner: str) -> None:
     cfg = model_spec("qwen3-moe")["config"]
     h, i = cfg["hidden_size"], cfg["moe_intermediate_size"]

