@@ -35,9 +35,6 @@ logger = logging.getLogger("vllm.moe_reuse")
 LIVE_GAUGES = WINDOW_GAUGES  # what a window publishes, and withdraws when the live part faults
 
 
-LIVE_STAGES = ("live_setup", "live_window", "live_advisor", "otlp_push")
-
-
 def live_fault(session: Any, exc: BaseException, stage: str = "live_setup") -> None:
     """Count and log a live-comparison failure at `stage` (one log line per stage), mark the
     part degraded; never raises, never disables the recorder."""
