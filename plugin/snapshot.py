@@ -4,8 +4,8 @@ A worker's flusher writes one file per rank, `<dir>/<run_id>/e<engine>-r<rank>.n
 temporary file and renaming it over the old one. A reader therefore always sees one whole,
 step-consistent snapshot (rename is atomic on POSIX), with no lock shared between processes and no
 sequence counter to get wrong. The default directory is on tmpfs (/dev/shm), so this is a memory
-copy. The format is numpy's npz with a JSON header and no pickle, so reading a snapshot can never
-execute code.
+copy. The format is numpy's npz (a JSON header and one blob of totals) and no pickle, so reading
+a snapshot can never execute code.
 
 The run id ties the API server to its own engines: `register()` sets MOE_REUSE_RUN_ID in the first
 vLLM process that loads the plugin, before it spawns anything, and every child inherits it. That
@@ -61,9 +61,11 @@ MAX_SCAN_BYTES = 32 * 1024 * 1024
 """Bytes one scan may read over all rank files; files past it are skipped and counted as
 `over_budget`. With MAX_RANK_FILES this bounds a scan whatever the directory holds (an 8-rank,
 61-layer server with per-expert series writes about 2 MiB in all)."""
-SCAN_BUDGET_S = 0.25
-"""A fail-safe on wall time (same policy), for a file system that stalls; deliberately above a
-normal scan on a loaded host, so a busy API server never drops healthy ranks from a scrape."""
+SCAN_BUDGET_S = 0.02
+"""A fail-safe on wall time (same policy), for a file system that stalls or a directory of
+hundreds of ranks; about six times a normal scan of an 8-rank node (3 ms), so a busy API server
+does not drop healthy ranks, and with the exporter's series budget (SERIES_PER_SCRAPE) a scrape
+stays under 100 ms whatever the directory holds."""
 STALE_AFTER_S = 10.0
 """A rank whose snapshot has not been rewritten for max(this, 5 flush intervals) is stale: the
 flusher rewrites it every `flush_interval_s` whether or not there was traffic. With the flush
@@ -114,27 +116,62 @@ def snapshot_path(directory: Path, engine: str, rank: str) -> Path:
 
 
 # ---- encoding (pure) ---------------------------------------------------------------------------
+_DTYPE_KINDS = frozenset("biuf")  # plain numbers only: a header can never name an object dtype
+
+
 def encode(snapshot: dict[str, Any]) -> bytes:
+    """Two npz members: `header` (JSON, with every total's dtype, shape and offset) and `blob`
+    (the totals' bytes back to back). One member per total cost the reader a zip member and an
+    npy header parse each (about 3 ms a rank of a 61-layer model); this decodes in a tenth of that.
+    """
     header = {k: v for k, v in snapshot.items() if k != "totals"}
     header.setdefault("pid", os.getpid())  # the writer: a reader can tell when it died
-    arrays = {f"t_{k}": np.asarray(v) for k, v in snapshot["totals"].items()}
+    layout, parts, offset = [], [], 0
+    for name, value in snapshot["totals"].items():
+        a = np.asarray(value)  # not ascontiguousarray: that makes a 0-d total 1-d
+        layout.append([name, a.dtype.str, list(a.shape), offset, a.nbytes])
+        parts.append(a.tobytes())
+        offset += a.nbytes
+    header["arrays"] = layout
     buf = io.BytesIO()
-    arrays["header"] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    np.savez(buf, **arrays)  # type: ignore[arg-type]
+    np.savez(buf, header=np.frombuffer(json.dumps(header).encode(), dtype=np.uint8),
+             blob=np.frombuffer(b"".join(parts), dtype=np.uint8))
     return buf.getvalue()
 
 
+def _member(zf: zipfile.ZipFile, name: str) -> bytes:
+    """The raw bytes of a one-dimensional uint8 npy member (its header checked, not eval'd)."""
+    data = zf.read(name + ".npy")
+    if data[:6] != b"\x93NUMPY" or data[6] not in (1, 2, 3):
+        raise ValueError(f"npz member {name!r} is not an npy array")
+    size = 4 if data[6] > 1 else 2
+    start = 8 + size + int.from_bytes(data[8:8 + size], "little")
+    head = data[8 + size:start].decode("latin1")
+    if "'descr': '|u1'" not in head or "'fortran_order': False" not in head:
+        raise ValueError(f"npz member {name!r} is not a byte array")
+    return data[start:]
+
+
 def decode(data: bytes, max_bytes: int = MAX_SNAPSHOT_BYTES) -> dict[str, Any]:
-    """Bytes -> snapshot. Refuses compressed or oversized members (no zip bombs), never unpickles."""
+    """Bytes -> snapshot. Refuses compressed or oversized members (no zip bombs), never unpickles,
+    and checks every array's dtype and bounds against the blob before viewing it."""
     with zipfile.ZipFile(io.BytesIO(data)) as zf:
         infos = zf.infolist()
         if any(i.compress_type != zipfile.ZIP_STORED for i in infos):
             raise ValueError("compressed npz members are not ours")
         if sum(i.file_size for i in infos) > max_bytes:
             raise ValueError("npz members larger than the read cap")
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        snap: dict[str, Any] = json.loads(bytes(z["header"]).decode())
-        snap["totals"] = {k[2:]: z[k] for k in z.files if k.startswith("t_")}
+        snap: dict[str, Any] = json.loads(_member(zf, "header").decode())
+        blob = bytearray(_member(zf, "blob"))  # writable: readers may update totals in place
+    totals = {}
+    for name, dtype, shape, offset, nbytes in snap.pop("arrays"):
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        if (dt.kind not in _DTYPE_KINDS or offset < 0 or offset + nbytes > len(blob)
+                or count * dt.itemsize != nbytes):
+            raise ValueError(f"snapshot array {name!r} does not fit its blob")
+        totals[name] = np.frombuffer(blob, dtype=dt, count=count, offset=offset).reshape(tuple(shape))
+    snap["totals"] = totals
     return snap
 
 

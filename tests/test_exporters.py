@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -11,11 +12,25 @@ from pathlib import Path
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 
-from moe_reuse.plugin.exporters.prometheus import SnapshotCollector, snapshot_families
+from moe_reuse.plugin.exporters import prometheus
+from moe_reuse.plugin.exporters.prometheus import (
+    EXPERT_SERIES_PER_SCRAPE,
+    SERIES_PER_SCRAPE,
+    SnapshotCollector,
+    rank_series,
+    snapshot_families,
+)
 from moe_reuse.plugin.recorder.aggregate import ByteModel
 from moe_reuse.plugin.recorder.ring import RingLayout
 from moe_reuse.plugin.recorder.session import RecorderSession
-from moe_reuse.plugin.snapshot import decode, encode, read_snapshots, snapshot_path, write_snapshot
+from moe_reuse.plugin.snapshot import (
+    decode,
+    encode,
+    read_snapshots,
+    scan_snapshots,
+    snapshot_path,
+    write_snapshot,
+)
 
 
 def _snap(layers: int = 2, experts: int = 4, rank: str = "0", **opts) -> dict:
@@ -145,3 +160,41 @@ def test_multiprocess_bridge_matches_single_process_exposition(tmp_path: Path) -
 
     a, b = samples(single), samples(out)
     assert a == b
+
+
+def test_rank_series_estimate_covers_what_a_rank_exports() -> None:
+    """The budget is only as good as the estimate: never below the real count, at most 10% above."""
+    for layers, experts, opts in [(61, 256, {}), (61, 256, {"per_expert_series": True}),
+                                  (2, 4, {}), (48, 128, {"per_expert_series": True})]:
+        snap = _snap(layers, experts, **opts)
+        n = sum(len(f.samples) for f in snapshot_families([snap])
+                if f.name not in ("moe_reuse_vllm_info",))
+        est = rank_series(snap, min(2000, EXPERT_SERIES_PER_SCRAPE) if opts else 0)
+        assert n <= est <= 1.1 * n + 10, (layers, experts, opts, n, est)
+
+
+def test_a_scrape_past_its_series_budget_keeps_status_and_says_so(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """40 ranks of a 61-layer model: ranks in (engine, rank) order keep their series until the
+    budget is spent; the rest that were read export info/enabled/errors and their age. Every rank
+    without its series (not read within the scan's budget, or past the series budget) is counted
+    as over_budget."""
+    run = tmp_path / "4000001-abcdef01"
+    for r in range(40):
+        write_snapshot(snapshot_path(run, "0", f"{r:02d}"), _snap(61, 256, rank=f"{r:02d}"))
+    # every rank read (the scan's own wall-time budget is tested in test_snapshot.py)
+    monkeypatch.setattr(prometheus, "scan_snapshots", functools.partial(scan_snapshots,
+                                                                        budget_s=60.0))
+    col = SnapshotCollector(lambda: run)
+    fams = list(col.collect())
+    samples = [s for f in fams for s in f.samples]
+    assert len(samples) <= SERIES_PER_SCRAPE + 40 * 4  # status and age of every rank on top
+    detailed = {s.labels["rank"] for s in samples if s.name == "moe_reuse_steps_total"}
+    n = len(detailed)
+    assert detailed == {f"{r:02d}" for r in range(n)} and 0 < n < 40
+    status = {s.labels["rank"] for s in samples if s.name == "moe_reuse_enabled"}
+    ages = {s.labels["rank"] for s in samples if s.name == "moe_reuse_snapshot_age_seconds"}
+    assert detailed < status == ages == {f"{r:02d}" for r in range(40)}
+    refused = {s.labels["reason"]: s.value for s in samples
+               if s.name == "moe_reuse_snapshot_refused_total"}
+    assert refused["over_budget"] == 40 - n

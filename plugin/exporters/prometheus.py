@@ -15,6 +15,7 @@ Metric names, labels and intended PromQL are documented in docs/metrics.md.
 from __future__ import annotations
 
 import collections
+import gc
 import logging
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -128,15 +129,7 @@ def _add_rank(f: _Families, snap: dict[str, Any], options: dict[str, Any]) -> No
         ctx.add_metric(base + [ph], float(t["context"][i]))
     f.counter("padding_tokens", "Padded rows routed through the MoE layers (not counted elsewhere).",
               BASE_LABELS).add_metric(base, float(t["padding_tokens"]))
-    lbl = [*BASE_LABELS, "layer", "phase"]
-    asg = f.counter("expert_assignments", "Routed (token, expert) assignments per MoE layer.", lbl)
-    tch = f.counter("experts_touched", "Sum over steps of distinct experts touched.", lbl)
-    mxl = f.counter("max_expert_tokens", "Sum over steps of the largest per-expert load.", lbl)
-    for li, layer in enumerate(layers):
-        for pi, ph in enumerate(PHASES):
-            asg.add_metric(base + [layer, ph], float(t["assignments"][li, pi]))
-            tch.add_metric(base + [layer, ph], float(t["touched"][li, pi]))
-            mxl.add_metric(base + [layer, ph], float(t["max_load"][li, pi]))
+    _add_layers(f, base, layers, t, bool(options.get("per_expert_series")))
     hist = f.histogram("expert_batch_tokens",
                        "Expert-local batch: tokens per touched expert per (step, layer).",
                        [*BASE_LABELS, "phase"])
@@ -165,26 +158,68 @@ def _add_rank(f: _Families, snap: dict[str, Any], options: dict[str, Any]) -> No
             g.add_metric(base + [str(x) for x in labels], float(value))
 
 
+LAYER_FAMILIES = (
+    ("expert_assignments", "assignments", "Routed (token, expert) assignments per MoE layer."),
+    ("experts_touched", "touched", "Sum over steps of distinct experts touched."),
+    ("max_expert_tokens", "max_load", "Sum over steps of the largest per-expert load."),
+)
+
+
+def _add_layers(f: _Families, base: list[str], layers: list[str], t: dict[str, Any],
+                detail: bool) -> None:
+    """The per-(layer, phase) counters: most of a rank's series, so built as samples directly
+    (one label dict per (layer, phase), shared by the families) rather than add_metric.
+
+    `max_expert_tokens` has its prefill phase only with `detail` (per_expert_series): the load
+    imbalance that matters for reuse is decode's, and a 61-layer rank saves 61 series a scrape."""
+    fams = [(f.counter(name, doc, [*BASE_LABELS, "layer", "phase"]), t[key].tolist(),
+             detail or key != "max_load") for name, key, doc in LAYER_FAMILIES]
+    head = dict(zip(BASE_LABELS, base))
+    for li, layer in enumerate(layers):
+        for pi, ph in enumerate(PHASES):
+            labels = {**head, "layer": layer, "phase": ph}
+            for fam, values, every_phase in fams:
+                if every_phase or ph == "decode":
+                    fam.samples.append(Sample(fam.name + "_total", labels, float(values[li][pi])))
+
+
+def rank_series(snap: dict[str, Any], expert_cap: int = 0) -> int:
+    """About how many samples `_add_rank` gives one rank (what a scrape pays to render)."""
+    if snap.get("status_only") or not snap.get("applicable", True):
+        return 4 + len(snap.get("errors", {}))
+    n_layers = len(snap.get("layer_ids", ()))
+    gauges = sum(len(g.get("samples", ())) for g in snap.get("gauges", {}).values())
+    per_layer = 3 * len(PHASES) if expert_cap else 2 * len(PHASES) + 1
+    return len(PHASES) * (len(HIST_BOUNDS) + 3) + per_layer * n_layers + gauges + \
+        len(COMPONENTS) + 24 + expert_cap
+
+
 def _per_expert(f: _Families, base: list[str], layers: list[str], et: np.ndarray, cap: int) -> None:
     """Opt-in per-expert counters, capped: the busiest (layer, expert) pairs, the rest in 'other'."""
     fam = f.counter("expert_tokens", "Tokens routed to each expert (opt-in, capped).",
                     [*BASE_LABELS, "layer", "expert", "phase"])
     L, _, E = et.shape
-    total = et.sum(axis=1)  # [L, E]
-    n_pairs = L * E
     keep = np.ones((L, E), dtype=bool)
-    if n_pairs * 2 > cap:  # two phases per pair
-        budget = max(cap // 2 - len(layers), 0)  # keep one 'other' per layer and phase
-        order = np.argsort(-total, axis=None, kind="stable")
-        keep = np.zeros(n_pairs, dtype=bool)
-        keep[order[:budget]] = True
+    if cap < L * E * 2:  # two phases per pair
+        budget = min(max(cap // 2 - len(layers), 0), L * E)  # one 'other' per layer and phase
+        keep = np.zeros(L * E, dtype=bool)
+        if budget:  # the busiest pairs (argpartition: linear, where a full sort cost 2 ms/rank)
+            keep[np.argpartition(-et.sum(axis=1), budget - 1, axis=None)[:budget]] = True
         keep = keep.reshape(L, E)
+    other = np.where(keep[:, None, :], 0, et).sum(axis=2).tolist()  # [L, phase]
+    values = et.tolist()
+    head = dict(zip(BASE_LABELS, base))
+    name = fam.name + "_total"
     for li, layer in enumerate(layers):
+        kept = np.nonzero(keep[li])[0].tolist()
         for pi, ph in enumerate(PHASES):
-            for e in np.nonzero(keep[li])[0]:
-                fam.add_metric(base + [layer, str(int(e)), ph], float(et[li, pi, e]))
-            if not keep[li].all():
-                fam.add_metric(base + [layer, "other", ph], float(et[li, pi][~keep[li]].sum()))
+            row = values[li][pi]
+            for e in kept:
+                fam.samples.append(Sample(name, {**head, "layer": layer, "expert": str(e),
+                                                 "phase": ph}, float(row[e])))
+            if len(kept) < E:
+                fam.samples.append(Sample(name, {**head, "layer": layer, "expert": "other",
+                                                 "phase": ph}, float(other[li][pi])))
 
 
 def frontend_families(f: _Families, frontend: Any, snapshots: list[dict[str, Any]]) -> None:
@@ -222,15 +257,43 @@ def _expert_caps(snapshots: list[dict[str, Any]]) -> dict[int, int]:
     return caps
 
 
-def snapshot_families(snapshots: list[dict[str, Any]], frontend: Any = None) -> list[Metric]:
-    """Pure: the latest snapshot of every rank (and the front end's state) -> metric families."""
-    f = _Families()
+SERIES_PER_SCRAPE = 4500
+"""Samples one scrape carries over all ranks (per-expert ones included): about 55 ms of rendering
+on a 2-core host, which with the scan's 20 ms budget keeps a scrape of /metrics under 100 ms
+whatever the snapshot directory holds. An 8-rank, 61-layer node needs about 2,950 (plus the
+per-expert budget above). Ranks past it, in (engine, rank) order, export only their status
+(info, enabled, errors, snapshot age), counted in snapshot_refused_total{reason="over_budget"}."""
+
+
+def series_budget(snapshots: list[dict[str, Any]],
+                  budget: int = SERIES_PER_SCRAPE) -> tuple[dict[int, int], set[int]]:
+    """Pure: (rank index -> its per-expert cap, indices of ranks past the scrape's budget)."""
     caps = _expert_caps(snapshots)
+    spent, over = 0, set()
+    for i, snap in enumerate(snapshots):
+        n = rank_series(snap, caps.get(i, 0))
+        if spent + n > budget and not snap.get("status_only"):
+            over.add(i)
+            n = rank_series({**snap, "status_only": True})
+        spent += n
+    return caps, over
+
+
+def snapshot_families(snapshots: list[dict[str, Any]], frontend: Any = None,
+                      over_budget: set[int] | None = None) -> list[Metric]:
+    """Pure: the latest snapshot of every rank (and the front end's state) -> metric families.
+
+    `over_budget`: ranks that export only their status (see SERIES_PER_SCRAPE); by default the
+    budget is applied here."""
+    f = _Families()
+    caps, over = series_budget(snapshots)
+    if over_budget is not None:
+        over = over_budget
     for i, snap in enumerate(snapshots):
         opts = snap.get("options", {})
         if i in caps:
             opts = {**opts, "max_expert_series": caps[i]}
-        _add_rank(f, snap, opts)
+        _add_rank(f, {**snap, "status_only": True} if i in over else snap, opts)
     frontend_families(f, frontend, snapshots)
     return list(f.by_name.values())
 
@@ -296,6 +359,18 @@ class SnapshotCollector:
             logger.warning(msg, *args)
 
     def collect(self) -> Iterable[Metric]:
+        """The families of this scrape, built with the cyclic GC paused: they are thousands of
+        small acyclic objects that would otherwise trigger a dozen collections per scrape and,
+        every few scrapes, a full one that doubles the scrape (benchmarks/bench_scrape.py)."""
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._collect()
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    def _collect(self) -> list[Metric]:
         failed = False
         try:
             faults.check("collector")
@@ -305,7 +380,16 @@ class SnapshotCollector:
             self._refused.update(result.refused)
             for msg in result.messages:
                 self._log_once(msg, "moe_reuse: refused a snapshot path: %s", msg)
-            fams = snapshot_families(result.fresh, self._frontend)
+            fresh = result.fresh
+            _, over = series_budget(fresh)
+            if over:
+                self._refused["over_budget"] += len(over)
+                self._log_once("series_budget", "moe_reuse: %d of %d ranks export only their "
+                               "status: their series would take a scrape of /metrics past its "
+                               "budget of %d samples (counted in moe_reuse_snapshot_refused_total"
+                               "{reason=\"over_budget\"})", len(over), len(fresh),
+                               SERIES_PER_SCRAPE)
+            fams = snapshot_families(fresh, self._frontend, over)
         except Exception as exc:  # noqa: BLE001 - a scrape must never fail because of us
             failed = True
             self._errors += 1
