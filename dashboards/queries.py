@@ -24,6 +24,10 @@ REC_DECODE_TOKENS_RATE = "model_rank:moe_reuse_decode_tokens"
 REC_TOKENS_RATE = "model_rank:moe_reuse_tokens"
 REC_HBM_ACHIEVED = "model_rank:moe_reuse_hbm_achieved_bytes_per_second"
 REC_MOE_COMM_SHARE = "model_rank:moe_reuse_moe_comm_time_ratio"
+# Cluster level: one series per model across every node, target and rank (see cluster_*).
+REC_CLUSTER_TOKENS_RATE = "model_phase:moe_reuse_tokens"
+REC_CLUSTER_DECODE_TOKENS_PER_EXPERT = "model:moe_reuse_decode_tokens_per_expert"
+REC_CLUSTER_HBM_READ_RATE = "model:moe_reuse_hbm_read_bytes"
 
 
 @dataclass(frozen=True)
@@ -326,6 +330,37 @@ def dropped_steps_rate(s: Scope) -> str:
 # ------------------------------------------------------------------------------------------------
 # Alert expressions (on the recorded series)
 # ------------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------------
+# Cluster totals: the same figures whichever reader exported a rank (vLLM's /metrics on the API
+# server's node, `moe-reuse exporter` on the others) and however many nodes the ranks span.
+# Every rank of an engine (its TP/PP ranks) computes all of that engine's tokens, so an engine's
+# figure is the max over its ranks (which also drops a rank scraped twice); engines are summed.
+# Bytes are per rank (each reads its own shard), so they are summed over every rank.
+# ------------------------------------------------------------------------------------------------
+
+
+def _per_engine(s: Scope, metric: str, *extra: str) -> str:
+    return (f"max by (model, engine) (sum by (model, engine, rank) "
+            f"({s.rate(metric, *extra)}))")
+
+
+def cluster_tokens_rate(s: Scope) -> str:
+    """Tokens the whole deployment computes per second, by phase."""
+    return (f"sum by (model, phase) (max by (model, engine, phase) "
+            f"(sum by (model, engine, rank, phase) ({s.rate('moe_reuse_tokens_total')})))")
+
+
+def cluster_decode_tokens_per_expert(s: Scope) -> str:
+    """The deployment's decode reuse: assignments over experts touched, all engines."""
+    return (f"sum by (model) ({_per_engine(s, 'moe_reuse_expert_assignments_total', DECODE)})\n/\n"
+            f"sum by (model) ({_per_engine(s, 'moe_reuse_experts_touched_total', DECODE)})")
+
+
+def cluster_hbm_read_rate(s: Scope) -> str:
+    """Bytes every rank of the deployment reads from HBM per second, all components."""
+    return f"sum by (model) ({s.rate('moe_reuse_hbm_read_bytes_total')})"
 
 
 def rec(name: str, cfg: Config) -> str:

@@ -401,12 +401,57 @@ def _eplb_costs_more(cfg: Config) -> dict[str, Any]:
     }
 
 
+def _cluster_tests(cfg: Config) -> dict[str, Any]:
+    """Two nodes: engine 0 is TP=2 with rank 0 on the API server's node (job vllm) and rank 1 on
+    a node read by `moe-reuse exporter`; engine 1 (another DP engine) lives on the second node.
+    The cluster rules count each engine once (its TP ranks compute the same tokens) and every
+    rank's bytes."""
+    n0 = {**_labels(A), "node": "n0"}
+    e0r1 = {**_labels("n1:9477"), "job": "moe-reuse-exporter", "node": "n1", "rank": "1"}
+    e1r0 = {**_labels("n1:9477"), "job": "moe-reuse-exporter", "node": "n1", "engine": "1"}
+    l0, l1 = {"layer": "0"}, {"layer": "1"}
+    series = []
+    for lab, tok, asg, tch, hbm in ((n0, 120, 120, 60, "6e9"), (e0r1, 120, 120, 60, "6e9"),
+                                    (e1r0, 60, 120, 60, "3e9")):
+        series += [
+            _series("moe_reuse_tokens_total", {**lab, **DEC}, f"0+{tok}x30"),
+            _series("moe_reuse_tokens_total", {**lab, **PRE}, f"0+{5 * tok}x30"),
+            _series("moe_reuse_expert_assignments_total", {**lab, **l0, **DEC}, f"0+{asg}x30"),
+            _series("moe_reuse_expert_assignments_total", {**lab, **l1, **DEC}, f"0+{asg}x30"),
+            _series("moe_reuse_expert_assignments_total", {**lab, **l0, **PRE}, "0+9000x30"),
+            _series("moe_reuse_experts_touched_total", {**lab, **l0, **DEC}, f"0+{tch}x30"),
+            _series("moe_reuse_experts_touched_total", {**lab, **l1, **DEC}, f"0+{tch}x30"),
+            _series("moe_reuse_hbm_read_bytes_total", {**lab, "component": "routed_experts"},
+                    f"0+{hbm}x30"),
+        ]
+
+    def expect(name: str, samples: list[tuple[dict[str, str], float]]) -> dict[str, Any]:
+        return {"expr": q.rec(name, cfg), "eval_time": "10m",
+                "exp_samples": [{"labels": _sel(q.rec(name, cfg), lbl), "value": v}
+                                for lbl, v in samples]}
+
+    return {
+        "interval": "1m",
+        "input_series": series,
+        "promql_expr_test": [
+            # engine 0 once (120/min), engine 1 (60/min): 3 decode tokens/s; prefill 5x.
+            expect(q.REC_CLUSTER_TOKENS_RATE, [({"model": "m", **DEC}, 3.0),
+                                               ({"model": "m", **PRE}, 15.0)]),
+            # (240 + 240) assignments / (120 + 120) touched a minute; engine 0 counted once.
+            expect(q.REC_CLUSTER_DECODE_TOKENS_PER_EXPERT, [({"model": "m"}, 2.0)]),
+            # every rank's bytes: (6e9 + 6e9 + 3e9) a minute.
+            expect(q.REC_CLUSTER_HBM_READ_RATE, [({"model": "m"}, 2.5e8)]),
+        ],
+    }
+
+
 def tests_file(cfg: Config) -> dict[str, Any]:
     return {
         "rule_files": [RULES_FILE_FROM_TESTS],
         "evaluation_interval": "1m",
         "tests": [
             _recording_tests(cfg),
+            _cluster_tests(cfg),
             _collapse(cfg),
             _dense_speedup(cfg),
             _dead_experts(cfg),

@@ -20,6 +20,7 @@ _AREAS = (
     "moe_reuse.plugin.live.baseline_cli",
     "moe_reuse.plugin.live.eplb_cli",
     "moe_reuse.plugin.harness.dense_ab",
+    "moe_reuse.plugin.exporters.node",
 )
 
 

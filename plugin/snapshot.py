@@ -103,12 +103,30 @@ def ensure_run_id() -> str:
     return run_id
 
 
-def base_dir() -> Path:
-    return Path(os.environ.get(DIR_ENV) or DEFAULT_DIR)
+RANKS_PER_NODE_ENV = "MOE_REUSE_RANKS_PER_NODE"
+"""With `{node}` in MOE_REUSE_SNAPSHOT_DIR, rank r writes under node r // this: a way to make one
+host look like several nodes (each with its own /dev/shm), which is how the per-node exporter is
+tested. Unset: every rank is node 0."""
+
+
+def base_dir(rank: int | str | None = None) -> Path:
+    """The snapshot base directory; a `{node}` in MOE_REUSE_SNAPSHOT_DIR becomes the node of
+    `rank` (0 for the API server, which runs on the first node)."""
+    raw = os.environ.get(DIR_ENV) or DEFAULT_DIR
+    if "{node}" in raw:
+        per_node = int(os.environ.get(RANKS_PER_NODE_ENV) or 0)
+        node = int(str(rank)) // per_node if per_node > 0 and str(rank).isdigit() else 0
+        raw = raw.replace("{node}", str(node))
+    return Path(raw)
 
 
 def run_dir(base: str | None = None, run_id: str | None = None) -> Path:
     return Path(base or base_dir()) / (run_id or ensure_run_id())
+
+
+def rank_run_dir(rank: int | str) -> Path:
+    """Where a worker of `rank` writes (its node's base; see RANKS_PER_NODE_ENV)."""
+    return run_dir(str(base_dir(rank)))
 
 
 def snapshot_path(directory: Path, engine: str, rank: str) -> Path:
@@ -397,6 +415,43 @@ def scan_snapshots(directory: Path, *, now: float | None = None,
             out.ranks.append(RankFile(snap, age, is_stale(snap, age, flush_interval_s)))
     finally:
         os.close(dfd)
+    return out
+
+
+def run_dirs(base: Path) -> list[Path]:
+    """Every run directory under a trusted `base`, newest server first (by pid order is not
+    meaningful across hosts, so by name). A refused or missing base gives none."""
+    try:
+        bfd = open_dir(base)
+    except (FileNotFoundError, SnapshotRefused):
+        return []
+    try:
+        return [base / n for n in sorted(os.listdir(bfd)) if _RUN_DIR.match(n)][:MAX_RANK_FILES]
+    finally:
+        os.close(bfd)
+
+
+def scan_base(base: Path, *, flush_interval_s: float | None = None,
+              budget_s: float = SCAN_BUDGET_S, clock: Any = time.perf_counter) -> ScanResult:
+    """`scan_snapshots` over every run directory under `base`, in one shared budget: what a
+    per-node exporter reads (the node's ranks, whichever server's run they belong to). A refused
+    base is counted like a refused run directory."""
+    t0 = clock()
+    out = ScanResult()
+    try:
+        os.close(open_dir(base))
+    except FileNotFoundError:
+        return out
+    except SnapshotRefused as exc:
+        out.refused[exc.reason] += 1
+        out.messages.append(str(exc))
+        return out
+    for d in run_dirs(base):
+        part = scan_snapshots(d, flush_interval_s=flush_interval_s,
+                              budget_s=max(budget_s - (clock() - t0), 0.0), clock=clock)
+        out.ranks.extend(part.ranks)
+        out.refused.update(part.refused)
+        out.messages.extend(part.messages)
     return out
 
 

@@ -27,7 +27,7 @@ from .exporters.multiprocess import MultiprocessBridge, multiprocess_mode
 from .recorder.aggregate import ByteModel
 from .recorder.ring import RingLayout
 from .recorder.session import Publisher, RecorderSession
-from .snapshot import run_dir, snapshot_path, write_snapshot
+from .snapshot import rank_run_dir, snapshot_path, write_snapshot
 
 logger = logging.getLogger("vllm.moe_reuse")
 
@@ -38,7 +38,7 @@ BREAK_COUNTING_ENV = "MOE_REUSE_TEST_BREAK_COUNTING"
 
 def make_publisher(cfg: PluginConfig, labels: dict[str, str]) -> Publisher:
     """Snapshot -> file for the API server's collector (+ multiprocess value files if enabled)."""
-    path = snapshot_path(run_dir(), labels["engine"], labels["rank"])
+    path = snapshot_path(rank_run_dir(labels["rank"]), labels["engine"], labels["rank"])
     bridge = MultiprocessBridge() if multiprocess_mode() else None
     options = {"per_expert_series": cfg.per_expert_series, "max_expert_series": cfg.max_expert_series,
                "flush_interval_s": cfg.flush_interval_s}

@@ -88,7 +88,9 @@ def _container_ports(service: dict[str, Any]) -> set[int]:
 
 
 def test_compose_has_the_stack(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"vllm", "prometheus", "alertmanager", "grafana"}
+    assert set(compose["services"]) == {"vllm", "prometheus", "alertmanager", "grafana",
+                                        "moe-reuse-exporter"}
+    assert compose["services"]["moe-reuse-exporter"]["profiles"] == ["node-exporter"]  # opt-in
 
 
 def test_compose_vllm_installs_and_enables_the_plugin(compose: dict[str, Any]) -> None:
@@ -247,8 +249,9 @@ def _k8s_docs() -> list[dict[str, Any]]:
             for d in _yaml_all(p)]  # fmt: skip
 
 
-def _one(kind: str) -> dict[str, Any]:
-    (doc,) = [d for d in _k8s_docs() if d["kind"] == kind]
+def _one(kind: str, name: str | None = None) -> dict[str, Any]:
+    (doc,) = [d for d in _k8s_docs() if d["kind"] == kind
+              and (name is None or d["metadata"]["name"] == name)]
     return doc
 
 
@@ -274,7 +277,7 @@ def test_dashboard_configmap_holds_the_generated_json() -> None:
 
 
 def test_podmonitor_selects_the_vllm_pods_and_port() -> None:
-    pm = _one("PodMonitor")
+    pm = _one("PodMonitor", "vllm-moe-reuse")
     dep = _one("Deployment")
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     for k, v in pm["spec"]["selector"]["matchLabels"].items():
@@ -293,3 +296,33 @@ def test_service_targets_the_vllm_pods() -> None:
     dep = _one("Deployment")
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     assert all(pod_labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+
+
+def test_node_exporter_runs_our_command_and_its_podmonitor_labels_the_node(
+    compose: dict[str, Any],
+) -> None:
+    """The per-node reader (`moe-reuse exporter`): the DaemonSet's and the compose service's
+    arguments parse with the command's own parser, the PodMonitor scrapes that port and adds
+    `node`, and the mount is the host's /dev/shm, read-only."""
+    from moe_reuse.plugin.cli import build_parser
+
+    ds = _one("DaemonSet")
+    (c,) = ds["spec"]["template"]["spec"]["containers"]
+    args = build_parser().parse_args(c["command"][1:] + c["args"])
+    host, port = args.listen.rsplit(":", 1)
+    assert c["command"][0] == "moe-reuse" and host == "0.0.0.0"
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": int(port)}
+    (mount,) = c["volumeMounts"]
+    assert mount["readOnly"] and args.snapshot_dir.startswith(mount["mountPath"])
+    pm = _one("PodMonitor", "vllm-moe-reuse-exporter")
+    pod_labels = ds["spec"]["template"]["metadata"]["labels"]
+    assert all(pod_labels.get(k) == v for k, v in pm["spec"]["selector"]["matchLabels"].items())
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    assert ep["port"] == "metrics" and ep["path"] == "/metrics"
+    for monitor in (pm, _one("PodMonitor", "vllm-moe-reuse")):
+        (ep,) = monitor["spec"]["podMetricsEndpoints"]
+        assert {"sourceLabels": ["__meta_kubernetes_pod_node_name"],
+                "targetLabel": "node"} in ep["relabelings"]
+    svc = compose["services"]["moe-reuse-exporter"]
+    cargs = build_parser().parse_args(svc["entrypoint"][1:] + svc["command"])
+    assert (cargs.snapshot_dir, cargs.listen) == (args.snapshot_dir, args.listen)

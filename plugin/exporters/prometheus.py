@@ -32,7 +32,7 @@ from prometheus_client.samples import Sample
 
 from .. import faults
 from ..recorder.aggregate import COMM_OPS, COMPONENTS, HIST_BOUNDS, KINDS, PHASES
-from ..snapshot import REASONS, ScanResult, scan_snapshots
+from ..snapshot import REASONS, ScanResult, scan_base, scan_snapshots
 
 logger = logging.getLogger("vllm.moe_reuse")
 BASE_LABELS = ("model", "engine", "rank")
@@ -342,8 +342,10 @@ class SnapshotCollector:
     fault here drops only our series for that scrape, counted in errors_total{stage="collector"}.
     """
 
-    def __init__(self, directory: Callable[[], Path], frontend: Any = None) -> None:
+    def __init__(self, directory: Callable[[], Path], frontend: Any = None,
+                 whole_base: bool = False) -> None:
         self._directory = directory
+        self._scan = scan_base if whole_base else scan_snapshots  # base: every run under it
         self._frontend = frontend
         self._refused: collections.Counter[str] = collections.Counter()
         self._errors = 0
@@ -375,8 +377,8 @@ class SnapshotCollector:
         try:
             faults.check("collector")
             cfg = getattr(self._frontend, "config", None)
-            result = scan_snapshots(self._directory(),
-                                    flush_interval_s=getattr(cfg, "flush_interval_s", None))
+            result = self._scan(self._directory(),
+                                flush_interval_s=getattr(cfg, "flush_interval_s", None))
             self._refused.update(result.refused)
             for msg in result.messages:
                 self._log_once(msg, "moe_reuse: refused a snapshot path: %s", msg)
