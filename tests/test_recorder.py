@@ -189,3 +189,33 @@ def test_a_failed_snapshot_write_is_retried_and_recording_goes_on() -> None:
     snap = published[-1]
     assert snap["enabled"] and snap["degraded"] == []
     assert snap["totals"]["assignments"].sum() == 3 * K * L  # the step before the failure
+
+
+@pytest.mark.parametrize("experts, top_k", [(128, 8), (256, 8), (384, 8)])
+def test_wide_routers_count_every_id_in_both_phases(experts: int, top_k: int) -> None:
+    """127+ experts per layer (Qwen3-235B 128, DeepSeek-V3 256, Kimi-K2 384): a token's ring row
+    is phase x (experts + 1), past int8's range. The first step once faulted there
+    (`OverflowError: Python integer 257 out of bounds for int8` under NumPy 2), which disabled
+    the recorder on every such model."""
+    layers = 2
+    s = RecorderSession(
+        RingLayout(layers, experts, top_k, max_tokens=64, ring_steps=8), ByteModel((1,) * layers),
+        labels={"model": "m", "engine": "0", "rank": "0"}, info={}, layer_ids=[0, 1],
+        publish=lambda _: None,
+    )
+    gen = torch.Generator().manual_seed(experts)
+    steps = [([7, 1, 1], [0, 30, 40], [7, 5, 5]), ([1, 1, 1], [7, 31, 41], [7, 5, 5])]
+    want = np.zeros((layers, 2, experts), dtype=np.int64)
+    for sched, computed, prompt in steps:
+        n = sum(sched)
+        phase = np.repeat(np.array(computed) >= np.array(prompt), sched).astype(int)
+        routing = [torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(n)])
+                   for _ in range(layers)]
+        for li, ids in enumerate(routing):
+            for row, ph in zip(ids.tolist(), phase.tolist()):
+                np.add.at(want[li, ph], row, 1)
+        _step(s, sched, computed, prompt, routing)
+    s.flush()
+    assert s.enabled and not s.errors, s.errors
+    assert (s.totals.expert_tokens == want).all()
+    assert s.totals.assignments.tolist() == [[7 * top_k, 5 * top_k]] * layers

@@ -21,6 +21,7 @@ EXPECTED_MOE_LAYERS = {
     "qwen3-moe": (0, 1, 2, 3),
     "qwen3-moe-deep": tuple(range(16)),  # calibrate --engine: per-layer overhead
     "qwen3-moe-rigged": (0, 1, 2, 3),
+    "qwen3-moe-wide": (0, 1, 2, 3),  # 256 experts, top-8: DeepSeek-V3's router width
     "mixtral": (0, 1, 2, 3),
     "deepseek-v3": (1, 2, 3),  # first_k_dense_replace = 1
     "llama4": (1, 3),  # interleave_moe_layer_step = 2

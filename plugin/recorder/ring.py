@@ -83,6 +83,10 @@ class RoutingRing:
         # One contiguous flat view per layer: index_add_ needs a 1-D destination.
         self._layer_flat = [self.counts[i].view(-1) for i in range(lay.num_layers)]
         self._slot_views = [self.counts[:, s] for s in range(lay.ring_steps)]  # zeroed per step
+        # On CPU a slot is zeroed through numpy: torch's zero_ of a strided 61 x 3 x 257 view is an
+        # intra-op parallel region, which waits milliseconds for a pool thread on a busy host.
+        self._slot_views_np = ([v.numpy() for v in self._slot_views]
+                               if self.counts.device.type == "cpu" else None)
         self._ones = torch.ones(lay.max_tokens * lay.top_k, dtype=torch.int32, device=self.device)
         idle = lay.idle_slot * lay.slot_stride + PAD * lay.columns
         self._idle_base = idle
@@ -127,14 +131,19 @@ class RoutingRing:
             event.synchronize()  # only blocks if the device is 4 steps behind the host
         host = self._stage_np[i]
         base = ring_slot * lay.slot_stride
-        np.multiply(phases, lay.columns, out=host[:n], casting="unsafe")
+        # int32 scalar: a Python int above 127 times an int8 array raises under NumPy 2 (NEP 50),
+        # which with 127+ experts per layer (DeepSeek-V3, Qwen3-235B) faulted every first step
+        np.multiply(phases, np.int32(lay.columns), out=host[:n], casting="unsafe")
         host[:n] += base
         host[n:] = base + PAD * lay.columns  # padded rows
         if self.device.type == "cuda":
             copy_done = self._copy_events.pop(ring_slot, None)
             if copy_done is not None:  # the flusher's D2H copy of this slot must finish first
                 torch.cuda.current_stream(self.device).wait_event(copy_done)
-        self._slot_views[ring_slot].zero_()
+        if self._slot_views_np is not None:
+            self._slot_views_np[ring_slot][...] = 0
+        else:
+            self._slot_views[ring_slot].zero_()
         self.tok_base.copy_(self._stage[i], non_blocking=True)
         if self.device.type == "cuda":
             ev = torch.cuda.Event()

@@ -30,7 +30,9 @@ from moe_reuse.plugin.harness.tiny_models import build_model, model_facts, model
 
 pytestmark = pytest.mark.integration
 
-CONSERVATION_MODELS = ["qwen3-moe", "mixtral", "deepseek-v3", "llama4", "qwen2-moe", "olmoe"]
+# qwen3-moe-wide: 256 experts, top-8 (DeepSeek-V3's and Qwen3-235B's width: ids past 127)
+CONSERVATION_MODELS = ["qwen3-moe", "mixtral", "deepseek-v3", "llama4", "qwen2-moe", "olmoe",
+                       "qwen3-moe-wide"]
 FLUSH = {"flush_interval_s": 0.2}
 
 
