@@ -92,3 +92,44 @@ def test_node_placeholder_splits_ranks_into_nodes(monkeypatch: pytest.MonkeyPatc
     assert [base_dir(r).name for r in (0, 1, 2, 3, 5)] == ["node0", "node0", "node1", "node1",
                                                           "node2"]
     assert base_dir().name == "node0"  # the API server: the first node
+
+
+def test_exporter_pushes_the_node_s_ranks_over_otlp_to_a_real_receiver(tmp_path: Path) -> None:
+    """`--listen off --otlp-endpoint`: both runs' ranks reach a real OTLP/HTTP receiver, each
+    point with its model/engine/rank, the resource naming the node."""
+    pytest.importorskip("opentelemetry.proto.collector.metrics.v1.metrics_service_pb2")
+    from moe_reuse.plugin.harness.otlp_receiver import OtlpReceiver, attrs, metrics, resource, value
+
+    base = tmp_path / "node1"
+    write_snapshot(snapshot_path(base / f"{os.getpid()}-aaaa0001", "0", "2"), snap("2"))
+    write_snapshot(snapshot_path(base / f"{os.getpid()}-bbbb0002", "0", "3"), snap("3"))
+    rx, stop = OtlpReceiver(), threading.Event()
+    t = threading.Thread(target=serve, args=(base, "", 0, stop), daemon=True,
+                         kwargs={"otlp_endpoint": rx.endpoint, "otlp_interval_s": 0.3})
+    t.start()
+    try:
+        deadline = time.monotonic() + 15  # the first export may come before the first update
+        while not any("moe_reuse_expert_assignments" in metrics(r) for r in rx.requests):
+            assert time.monotonic() < deadline, "no OTLP request carried the ranks' points"
+            rx.wait(len(rx.requests) + 1)
+    finally:
+        stop.set()
+        t.join(timeout=20)
+        rx.close()
+    req = next(r for r in rx.requests if "moe_reuse_expert_assignments" in metrics(r))
+    assert resource(req)["node"] == socket.gethostname()
+    asg = metrics(req)["moe_reuse_expert_assignments"]
+    by_rank: dict[str, float] = {}
+    for p in asg.sum.data_points:
+        by_rank[attrs(p)["rank"]] = by_rank.get(attrs(p)["rank"], 0) + value(p)
+    assert by_rank == {"2": 6 * 2 * 2, "3": 6 * 2 * 2}  # 2 layers x 2 phases, 6 each
+
+
+def test_exporter_with_nothing_to_export_refuses_to_start() -> None:
+    from moe_reuse.plugin.cli import main
+
+    with pytest.raises(SystemExit, match="--listen off needs --otlp-endpoint"):
+        main(["exporter", "--listen", "off"])
+    with pytest.raises(SystemExit, match="--otlp-interval-s must be > 0"):
+        main(["exporter", "--listen", "off", "--otlp-endpoint", "http://x:4318/v1/metrics",
+              "--otlp-interval-s", "0"])

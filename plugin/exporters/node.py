@@ -11,6 +11,8 @@ adds the node's name (`node`), so the recording rules can sum a cluster across n
 (`model:moe_reuse_*`) without counting a rank twice.
 
 It binds to 127.0.0.1 unless told otherwise: the series name the served model and its layout.
+`--otlp-endpoint` also (or, with `--listen off`, only) pushes the same points over OTLP, one
+MeterProvider for the node (resource `node`, every point keeping `model`, `engine` and `rank`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import threading
 import time
 from pathlib import Path
@@ -25,7 +28,7 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, start_http_server
 
-from ..snapshot import base_dir
+from ..snapshot import base_dir, scan_base
 from .prometheus import SnapshotCollector
 
 logger = logging.getLogger("vllm.moe_reuse")
@@ -56,12 +59,47 @@ def node_registry(base: Path) -> CollectorRegistry:
     return reg
 
 
-def serve(base: Path, host: str, port: int, stop: threading.Event | None = None) -> None:
-    """Serve /metrics until SIGTERM/SIGINT (or `stop`)."""
+def push_otlp(base: Path, endpoint: str, interval_s: float, stop: threading.Event,
+              exporter: Any = None) -> None:
+    """Push the node's ranks over OTLP every `interval_s` until `stop` (its own thread): the same
+    points the workers' `otlp_endpoint` pushes, for a node whose workers do not push themselves.
+    A failed scan or push is logged once and retried on the next tick."""
+    from ..live.otel import OtelBridge
+
+    bridge = OtelBridge(endpoint, interval_s, {"node": socket.gethostname()}, exporter=exporter)
+    failed = False
+    try:
+        while True:
+            try:
+                bridge.update(scan_base(base).fresh)
+            except Exception as exc:  # noqa: BLE001 - the exporter keeps serving
+                if not failed:
+                    logger.warning("moe_reuse exporter: OTLP update failed: %s: %s",
+                                   type(exc).__name__, exc)
+                failed = True
+            if stop.wait(interval_s):
+                break
+    finally:
+        bridge.flush()
+        bridge.shutdown()
+
+
+def serve(base: Path, host: str, port: int, stop: threading.Event | None = None, *,
+          otlp_endpoint: str = "", otlp_interval_s: float = 10.0) -> None:
+    """Serve /metrics (port > 0) and/or push OTLP until SIGTERM/SIGINT (or `stop`)."""
     stop = stop or threading.Event()
-    server, thread = start_http_server(port, addr=host, registry=node_registry(base))
-    logger.warning("moe_reuse exporter: serving %s on http://%s:%d/metrics", base, host, port)
-    print(f"moe-reuse exporter: reading {base}, serving http://{host}:{port}/metrics", flush=True)
+    server = thread = pusher = None
+    if port > 0:
+        server, thread = start_http_server(port, addr=host, registry=node_registry(base))
+        logger.warning("moe_reuse exporter: serving %s on http://%s:%d/metrics", base, host, port)
+        print(f"moe-reuse exporter: reading {base}, serving http://{host}:{port}/metrics",
+              flush=True)
+    if otlp_endpoint:
+        pusher = threading.Thread(target=push_otlp, name="moe_reuse-otlp", daemon=True,
+                                  args=(base, otlp_endpoint, otlp_interval_s, stop))
+        pusher.start()
+        print(f"moe-reuse exporter: reading {base}, pushing OTLP to {otlp_endpoint} every "
+              f"{otlp_interval_s:g} s", flush=True)
 
     def _stop(*_: Any) -> None:
         stop.set()
@@ -73,14 +111,25 @@ def serve(base: Path, host: str, port: int, stop: threading.Event | None = None)
         while not stop.is_set():
             time.sleep(0.2)
     finally:
-        server.shutdown()
-        thread.join(timeout=5)
+        stop.set()
+        if server is not None and thread is not None:
+            server.shutdown()
+            thread.join(timeout=5)
+        if pusher is not None:
+            pusher.join(timeout=15)
 
 
 def _cmd(args: argparse.Namespace) -> int:
     base = Path(args.snapshot_dir) if args.snapshot_dir else base_dir()
-    host, port = parse_listen(args.listen)
-    serve(base, host, port)
+    if args.listen == "off" and not args.otlp_endpoint:
+        raise SystemExit("moe-reuse exporter: --listen off needs --otlp-endpoint (else the "
+                         "exporter would export nothing)")
+    host, port = ("", 0) if args.listen == "off" else parse_listen(args.listen)
+    if not args.otlp_interval_s > 0:
+        raise SystemExit(f"moe-reuse exporter: --otlp-interval-s must be > 0, got "
+                         f"{args.otlp_interval_s}")
+    serve(base, host, port, otlp_endpoint=args.otlp_endpoint,
+          otlp_interval_s=args.otlp_interval_s)
     return 0
 
 
@@ -95,5 +144,8 @@ def add_subcommands(sub: Any) -> None:
                         "/dev/shm/moe_reuse-<uid>); every server run under it is read")
     p.add_argument("--listen", default=DEFAULT_LISTEN,
                    help=f"HOST:PORT to serve /metrics on (default {DEFAULT_LISTEN}; 0.0.0.0:PORT "
-                        "to let a Prometheus on another host scrape it)")
+                        "to let a Prometheus on another host scrape it; off: OTLP only)")
+    p.add_argument("--otlp-endpoint", default="",
+                   help="also push over OTLP: http(s)://HOST:4318/v1/metrics or grpc://HOST:4317")
+    p.add_argument("--otlp-interval-s", type=float, default=10.0, help="OTLP push interval")
     p.set_defaults(func=_cmd)

@@ -41,10 +41,15 @@ def make_exporter(endpoint: str) -> Any:
     return HttpExporter(endpoint=endpoint)
 
 
-def families_to_points(snapshot: dict[str, Any]) -> dict[str, tuple[str, str, list[tuple[dict[str, str], float]]]]:
-    """Pure: snapshot -> {name: (kind, doc, [(attributes, value)])} for counters and gauges."""
-    out: dict[str, tuple[str, str, list[tuple[dict[str, str], float]]]] = {}
-    for fam in snapshot_families([snapshot]):
+Points = dict[str, tuple[str, str, list[tuple[dict[str, str], float]]]]
+
+
+def families_to_points(snapshot: dict[str, Any] | list[dict[str, Any]]) -> Points:
+    """Pure: snapshot (or several ranks' snapshots, as `moe-reuse exporter` pushes them) ->
+    {name: (kind, doc, [(attributes, value)])} for counters and gauges."""
+    snaps = snapshot if isinstance(snapshot, list) else [snapshot]
+    out: Points = {}
+    for fam in snapshot_families(snaps):
         if fam.type not in ("counter", "gauge"):
             continue
         wanted = {fam.name, fam.name + "_total"}
@@ -69,10 +74,10 @@ class OtelBridge:
         self.provider = MeterProvider(metric_readers=[self.reader], resource=Resource.create(attrs))
         self.meter = self.provider.get_meter("moe_reuse")
         self._lock = threading.Lock()
-        self._latest: dict[str, tuple[str, str, list[tuple[dict[str, str], float]]]] = {}
+        self._latest: Points = {}
         self._instruments: set[str] = set()
 
-    def update(self, snapshot: dict[str, Any]) -> None:
+    def update(self, snapshot: dict[str, Any] | list[dict[str, Any]]) -> None:
         latest = families_to_points(snapshot)
         with self._lock:
             self._latest = latest
