@@ -219,3 +219,42 @@ def test_wide_routers_count_every_id_in_both_phases(experts: int, top_k: int) ->
     assert s.enabled and not s.errors, s.errors
     assert (s.totals.expert_tokens == want).all()
     assert s.totals.assignments.tolist() == [[7 * top_k, 5 * top_k]] * layers
+
+
+def test_raw_layouts_derived_by_the_flusher_equal_the_ones_derived_on_the_step() -> None:
+    """StepMeta keeps up to MAX_RAW_REQUESTS requests per step raw and derives the per-phase
+    figures at fold time; wider steps are derived on the spot. Both give the same totals and the
+    same per-step meta the live window reads, windows and chunks in the KV bytes included."""
+    from moe_reuse.plugin.recorder.aggregate import StepMeta
+
+    bm = ByteModel((100, 200, 300), kv_bytes_per_token=3, kv_groups=((2.0, 16, 0), (1.0, 0, 8)))
+    rng = np.random.default_rng(5)
+    metas: list[list[dict]] = []
+    sessions = []
+    for width in (64, 1):  # raw, then every step wider than the buffers
+        s, _ = _session(ring_steps=8)
+        s.bytes_model = bm
+        s.meta = StepMeta(8, max_requests=width)
+        got: list[dict] = []
+        s.listeners.append(lambda stats, meta, sess, got=got: got.append(meta))
+        sessions.append(s)
+        metas.append(got)
+    for _ in range(13):  # wraps the 8-slot ring
+        n = int(rng.integers(1, 6))
+        sched = rng.integers(1, 5, size=n)
+        computed = rng.integers(0, 40, size=n)
+        prompt = rng.integers(1, 40, size=n)
+        routing = [torch.randint(0, E, (int(sched.sum()), K))] * L
+        for s in sessions:
+            _step(s, sched.tolist(), computed.tolist(), prompt.tolist(), routing)
+            if s._completed - s._read >= 3:
+                s.flush()
+    for s in sessions:
+        s.flush()
+    a, b = (s.totals.arrays() for s in sessions)
+    a.pop("duration_s"), b.pop("duration_s")  # wall time: the only figure that may differ
+    assert [k for k in a if not np.array_equal(a[k], b[k])] == []
+    for k in ("tokens", "requests", "context", "kv_bytes", "kind", "scheduled"):
+        assert np.array_equal(np.concatenate([m[k] for m in metas[0]]),
+                              np.concatenate([m[k] for m in metas[1]])), k
+    assert a["tokens"].sum() > 0 and sessions[0].enabled and not sessions[0].errors

@@ -61,11 +61,24 @@ def kv_read_bytes(bm: ByteModel, context: np.ndarray) -> np.ndarray:
     return out
 
 
-class StepMeta:
-    """Host-side ring of per-step facts that the device counters do not hold."""
+MAX_RAW_REQUESTS = 256
+"""Requests per step whose layout is kept raw (copied, derived by the flusher); a step with more
+is derived on the spot (same figures, more work on the step thread). vLLM's GPU default
+max_num_seqs is 256."""
 
-    def __init__(self, ring_steps: int) -> None:
-        n = ring_steps
+
+class StepMeta:
+    """Host-side ring of per-step facts that the device counters do not hold.
+
+    The step thread only copies each step's layout (per request: scheduled tokens, decode or not,
+    tokens already computed) into fixed per-slot buffers (`record`); the per-phase figures
+    (tokens, requests, context, KV bytes, step kind, scheduled tokens) are derived for a whole
+    block at once by the flusher (`derive`), off the engine's step. About 20 numpy calls fewer per
+    step (benchmarks/bench_step_protocol.py).
+    """
+
+    def __init__(self, ring_steps: int, max_requests: int = MAX_RAW_REQUESTS) -> None:
+        n, r = ring_steps, max(int(max_requests), 1)
         self.kind = np.zeros(n, dtype=np.int8)
         self.tokens = np.zeros((n, 2), dtype=np.int64)
         self.requests = np.zeros((n, 2), dtype=np.int64)
@@ -74,9 +87,66 @@ class StepMeta:
         self.duration_ns = np.zeros(n, dtype=np.int64)
         self.comm_ns = np.zeros((n, len(COMM_OPS)), dtype=np.int64)
         self.scheduled = np.zeros(n, dtype=np.int64)  # the scheduler's own token count (self-check)
+        # raw layouts, fixed at start-up: requests per slot (-1: derived), and per request
+        self._n = np.full(n, -1, dtype=np.int64)
+        self._sched = np.zeros((n, r), dtype=np.int64)
+        self._decode = np.zeros((n, r), dtype=bool)
+        self._computed = np.zeros((n, r), dtype=np.int64)
+        self._total = np.zeros(n, dtype=np.int64)  # the scheduler's figure, -1: the layout's sum
+
+    def record(self, slot: int, num_scheduled: np.ndarray, is_decode: np.ndarray,
+               num_computed: np.ndarray, scheduled_total: int, bm: ByteModel) -> None:
+        """Step thread: keep the layout raw (three copies), or derive it now if it is wider than
+        the buffers."""
+        n = len(num_scheduled)
+        if n > self._sched.shape[1]:
+            self._derive_now(slot, num_scheduled, is_decode, num_computed, scheduled_total, bm)
+            return
+        self._sched[slot, :n] = num_scheduled
+        self._decode[slot, :n] = is_decode
+        self._computed[slot, :n] = num_computed
+        self._total[slot] = scheduled_total
+        self._n[slot] = n
+
+    def _derive_now(self, slot: int, num_scheduled: np.ndarray, is_decode: np.ndarray,
+                    num_computed: np.ndarray, scheduled_total: int, bm: ByteModel) -> None:
+        phase = np.asarray(is_decode, dtype=bool).view(np.int8)  # PREFILL 0, DECODE 1
+        sched = np.asarray(num_scheduled, dtype=np.int64)
+        self.tokens[slot] = np.bincount(phase, weights=sched, minlength=2)
+        self.requests[slot] = np.bincount(phase, minlength=2)
+        ctx = np.asarray(num_computed, dtype=np.int64) + sched  # KV tokens after the step
+        self.context[slot] = np.bincount(phase, weights=ctx, minlength=2)
+        self.kv_bytes[slot] = np.bincount(phase, weights=kv_read_bytes(bm, ctx), minlength=2)
+        self.kind[slot] = step_kind(self.tokens[slot])
+        self.scheduled[slot] = int(sched.sum()) if scheduled_total < 0 else scheduled_total
+        self._n[slot] = -1
+
+    def derive(self, start: int, stop: int, bm: ByteModel) -> None:
+        """Flusher: the per-phase figures of slots [start, stop) from their raw layouts."""
+        raw = np.nonzero(self._n[start:stop] >= 0)[0] + start
+        if raw.size == 0:
+            return
+        n = self._n[raw]
+        valid = np.arange(self._sched.shape[1])[None, :] < n[:, None]
+        sched = np.where(valid, self._sched[raw], 0)
+        dec = self._decode[raw] & valid
+        pre = valid & ~dec
+        ctx = np.where(valid, self._computed[raw] + sched, 0)
+        kv = kv_read_bytes(bm, ctx)
+        for ph, mask in ((PREFILL, pre), (DECODE, dec)):
+            self.tokens[raw, ph] = (sched * mask).sum(axis=1)
+            self.requests[raw, ph] = mask.sum(axis=1)
+            self.context[raw, ph] = (ctx * mask).sum(axis=1)
+            self.kv_bytes[raw, ph] = (kv * mask).sum(axis=1)
+        has_p, has_d = self.tokens[raw, PREFILL] > 0, self.tokens[raw, DECODE] > 0
+        self.kind[raw] = np.where(has_d & ~has_p, KIND_DECODE,
+                                  np.where(has_p & ~has_d, KIND_PREFILL, KIND_MIXED))
+        total = self._total[raw]
+        self.scheduled[raw] = np.where(total < 0, sched.sum(axis=1), total)
+        self._n[raw] = -1
 
     def take(self, start: int, stop: int) -> dict[str, np.ndarray]:
-        return {k: v[start:stop].copy() for k, v in vars(self).items()}
+        return {k: v[start:stop].copy() for k, v in vars(self).items() if not k.startswith("_")}
 
 
 @dataclass

@@ -121,7 +121,16 @@ class RoutingRing:
     def begin_step(self, ring_slot: int, phases: np.ndarray) -> None:
         """Point this step's rows at `ring_slot` and zero that slot. `phases`: one per token."""
         lay = self.layout
-        n = int(phases.shape[0])
+        base = ring_slot * lay.slot_stride
+        # int64 scalar: a Python int above 127 times an int8 array raises under NumPy 2 (NEP 50),
+        # which with 127+ experts per layer (DeepSeek-V3, Qwen3-235B) faulted every first step
+        rows = np.asarray(phases).astype(np.int64) * np.int64(lay.columns) + base
+        self._begin(ring_slot, rows, base)
+
+    def _begin(self, ring_slot: int, rows: np.ndarray, base: int) -> None:
+        """`rows`: each token's flat row in the counters; padded rows go to the slot's sink."""
+        lay = self.layout
+        n = int(rows.shape[0])
         if n > lay.max_tokens:
             raise ValueError(f"step has {n} tokens, ring was sized for {lay.max_tokens}")
         i = self._stage_next
@@ -130,11 +139,7 @@ class RoutingRing:
         if event is not None:
             event.synchronize()  # only blocks if the device is 4 steps behind the host
         host = self._stage_np[i]
-        base = ring_slot * lay.slot_stride
-        # int32 scalar: a Python int above 127 times an int8 array raises under NumPy 2 (NEP 50),
-        # which with 127+ experts per layer (DeepSeek-V3, Qwen3-235B) faulted every first step
-        np.multiply(phases, np.int32(lay.columns), out=host[:n], casting="unsafe")
-        host[:n] += base
+        host[:n] = rows
         host[n:] = base + PAD * lay.columns  # padded rows
         if self.device.type == "cuda":
             copy_done = self._copy_events.pop(ring_slot, None)
@@ -149,6 +154,16 @@ class RoutingRing:
             ev = torch.cuda.Event()
             ev.record()
             self._stage_events[i] = ev
+
+    def begin_requests(self, ring_slot: int, is_decode: np.ndarray,
+                       num_scheduled: np.ndarray) -> None:
+        """`begin_step` from the per-request layout: each request's row offset worked out once
+        and repeated over its tokens (fewer passes over the token-long staging buffer)."""
+        lay = self.layout
+        base = ring_slot * lay.slot_stride
+        offs = np.where(np.asarray(is_decode, dtype=bool), base + DECODE * lay.columns,
+                        base + PREFILL * lay.columns)
+        self._begin(ring_slot, np.repeat(offs, num_scheduled), base)
 
     def end_step(self) -> None:
         """Point every row back at the idle sink, so dummy forwards between steps count nothing."""

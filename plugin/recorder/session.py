@@ -31,8 +31,6 @@ from .aggregate import (
     StepMeta,
     Totals,
     fold_block,
-    kv_read_bytes,
-    step_kind,
 )
 from .ring import DECODE, PREFILL, RingLayout, RoutingRing
 
@@ -145,19 +143,11 @@ class RecorderSession:
                 self.totals.dropped_steps += 1  # ring full: never overwrite an unread slot
                 self._recording = False
                 return
-            phase = np.asarray(is_decode, dtype=bool).view(np.int8)  # PREFILL 0, DECODE 1
             slot = self._steps_begun % lay.ring_steps
-            self.ring.begin_step(slot, np.repeat(phase, num_scheduled))
-            m = self.meta
-            sched = num_scheduled.astype(np.int64)
-            m.tokens[slot] = np.bincount(phase, weights=sched, minlength=2)
-            m.requests[slot] = np.bincount(phase, minlength=2)
-            ctx = np.asarray(num_computed, dtype=np.int64) + sched  # KV tokens after the step
-            m.context[slot] = np.bincount(phase, weights=ctx, minlength=2)
-            m.kv_bytes[slot] = np.bincount(phase, weights=kv_read_bytes(self.bytes_model, ctx),
-                                           minlength=2)
-            m.kind[slot] = step_kind(m.tokens[slot])
-            m.scheduled[slot] = int(sched.sum()) if scheduled_total < 0 else scheduled_total
+            self.ring.begin_requests(slot, is_decode, num_scheduled)
+            # raw copies; the per-phase figures are derived by the flusher (StepMeta.derive)
+            self.meta.record(slot, num_scheduled, is_decode, num_computed, scheduled_total,
+                             self.bytes_model)
             self._comm_ns[:] = 0
             self._slot = slot
             self._recording = True
@@ -274,6 +264,8 @@ class RecorderSession:
                 self.ring.note_copied(list(range(a, b)), ev)
                 ev.synchronize()  # this thread waits; the engine's stream never does
             offset += b - a
+        for a, b in ranges:
+            self.meta.derive(a, b, self.bytes_model)
         meta_parts = [self.meta.take(a, b) for a, b in ranges]
         meta = {k: np.concatenate([p[k] for p in meta_parts]) for k in meta_parts[0]}
         counts = host[:, :n].numpy()

@@ -83,9 +83,12 @@ class PrefillLengths:
         for rid in getattr(scheduler_output, "finished_req_ids", ()) or ():
             self.by_req.pop(rid, None)
         for new in getattr(scheduler_output, "scheduled_new_reqs", ()) or ():
-            ids = getattr(new, "prefill_token_ids", None) or getattr(new, "prompt_token_ids", None)
-            if ids is not None:
-                self.by_req[new.req_id] = len(ids)
+            ids = getattr(new, "prefill_token_ids", None)
+            prompt = getattr(new, "prompt_token_ids", None)
+            if ids is not None and (prompt is None or len(ids) != len(prompt)):
+                self.by_req[new.req_id] = len(ids)  # else the batch's prompt length is right
+            else:
+                self.by_req.pop(new.req_id, None)
         cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
         resumed = getattr(cached, "resumed_req_ids", None) or ()
         all_ids = getattr(cached, "all_token_ids", None) or {}
@@ -94,7 +97,12 @@ class PrefillLengths:
                 self.by_req[rid] = len(all_ids[rid])
 
     def lengths(self, req_ids: Any, fallback: np.ndarray) -> np.ndarray:
-        """Per request in batch order; the prompt length (`fallback`) where none was seen."""
+        """Per request in batch order; the prompt length (`fallback`) where none was seen.
+
+        Only requests whose prefill differs from their prompt (resumed after a preemption) are
+        kept, so a step without one costs no per-request Python."""
+        if not self.by_req:
+            return np.asarray(fallback, dtype=np.int64)
         out = np.array(fallback, dtype=np.int64)
         get = self.by_req.get
         for i, rid in enumerate(req_ids):
@@ -110,7 +118,7 @@ def _v1_layout(runner: Any, scheduler_output: Any, num_scheduled: np.ndarray,
     n = int(batch.num_reqs)
     computed = np.asarray(batch.num_computed_tokens_cpu[:n])
     prefill.update(scheduler_output)
-    prefill_len = prefill.lengths(list(batch.req_ids[:n]), np.asarray(batch.num_prompt_tokens[:n]))
+    prefill_len = prefill.lengths(batch.req_ids[:n], np.asarray(batch.num_prompt_tokens[:n]))
     return StepLayout(
         num_scheduled=np.asarray(num_scheduled[:n]),
         is_decode=computed >= prefill_len,
