@@ -379,13 +379,8 @@ def scan_snapshots(directory: Path, *, now: float | None = None,
     t_start = clock()
     spent = 0
     out = ScanResult()
-    try:
-        dfd = open_dir(directory)
-    except FileNotFoundError:
-        return out
-    except SnapshotRefused as exc:
-        out.refused[exc.reason] += 1
-        out.messages.append(str(exc))
+    dfd = _open_or_refuse(directory, out)
+    if dfd is None:
         return out
     try:
         names = sorted(n for n in os.listdir(dfd) if _RANK_FILE.match(n))[:MAX_RANK_FILES]
@@ -418,17 +413,16 @@ def scan_snapshots(directory: Path, *, now: float | None = None,
     return out
 
 
-def run_dirs(base: Path) -> list[Path]:
-    """Every run directory under a trusted `base`, newest server first (by pid order is not
-    meaningful across hosts, so by name). A refused or missing base gives none."""
+def _open_or_refuse(directory: Path, out: ScanResult) -> int | None:
+    """open_dir, or None: missing (nothing to read) or refused (counted in `out`)."""
     try:
-        bfd = open_dir(base)
-    except (FileNotFoundError, SnapshotRefused):
-        return []
-    try:
-        return [base / n for n in sorted(os.listdir(bfd)) if _RUN_DIR.match(n)][:MAX_RANK_FILES]
-    finally:
-        os.close(bfd)
+        return open_dir(directory)
+    except FileNotFoundError:
+        return None
+    except SnapshotRefused as exc:
+        out.refused[exc.reason] += 1
+        out.messages.append(str(exc))
+        return None
 
 
 def scan_base(base: Path, *, flush_interval_s: float | None = None,
@@ -438,16 +432,15 @@ def scan_base(base: Path, *, flush_interval_s: float | None = None,
     base is counted like a refused run directory."""
     t0 = clock()
     out = ScanResult()
+    bfd = _open_or_refuse(base, out)
+    if bfd is None:
+        return out
     try:
-        os.close(open_dir(base))
-    except FileNotFoundError:
-        return out
-    except SnapshotRefused as exc:
-        out.refused[exc.reason] += 1
-        out.messages.append(str(exc))
-        return out
-    for d in run_dirs(base):
-        part = scan_snapshots(d, flush_interval_s=flush_interval_s,
+        runs = sorted(n for n in os.listdir(bfd) if _RUN_DIR.match(n))[:MAX_RANK_FILES]
+    finally:
+        os.close(bfd)
+    for name in runs:
+        part = scan_snapshots(base / name, flush_interval_s=flush_interval_s,
                               budget_s=max(budget_s - (clock() - t0), 0.0), clock=clock)
         out.ranks.extend(part.ranks)
         out.refused.update(part.refused)

@@ -148,6 +148,9 @@ class StepMeta:
     def take(self, start: int, stop: int) -> dict[str, np.ndarray]:
         return {k: v[start:stop].copy() for k, v in vars(self).items() if not k.startswith("_")}
 
+    def nbytes(self) -> int:
+        return sum(int(v.nbytes) for v in vars(self).values())
+
 
 @dataclass
 class Totals:

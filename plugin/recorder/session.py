@@ -97,10 +97,12 @@ class RecorderSession:
         # Fixed at start-up; exported so a soak can show they never grow.
         self.gauges["buffer_bytes"] = {
             "doc": "Bytes of the recorder's buffers, allocated once at start-up: the device "
-                   "ring (counters, token map, staging) and the host copy the flusher reads into.",
+                   "ring (counters, token map, staging), the host copy the flusher reads into "
+                   "and the per-step layouts (step_meta).",
             "labels": ["buffer"],
             "samples": [(("device_ring",), float(self.ring.nbytes())),
-                        (("host_copy",), float(self._host.numel() * self._host.element_size()))],
+                        (("host_copy",), float(self._host.numel() * self._host.element_size())),
+                        (("step_meta",), float(self.meta.nbytes()))],
         }
 
     # ---- binding -----------------------------------------------------------------------------
