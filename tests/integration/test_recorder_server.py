@@ -149,6 +149,8 @@ def _runs() -> list[tuple[str, str, bool, bool]]:
     out = []
     for name in CONSERVATION_MODELS:
         for runner in ("v2", "v1"):
+            if name == "qwen3-moe-wide" and runner == "v1" and not FULL:
+                continue  # CI time: the ring is runner-agnostic (unit test on both widths)
             for mode, eager in MODES.items():
                 if FULL or (mode == "compiled") == ((name, runner) in CI_COMPILED):
                     out.append((name, runner, eager,
