@@ -110,40 +110,40 @@ class StepMeta:
 
     def _derive_now(self, slot: int, num_scheduled: np.ndarray, is_decode: np.ndarray,
                     num_computed: np.ndarray, scheduled_total: int, bm: ByteModel) -> None:
-        phase = np.asarray(is_decode, dtype=bool).view(np.int8)  # PREFILL 0, DECODE 1
-        sched = np.asarray(num_scheduled, dtype=np.int64)
-        self.tokens[slot] = np.bincount(phase, weights=sched, minlength=2)
-        self.requests[slot] = np.bincount(phase, minlength=2)
-        ctx = np.asarray(num_computed, dtype=np.int64) + sched  # KV tokens after the step
-        self.context[slot] = np.bincount(phase, weights=ctx, minlength=2)
-        self.kv_bytes[slot] = np.bincount(phase, weights=kv_read_bytes(bm, ctx), minlength=2)
-        self.kind[slot] = step_kind(self.tokens[slot])
-        self.scheduled[slot] = int(sched.sum()) if scheduled_total < 0 else scheduled_total
-        self._n[slot] = -1
+        one = np.asarray(num_scheduled, dtype=np.int64)[None, :]
+        self._set(np.array([slot]), one, np.asarray(is_decode, dtype=bool)[None, :],
+                  np.asarray(num_computed, dtype=np.int64)[None, :],
+                  np.ones_like(one, dtype=bool), np.array([scheduled_total]), bm)
 
     def derive(self, start: int, stop: int, bm: ByteModel) -> None:
         """Flusher: the per-phase figures of slots [start, stop) from their raw layouts."""
         raw = np.nonzero(self._n[start:stop] >= 0)[0] + start
         if raw.size == 0:
             return
-        n = self._n[raw]
-        valid = np.arange(self._sched.shape[1])[None, :] < n[:, None]
-        sched = np.where(valid, self._sched[raw], 0)
-        dec = self._decode[raw] & valid
+        valid = np.arange(self._sched.shape[1])[None, :] < self._n[raw][:, None]
+        self._set(raw, self._sched[raw], self._decode[raw], self._computed[raw], valid,
+                  self._total[raw], bm)
+
+    def _set(self, slots: np.ndarray, sched: np.ndarray, decode: np.ndarray,
+             computed: np.ndarray, valid: np.ndarray, total: np.ndarray, bm: ByteModel) -> None:
+        """The per-phase figures of `slots` from [slot, request] layouts (`valid` masks the
+        requests each slot really had)."""
+        sched = np.where(valid, sched, 0)
+        dec = decode & valid
         pre = valid & ~dec
-        ctx = np.where(valid, self._computed[raw] + sched, 0)
+        ctx = np.where(valid, computed + sched, 0)  # KV tokens after the step
         kv = kv_read_bytes(bm, ctx)
         for ph, mask in ((PREFILL, pre), (DECODE, dec)):
-            self.tokens[raw, ph] = (sched * mask).sum(axis=1)
-            self.requests[raw, ph] = mask.sum(axis=1)
-            self.context[raw, ph] = (ctx * mask).sum(axis=1)
-            self.kv_bytes[raw, ph] = (kv * mask).sum(axis=1)
-        has_p, has_d = self.tokens[raw, PREFILL] > 0, self.tokens[raw, DECODE] > 0
-        self.kind[raw] = np.where(has_d & ~has_p, KIND_DECODE,
-                                  np.where(has_p & ~has_d, KIND_PREFILL, KIND_MIXED))
-        total = self._total[raw]
-        self.scheduled[raw] = np.where(total < 0, sched.sum(axis=1), total)
-        self._n[raw] = -1
+            self.tokens[slots, ph] = (sched * mask).sum(axis=1)
+            self.requests[slots, ph] = mask.sum(axis=1)
+            self.context[slots, ph] = (ctx * mask).sum(axis=1)
+            self.kv_bytes[slots, ph] = (kv * mask).sum(axis=1)
+        # decode only, prefill only, or mixed
+        has_p, has_d = self.tokens[slots, PREFILL] > 0, self.tokens[slots, DECODE] > 0
+        self.kind[slots] = np.where(has_d & ~has_p, KIND_DECODE,
+                                    np.where(has_p & ~has_d, KIND_PREFILL, KIND_MIXED))
+        self.scheduled[slots] = np.where(total < 0, sched.sum(axis=1), total)
+        self._n[slots] = -1
 
     def take(self, start: int, stop: int) -> dict[str, np.ndarray]:
         return {k: v[start:stop].copy() for k, v in vars(self).items() if not k.startswith("_")}
@@ -201,16 +201,6 @@ class Totals:
         out["scheduled_tokens"] = np.array(self.scheduled_tokens, dtype=np.int64)
         out["selfcheck_mismatch"] = np.array(self.selfcheck_mismatch, dtype=np.int64)
         return out
-
-
-def step_kind(tokens: np.ndarray) -> int:
-    """decode / prefill / mixed from the step's [prefill, decode] token counts."""
-    has_p, has_d = tokens[PREFILL] > 0, tokens[DECODE] > 0
-    if has_d and not has_p:
-        return KIND_DECODE
-    if has_p and not has_d:
-        return KIND_PREFILL
-    return KIND_MIXED
 
 
 @dataclass(frozen=True)
