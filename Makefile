@@ -18,7 +18,7 @@ demo: setup
 	$(PY) -m moe_reuse.plugin.cli demo
 
 test: setup lint install-wheel check-generated
-	MOE_REUSE_EXPECT_INSTALLED=1 MOE_REUSE_DIST_DIR=$(DIST) $(PY) -m pytest -q -p no:cacheprovider tests
+	MOE_REUSE_EXPECT_INSTALLED=1 MOE_REUSE_DIST_DIR=$(DIST) $(PY) -m pytest -q -p no:cacheprovider --durations=40 tests
 
 # The sdist, and the wheel built from it, under $(DIST).
 dist: setup
