@@ -27,6 +27,7 @@ from moe_reuse.plugin.harness.load import mixed_requests, run_load
 from moe_reuse.plugin.harness.otlp_receiver import OtlpReceiver
 from moe_reuse.plugin.harness.server import VllmServer, metric_value
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
+from moe_reuse.plugin.metrics_text import samples
 
 CONFIGS = [
     ("baseline", ""),
@@ -75,10 +76,8 @@ def run_config(name: str, inject: str, args: argparse.Namespace, otlp: str) -> d
         stop.set()
         th.join()
         text = srv.metrics_text()
-        errors = {ln.split('stage="')[1].split('"')[0]: float(ln.rsplit(" ", 1)[1])
-                  for ln in text.splitlines() if ln.startswith("moe_reuse_errors_total{")}
-        reasons = [ln.split('reason="')[1].split('"')[0] for ln in text.splitlines()
-                   if ln.startswith("moe_reuse_enabled{")]
+        errors = {s.labels["stage"]: s.value for s in samples(text, "moe_reuse_errors_total")}
+        reasons = [s.labels["reason"] for s in samples(text, "moe_reuse_enabled")]
         ok = [t for t in scrapes if t == t]
         return {"config": name, "inject": inject, "tokens_per_s": statistics.median(rates),
                 "waves": rates, "scrape_ms_median": 1000 * statistics.median(ok) if ok else None,

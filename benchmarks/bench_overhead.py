@@ -21,7 +21,17 @@ geometric mean of the two: on this machine the server started first was consiste
 slower, which one order alone would book as overhead (or hide). `--aa` runs both servers without
 the plugin: a self-check of the method (ratios must read 1).
 
+`--ablation` attributes the cost: one baseline server (no plugin) stays up, and against it, one at
+a time, servers with more and more of the plugin (`MOE_REUSE_ABLATE`, see worker_runtime): `aa`
+(no plugin: the A/A floor), `capture` (routing hooks only), `protocol` (+ the host step protocol
+and collective timing), `copy` (+ the flusher's device-to-host copy), `whole` (+ folding, live
+comparison, snapshots, exporters). Every arm is started after the baseline, as the A/A arm is, so
+the start-order effect is the same in each and the A/A arm measures it; each arm's cost is read
+against the A/A floor (arm ratio / A/A ratio), and each step's share as the difference from the
+arm before it. Results are also written as JSON (`--json`).
+
     python benchmarks/bench_overhead.py [--model qwen3-moe] [--waves 24] [--concurrency 16]
+    python benchmarks/bench_overhead.py --ablation [--model big-moe] [--json out.json]
 """
 
 from __future__ import annotations
@@ -86,6 +96,79 @@ def summary(name: str, pairs: list[float], a: list[float], b: list[float], unit:
             f"{statistics.median(b):.6g} {unit}; ratio of medians "
             f"{statistics.median(a) / statistics.median(b):.4f}; median pair ratio "
             f"{statistics.median(pairs):.4f} (IQR {q[0]:.3f}-{q[2]:.3f})")
+
+
+def alternate(a: VllmServer, b: VllmServer, args: argparse.Namespace, vocab: int, label: str,
+              ) -> dict[str, Any]:
+    """Waves alternated A B, B A, ... between two started, paused servers; per-wave figures and
+    the median pair ratios (a over b)."""
+    tps: dict[str, list[float]] = {"a": [], "b": []}
+    cpt: dict[str, list[float]] = {"a": [], "b": []}
+    for i in range(args.waves):
+        for name, srv in (("a", a), ("b", b)) if i % 2 == 0 else (("b", b), ("a", a)):
+            srv.resume()
+            time.sleep(0.3)  # let it settle after SIGCONT
+            r, c, _ = wave(srv, vocab, args.concurrency, args.output_tokens, seed=100 + i)
+            srv.pause()
+            tps[name].append(r)
+            cpt[name].append(c)
+        print(f"  {label} wave {i:2d}: {tps['a'][-1]:7.1f} vs {tps['b'][-1]:7.1f} tok/s, "
+              f"ratio {tps['a'][-1] / tps['b'][-1]:.3f}", flush=True)
+    tp = [x / y for x, y in zip(tps["a"], tps["b"])]
+    cp = [x / y for x, y in zip(cpt["a"], cpt["b"])]
+    q = statistics.quantiles(tp, n=4) if len(tp) >= 2 else [tp[0]] * 3
+    return {"throughput_ratio": statistics.median(tp), "throughput_iqr": [q[0], q[2]],
+            "cpu_per_token_ratio": statistics.median(cp),
+            "tok_per_s": statistics.median(tps["a"]), "baseline_tok_per_s": statistics.median(tps["b"])}
+
+
+ARMS = ("aa", "capture", "protocol", "copy", "whole")
+
+
+def run_ablation(args: argparse.Namespace, path: Any, vocab: int) -> dict[str, Any]:
+    common = {"enforce_eager": args.eager, "max_num_seqs": max(args.concurrency, 16)}
+    base = VllmServer(path, **common)
+    out: dict[str, Any] = {}
+    try:
+        print("starting the baseline server ...", flush=True)
+        base.start()
+        wave(base, vocab, args.concurrency, 16, seed=0)
+        base.pause()
+        for arm in args.arms.split(","):
+            if arm not in ARMS:
+                raise SystemExit(f"--arms: {arm!r} is not one of {', '.join(ARMS)}")
+            env = {"MOE_REUSE_ABLATE": arm} if arm not in ("aa", "whole") else {}
+            cfg = None if arm == "aa" else {"moe_reuse": json.loads(args.plugin_config)}
+            srv = VllmServer(path, additional_config=cfg, env=env, **common)
+            try:
+                print(f"starting arm {arm} ...", flush=True)
+                srv.start()
+                wave(srv, vocab, args.concurrency, 16, seed=0)
+                srv.pause()
+                out[arm] = alternate(srv, base, args, vocab, arm)
+            finally:
+                srv.stop()
+    finally:
+        base.stop()
+    floor = out.get("aa", {}).get("throughput_ratio", 1.0)
+    cfloor = out.get("aa", {}).get("cpu_per_token_ratio", 1.0)
+    print(f"\nmodel {args.model}, {'eager' if args.eager else 'compiled'}, concurrency "
+          f"{args.concurrency}, {args.output_tokens} tokens per request, {args.waves} waves per arm")
+    print(f"{'arm':9s} {'tput ratio':>10s} {'IQR':>13s} {'vs A/A':>7s} {'cost':>7s} {'step':>7s}"
+          f" {'CPU/tok':>8s} {'vs A/A':>7s}")
+    prev = 0.0
+    for arm, r in out.items():
+        rel = r["throughput_ratio"] / floor
+        cost = 100 * (1 - rel)
+        r.update({"vs_aa": rel, "cost_percent": cost, "step_percent": cost - prev,
+                  "cpu_vs_aa": r["cpu_per_token_ratio"] / cfloor})
+        print(f"{arm:9s} {r['throughput_ratio']:10.4f} {r['throughput_iqr'][0]:6.3f}-"
+              f"{r['throughput_iqr'][1]:6.3f} {rel:7.4f} {cost:+6.2f}% {cost - prev:+6.2f}% "
+              f"{r['cpu_per_token_ratio']:8.4f} {r['cpu_vs_aa']:7.4f}")
+        if arm != "aa":
+            prev = cost
+    return {"model": args.model, "eager": args.eager, "concurrency": args.concurrency,
+            "output_tokens": args.output_tokens, "waves": args.waves, "arms": out}
 
 
 def run_once(args: argparse.Namespace, path: Any, vocab: int, swap: bool) -> tuple[float, float]:
@@ -158,9 +241,19 @@ def main() -> int:
                     help="one experiment (plugin server started first) instead of both orders")
     ap.add_argument("--aa", action="store_true",
                     help="self-check: both servers without the plugin (the ratios must read 1)")
+    ap.add_argument("--ablation", action="store_true",
+                    help="attribute the cost: arms with more and more of the plugin vs a baseline")
+    ap.add_argument("--arms", default=",".join(ARMS), help="the --ablation arms, in order")
+    ap.add_argument("--json", help="--ablation: also write the results here")
     args = ap.parse_args()
     facts = model_facts(args.model)
     path = build_model(args.model)
+    if args.ablation:
+        res = run_ablation(args, path, facts.vocab_size)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
     results = [run_once(args, path, facts.vocab_size, swap) for swap in
                ((False,) if args.one_order else (False, True))]
     tput = math.prod(r[0] for r in results) ** (1 / len(results))

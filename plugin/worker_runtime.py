@@ -34,6 +34,20 @@ logger = logging.getLogger("vllm.moe_reuse")
 _SESSION: RecorderSession | None = None  # this worker process's session (one rank)
 # Testing only: skip counting layer slot 0, to prove the self-check catches broken counting.
 BREAK_COUNTING_ENV = "MOE_REUSE_TEST_BREAK_COUNTING"
+# Benchmarks only (bench_overhead --ablation): bind part of the plugin, to attribute its cost.
+# capture: the routing hooks alone (every count lands in the idle sink: no step protocol);
+# protocol: + the step protocol and collective timing, each slot consumed at once (no copy);
+# copy: + the flusher's device-to-host copy of finished slots (nothing derived or published).
+# Live comparison, snapshots and exporters run only without it.
+ABLATE_ENV = "MOE_REUSE_ABLATE"
+ABLATE_LEVELS = ("capture", "protocol", "copy")
+
+
+def ablation() -> str:
+    value = os.environ.get(ABLATE_ENV, "")
+    if value and value not in ABLATE_LEVELS:
+        raise ValueError(f"{ABLATE_ENV}={value!r}: use one of {', '.join(ABLATE_LEVELS)} or unset it")
+    return value
 
 
 def make_publisher(cfg: PluginConfig, labels: dict[str, str]) -> Publisher:
@@ -148,6 +162,7 @@ def _bind(worker: Any, cfg: PluginConfig, labels: dict[str, str],
         max_tokens=facts.max_tokens,
         ring_steps=RingLayout.auto_ring_steps(len(layer_ids), facts.num_experts, cfg.ring_steps),
     )
+    ablate = ablation()
     bytes_model = ByteModel(**facts.byte_model)
     info.update({
         "moe_layers": str(len(layer_ids)), "experts": str(facts.num_experts),
@@ -158,6 +173,7 @@ def _bind(worker: Any, cfg: PluginConfig, labels: dict[str, str],
         layout, bytes_model, device=facts.device, labels=labels, info=info, layer_ids=layer_ids,
         publish=make_publisher(cfg, labels), flush_interval_s=cfg.flush_interval_s,
         inject_fault_after_steps=faults.after("step"),
+        ablate=ablate if ablate in ("protocol", "copy") else "",
     )
     record: Any = session.record
     if os.environ.get(BREAK_COUNTING_ENV):
@@ -168,10 +184,16 @@ def _bind(worker: Any, cfg: PluginConfig, labels: dict[str, str],
         record = skip_slot0
     capturer = routing.FanoutCapturer({lid: i for i, lid in enumerate(layer_ids)}, record)
     routing.bind(worker.model_runner.get_model(), capturer)
-    runners.wrap_steps(runner, _Steps(session, worker, seam_facts))
-    info["comm_timing"] = comm.install(facts.comm_mode, facts.device, session.add_comm_ns)
-    attach_live(session, cfg, worker)
-    session.start()
+    if ablate:
+        logger.warning("moe_reuse: %s=%s: a partial plugin for benchmarks, exporting nothing",
+                       ABLATE_ENV, ablate)
+    if ablate != "capture":
+        runners.wrap_steps(runner, _Steps(session, worker, seam_facts))
+        info["comm_timing"] = comm.install(facts.comm_mode, facts.device, session.add_comm_ns)
+    if not ablate:
+        attach_live(session, cfg, worker)
+    if ablate in ("", "copy"):
+        session.start()
     logger.info(
         "moe_reuse: recording %d MoE layers (ids %s), %d experts, top-%d, ring %d steps, "
         "runner %s, sources %s, %s", len(layer_ids), layer_ids[:8], facts.num_experts,

@@ -17,11 +17,11 @@ from typing import Any
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from moe_reuse.plugin.config import ConfigError, parse_config
 from moe_reuse.plugin.config_checks import validate_for_model
 from moe_reuse.plugin.exporters.prometheus import EXPERT_SERIES_PER_SCRAPE, snapshot_families
+from moe_reuse.plugin.metrics_text import samples
 from moe_reuse.plugin.recorder.aggregate import PHASES, ByteModel
 from moe_reuse.plugin.recorder.ring import RingLayout
 from moe_reuse.plugin.recorder.session import RecorderSession
@@ -71,14 +71,13 @@ def test_per_expert_series_capped_per_rank_and_conserved(cap: int, ranks: int) -
     per_rank: dict[str, int] = defaultdict(int)
     series: dict[tuple[str, str, str], dict[str, float]] = defaultdict(dict)
     assignments: dict[tuple[str, str, str], float] = {}
-    for fam in text_string_to_metric_families(text):
-        for smp in fam.samples:
-            lab = smp.labels
-            if smp.name == "moe_reuse_expert_tokens_total":
-                per_rank[lab["rank"]] += 1
-                series[(lab["rank"], lab["layer"], lab["phase"])][lab["expert"]] = smp.value
-            elif smp.name == "moe_reuse_expert_assignments_total":
-                assignments[(lab["rank"], lab["layer"], lab["phase"])] = smp.value
+    for smp in samples(text):
+        lab = smp.labels
+        if smp.name == "moe_reuse_expert_tokens_total":
+            per_rank[lab["rank"]] += 1
+            series[(lab["rank"], lab["layer"], lab["phase"])][lab["expert"]] = smp.value
+        elif smp.name == "moe_reuse_expert_assignments_total":
+            assignments[(lab["rank"], lab["layer"], lab["phase"])] = smp.value
 
     assert set(per_rank) == {str(r) for r in range(ranks)}
     assert all(n <= want for n in per_rank.values()), dict(per_rank)

@@ -258,3 +258,22 @@ def test_raw_layouts_derived_by_the_flusher_equal_the_ones_derived_on_the_step()
         assert np.array_equal(np.concatenate([m[k] for m in metas[0]]),
                               np.concatenate([m[k] for m in metas[1]])), k
     assert a["tokens"].sum() > 0 and sessions[0].enabled and not sessions[0].errors
+
+
+@pytest.mark.parametrize("ablate", ["protocol", "copy"])
+def test_ablated_sessions_keep_stepping_but_fold_and_publish_nothing(ablate: str) -> None:
+    """bench_overhead's partial plugins: the step protocol runs on every step and never finds the
+    ring full (each slot is consumed), yet nothing is folded or published; a typo is refused."""
+    s, published = _session(ring_steps=4, ablate=ablate)
+    ids = [torch.tensor([[0, 1], [2, 3]]) for _ in range(L)]
+    for i in range(10):  # 2.5 rings: without consuming, steps past the 4th would be dropped
+        _step(s, [1, 1], [5 + i, 5 + i], [3, 3], ids)
+        if ablate == "copy" and i % 2:
+            s.flush()
+    s.flush()
+    assert s._read == s._completed == 10
+    assert s.totals.dropped_steps == 0
+    assert int(s.totals.arrays()["tokens"].sum()) == 0  # nothing folded
+    assert published == [] and s.enabled
+    with pytest.raises(ValueError, match="ablate"):
+        _session(ablate="captur")

@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from moe_reuse.plugin.exporters.prometheus import SnapshotCollector
+from moe_reuse.plugin.metrics_text import samples
 from moe_reuse.plugin.recorder.aggregate import ByteModel
 from moe_reuse.plugin.recorder.ring import RingLayout
 from moe_reuse.plugin.recorder.session import RecorderSession
@@ -275,9 +275,8 @@ def _scrape(collector: SnapshotCollector) -> dict[tuple[str, tuple[tuple[str, st
     reg.register(collector)  # type: ignore[arg-type]
     text = generate_latest(reg).decode()
     out = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    for s in samples(text):
+        out[(s.name, tuple(sorted(s.labels.items())))] = s.value
     return out
 
 

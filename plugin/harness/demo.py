@@ -19,8 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
+from ..metrics_text import samples
 from .server import VllmServer, complete, random_prompts
 from .tiny_models import build_model, model_facts
 
@@ -31,17 +30,16 @@ MIN_WAVE_SECONDS = 2 * WINDOW_S + 1.0  # a whole window closes inside each wave,
 def scrape(text: str) -> dict[str, float]:
     """Sum every moe_reuse/vllm sample by (name, selected labels) into a flat dict."""
     out: dict[str, float] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if not (s.name.startswith("moe_reuse_") or s.name.startswith("vllm:")):
-                continue
-            keys = [s.name] + [
-                f"{k}={s.labels[k]}"
-                for k in ("phase", "kind", "component", "source")
-                if k in s.labels
-            ]
-            key = "|".join(keys)
-            out[key] = out.get(key, 0.0) + s.value
+    for s in samples(text):
+        if not (s.name.startswith("moe_reuse_") or s.name.startswith("vllm:")):
+            continue
+        keys = [s.name] + [
+            f"{k}={s.labels[k]}"
+            for k in ("phase", "kind", "component", "source")
+            if k in s.labels
+        ]
+        key = "|".join(keys)
+        out[key] = out.get(key, 0.0) + s.value
     return out
 
 
@@ -90,14 +88,13 @@ def live_figures(text: str) -> dict[str, Any] | None:
     """The live comparison of the last closed window, as /metrics shows it (None before one)."""
     got: dict[str, float] = {}
     hardware = "?"
-    for fam in text_string_to_metric_families(text):
-        for smp in fam.samples:
-            if smp.name == "moe_reuse_info":
-                hardware = smp.labels.get("hardware", hardware)
-            if smp.name.startswith("moe_reuse_"):
-                tag = smp.labels.get("source") or smp.labels.get("regime") or smp.labels.get(
-                    "quantity") or ""
-                got[f"{smp.name}|{tag}" if tag else smp.name] = smp.value
+    for smp in samples(text):
+        if smp.name == "moe_reuse_info":
+            hardware = smp.labels.get("hardware", hardware)
+        if smp.name.startswith("moe_reuse_"):
+            tag = smp.labels.get("source") or smp.labels.get("regime") or smp.labels.get(
+                "quantity") or ""
+            got[f"{smp.name}|{tag}" if tag else smp.name] = smp.value
     if "moe_reuse_dense_speedup_ratio" not in got:
         return None
     g = got.get
@@ -318,10 +315,9 @@ def default_runner() -> str:
 
 def served_runner(metrics_text: str) -> str:
     """The runner the plugin detected, from `moe_reuse_info{runner=...}` ("unknown" if absent)."""
-    import re
+    from ..metrics_text import first_labels
 
-    m = re.search(r'^moe_reuse_info\{[^}]*runner="([^"]*)"', metrics_text, re.M)
-    return m.group(1) if m else "unknown"
+    return (first_labels(metrics_text, "moe_reuse_info") or {}).get("runner", "unknown")
 
 
 def add_subcommands(subparsers: Any) -> None:

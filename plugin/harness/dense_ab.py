@@ -167,10 +167,9 @@ def read_gauges(url: str, before: dict[str, float] | None = None, layers: int = 
 
 
 def _info_label(text: str, label: str) -> str:
-    import re
+    from ..metrics_text import first_labels
 
-    m = re.search(r'^moe_reuse_info\{[^}]*\b' + label + r'="([^"]*)"', text, re.M)
-    return m.group(1) if m else "?"
+    return (first_labels(text, "moe_reuse_info") or {}).get(label, "?")
 
 
 def replay(level: dict[str, Any], specs: Any) -> dict[str, float]:

@@ -39,6 +39,9 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from ..metrics_text import first_labels
+from ..metrics_text import value as metrics_text_value
+
 __all__ = [
     "NUM_SPECIAL_TOKENS",
     "ServerFailed",
@@ -545,19 +548,9 @@ def random_prompts(n: int, length: int, vocab_size: int, seed: int) -> list[list
     return [[rng.randrange(lo, vocab_size) for _ in range(length)] for _ in range(n)]
 
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)", re.M)
-
-
 def metric_value(metrics_text: str, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels`` (0.0 when absent)."""
-    total = 0.0
-    for m in _SAMPLE.finditer(metrics_text):
-        if m.group(1) != name:
-            continue
-        got = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-        if all(got.get(k) == v for k, v in labels.items()):
-            total += float(m.group(3))
-    return total
+    return metrics_text_value(metrics_text, name, **labels)
 
 
 _ITERATION = re.compile(
@@ -584,14 +577,12 @@ def engine_iterations(log_text: str) -> dict[str, int]:
 def prefix_caching(metrics_text: str) -> tuple[bool, int]:
     """(prefix caching on, KV block size in tokens) as the server resolved them, from the
     ``vllm:cache_config_info`` labels on ``/metrics`` (the platform may override the flags)."""
-    line = next((ln for ln in metrics_text.splitlines() if ln.startswith("vllm:cache_config_info{")), None)
-    if line is None:
+    labels = first_labels(metrics_text, "vllm:cache_config_info")
+    if labels is None:
         raise LookupError("vllm:cache_config_info is not on /metrics (vLLM changed its metric names?)")
-    on = re.search(r'\benable_prefix_caching="(\w+)"', line)
-    bs = re.search(r'\bblock_size="(\d+)"', line)
-    if on is None or bs is None:
-        raise LookupError(f"vllm:cache_config_info lacks enable_prefix_caching or block_size: {line[:200]}")
-    return on.group(1) == "True", int(bs.group(1))
+    if "enable_prefix_caching" not in labels or "block_size" not in labels:
+        raise LookupError(f"vllm:cache_config_info lacks enable_prefix_caching or block_size: {labels}")
+    return labels["enable_prefix_caching"] == "True", int(labels["block_size"])
 
 
 def prefix_cache_hits(metrics_text: str) -> tuple[float, float]:

@@ -14,7 +14,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
+from ..metrics_text import samples
 
 Counts = dict[int, dict[int, float]]
 
@@ -23,23 +23,17 @@ def expert_counts_from_metrics(text: str, phase: str = "decode",
                                model: str | None = None) -> tuple[Counts, int]:
     """({layer: {expert: tokens}} summed over ranks, top-k) from /metrics text."""
     out: Counts = {}
-    top_k = 1
-    for fam in text_string_to_metric_families(text):
-        if fam.name == "moe_reuse_info":
-            top_k = int(next((s.labels["top_k"] for s in fam.samples if "top_k" in s.labels), 1))
-        if fam.name != "moe_reuse_expert_tokens":
+    top_k = int(next((s.labels["top_k"] for s in samples(text, "moe_reuse_info")
+                      if "top_k" in s.labels), 1))
+    for s in samples(text, "moe_reuse_expert_tokens_total", phase=phase):
+        lab = s.labels
+        if model and lab.get("model") != model:
             continue
-        for s in fam.samples:
-            lab = s.labels
-            if not s.name.endswith("_total") or lab.get("phase") != phase:
-                continue
-            if model and lab.get("model") != model:
-                continue
-            if lab["expert"] == "other":
-                raise ValueError('per-expert series are capped (expert="other" present); raise '
-                                 "max_expert_series or use --snapshot-dir")
-            row = out.setdefault(int(lab["layer"]), {})
-            row[int(lab["expert"])] = row.get(int(lab["expert"]), 0.0) + float(s.value)
+        if lab["expert"] == "other":
+            raise ValueError('per-expert series are capped (expert="other" present); raise '
+                             "max_expert_series or use --snapshot-dir")
+        row = out.setdefault(int(lab["layer"]), {})
+        row[int(lab["expert"])] = row.get(int(lab["expert"]), 0.0) + float(s.value)
     return out, top_k
 
 

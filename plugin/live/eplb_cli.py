@@ -19,7 +19,6 @@ from collections import defaultdict
 from typing import Any
 
 import numpy as np
-from prometheus_client.parser import text_string_to_metric_families
 
 from moe_reuse.predictor.eplb import (
     ExpertCost,
@@ -30,6 +29,7 @@ from moe_reuse.predictor.eplb import (
     slot_placement,
 )
 
+from ..metrics_text import samples
 from .baseline_cli import expert_counts_from_metrics
 
 
@@ -46,28 +46,27 @@ def server_view(text: str, model: str | None = None) -> dict[tuple[str, str], di
         lambda: {"layers": defaultdict(dict), "balancedness": {}})
     net: dict[str, float] = {}
     seen: dict[tuple[str, str, str], str] = {}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            lab = s.labels
-            if model and lab.get("model") != model:
-                continue
-            key = (lab.get("deployment", ""), lab.get("ep", ""))
-            who = f'{lab.get("engine")}/{lab.get("rank")}'
-            if seen.setdefault((s.name, *key), who) != who:
-                continue  # one exporting rank per figure (all ranks see the same routing)
-            v = float(s.value)
-            if s.name == "moe_reuse_ep_layer_balancedness_ratio":
-                out[key]["layers"][lab["layer"]][lab["placement"]] = v
-            elif s.name == "moe_reuse_eplb_layer_gain_ratio":
-                out[key]["layers"][lab["layer"]]["gain"] = v
-            elif s.name == "moe_reuse_ep_balancedness_ratio":
-                out[key]["balancedness"][lab["placement"]] = v
-            elif s.name == "moe_reuse_eplb_gain_ratio":
-                out[key]["gain"] = v
-            elif s.name == "moe_reuse_eplb_deciding_term" and v == 1:
-                out[key]["term"] = lab["term"]
-            elif s.name == "moe_reuse_eplb_net_gain_ratio":
-                net[lab["ep"]] = v
+    for s in samples(text):
+        lab = s.labels
+        if model and lab.get("model") != model:
+            continue
+        key = (lab.get("deployment", ""), lab.get("ep", ""))
+        who = f'{lab.get("engine")}/{lab.get("rank")}'
+        if seen.setdefault((s.name, *key), who) != who:
+            continue  # one exporting rank per figure (all ranks see the same routing)
+        v = float(s.value)
+        if s.name == "moe_reuse_ep_layer_balancedness_ratio":
+            out[key]["layers"][lab["layer"]][lab["placement"]] = v
+        elif s.name == "moe_reuse_eplb_layer_gain_ratio":
+            out[key]["layers"][lab["layer"]]["gain"] = v
+        elif s.name == "moe_reuse_ep_balancedness_ratio":
+            out[key]["balancedness"][lab["placement"]] = v
+        elif s.name == "moe_reuse_eplb_gain_ratio":
+            out[key]["gain"] = v
+        elif s.name == "moe_reuse_eplb_deciding_term" and v == 1:
+            out[key]["term"] = lab["term"]
+        elif s.name == "moe_reuse_eplb_net_gain_ratio":
+            net[lab["ep"]] = v
     for (dep, ep), entry in out.items():
         if dep == "served" and ep in net:
             entry["net"] = net[ep]
@@ -77,16 +76,15 @@ def server_view(text: str, model: str | None = None) -> dict[tuple[str, str], di
 def _scalars(text: str, model: str | None) -> dict[str, float]:
     """Decode tokens, decode(+mixed) steps and the ridge point, summed / first over ranks."""
     got = {"tokens": 0.0, "steps": 0.0, "ridge": math.nan}
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if model and s.labels.get("model") != model:
-                continue
-            if s.name == "moe_reuse_tokens_total" and s.labels.get("phase") == "decode":
-                got["tokens"] += float(s.value)
-            elif s.name == "moe_reuse_steps_total" and s.labels.get("kind") in ("decode", "mixed"):
-                got["steps"] += float(s.value)
-            elif s.name == "moe_reuse_ridge_point_tokens" and math.isnan(got["ridge"]):
-                got["ridge"] = float(s.value)
+    for s in samples(text):
+        if model and s.labels.get("model") != model:
+            continue
+        if s.name == "moe_reuse_tokens_total" and s.labels.get("phase") == "decode":
+            got["tokens"] += float(s.value)
+        elif s.name == "moe_reuse_steps_total" and s.labels.get("kind") in ("decode", "mixed"):
+            got["steps"] += float(s.value)
+        elif s.name == "moe_reuse_ridge_point_tokens" and math.isnan(got["ridge"]):
+            got["ridge"] = float(s.value)
     return got
 
 

@@ -22,8 +22,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from moe_reuse.predictor import (
     HardwareSpec,
     Partition,
@@ -35,6 +33,7 @@ from moe_reuse.predictor import (
 )
 from moe_reuse.predictor.whatif import RoutingCurve, ServerFacts
 
+from ..metrics_text import samples
 from .spec import resolve_hardware
 
 _TIMEOUT_S = 30
@@ -75,21 +74,20 @@ def parse_metrics(text: str) -> dict[str, Any]:
     layers: dict[str, set[str]] = defaultdict(set)
     steps: dict[str, float] = defaultdict(float)
     batch: dict[str, float] = defaultdict(float)
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            lab = s.labels
-            if s.name == "moe_reuse_info":
-                info = dict(lab)
-                ranks.add(lab.get("rank", "0"))
-            elif s.name == "vllm:cache_config_info":
-                cache = dict(lab)
-            elif s.name == "moe_reuse_experts_touched_total" and lab.get("phase") == "decode":
-                touched[lab.get("rank", "0")] += s.value
-                layers[lab.get("rank", "0")].add(lab.get("layer", ""))
-            elif s.name == "moe_reuse_steps_total" and lab.get("kind") in ("decode", "mixed"):
-                steps[lab.get("rank", "0")] += s.value
-            elif s.name == "moe_reuse_batch_requests_total" and lab.get("phase") == "decode":
-                batch[lab.get("rank", "0")] += s.value
+    for s in samples(text):
+        lab = s.labels
+        if s.name == "moe_reuse_info":
+            info = dict(lab)
+            ranks.add(lab.get("rank", "0"))
+        elif s.name == "vllm:cache_config_info":
+            cache = dict(lab)
+        elif s.name == "moe_reuse_experts_touched_total" and lab.get("phase") == "decode":
+            touched[lab.get("rank", "0")] += s.value
+            layers[lab.get("rank", "0")].add(lab.get("layer", ""))
+        elif s.name == "moe_reuse_steps_total" and lab.get("kind") in ("decode", "mixed"):
+            steps[lab.get("rank", "0")] += s.value
+        elif s.name == "moe_reuse_batch_requests_total" and lab.get("phase") == "decode":
+            batch[lab.get("rank", "0")] += s.value
     if not info:
         raise SpecError(
             "--from-server", "no moe_reuse_info on /metrics",

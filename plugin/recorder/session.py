@@ -41,6 +41,13 @@ Publisher = Callable[[dict[str, Any]], None]
 BlockListener = Callable[[BlockStats, dict[str, np.ndarray], "RecorderSession"], None]
 
 
+# Benchmarks only (bench_overhead --ablation): how much of the session runs. "protocol" consumes
+# each slot as soon as its step finishes (no copy); "copy" copies finished slots off the device but
+# derives, folds and publishes nothing; "" is the whole session. (Capture-only skips the step
+# protocol, so it is decided where the session is bound, not here.)
+ABLATIONS = ("", "protocol", "copy")
+
+
 class InjectedFault(RuntimeError):
     """Raised on purpose by `inject_fault_after_steps` (tests of fault isolation)."""
 
@@ -59,6 +66,7 @@ class RecorderSession:
         flush_interval_s: float = 1.0,
         inject_fault_after_steps: int = 0,
         clock: Callable[[], int] = time.perf_counter_ns,
+        ablate: str = "",
     ) -> None:
         self.layout = layout
         self.bytes_model = bytes_model
@@ -72,6 +80,9 @@ class RecorderSession:
         self.flush_interval_s = flush_interval_s
         self.inject_after = inject_fault_after_steps
         self.clock = clock
+        if ablate not in ABLATIONS:
+            raise ValueError(f"ablate must be one of {ABLATIONS}, got {ablate!r}")
+        self.ablate = ablate
         self.enabled = True
         self.reason = "recording"  # why `enabled` is what it is (exported as a label)
         self.errors: dict[str, int] = {}
@@ -177,6 +188,9 @@ class RecorderSession:
             self._completed = self._steps_begun
             if self.inject_after and self._completed >= self.inject_after:
                 raise InjectedFault(f"inject_fault_after_steps={self.inject_after} reached")
+            if self.ablate == "protocol":
+                self._read = self._completed
+                return
             if self._completed - self._read >= self.layout.ring_steps // 2:
                 self._wake.set()
         except Exception as exc:  # noqa: BLE001
@@ -227,6 +241,8 @@ class RecorderSession:
                     self._fold_pending()
             except Exception as exc:  # noqa: BLE001
                 self.fault("flush", exc)
+            if self.ablate:
+                return
             try:
                 snap = self.snapshot()  # if it gets written, the write works again: say so
                 snap["degraded"] = [d for d in snap["degraded"] if d != "snapshot_write"]
@@ -266,6 +282,9 @@ class RecorderSession:
                 self.ring.note_copied(list(range(a, b)), ev)
                 ev.synchronize()  # this thread waits; the engine's stream never does
             offset += b - a
+        if self.ablate == "copy":
+            self._read = done
+            return
         for a, b in ranges:
             self.meta.derive(a, b, self.bytes_model)
         meta_parts = [self.meta.take(a, b) for a, b in ranges]

@@ -26,6 +26,7 @@ import time
 import numpy as np
 import pytest
 
+from moe_reuse.plugin import metrics_text
 from moe_reuse.plugin.harness.server import VllmServer, random_prompts, run_concurrent
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
 from moe_reuse.plugin.live.baseline_cli import expert_counts_from_metrics
@@ -66,10 +67,7 @@ def skewed_copy(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
 
 
 def scalar_sum(text: str, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return sum(float(s.value) for fam in text_string_to_metric_families(text) for s in fam.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
+    return metrics_text.value(text, name, **labels)
 
 
 def counts_matrix(text: str) -> tuple[list[int], np.ndarray]:

@@ -20,6 +20,7 @@ import pytest
 import moe_reuse.dashboards as moe_reuse_dashboards
 from moe_reuse.plugin.harness.server import VllmServer, metric_value, random_prompts, run_concurrent
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
+from moe_reuse.plugin.metrics_text import samples
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = Path(sys.executable).parent / "moe-reuse"
@@ -119,7 +120,7 @@ def test_server_with_the_installed_plugin_conserves_and_reports_its_version(tmp_
     for layer in facts.moe_layer_indices:
         assert delta(text, "moe_reuse_expert_assignments_total", layer=str(layer),
                      phase="decode") == decode * facts.top_k, layer
-    info = [ln for ln in text.splitlines() if ln.startswith("moe_reuse_info{")]
+    info = samples(text, "moe_reuse_info")
     assert info, "no moe_reuse_info series"
-    want = f'version="{metadata.version("vllm-moe-reuse")}"'
-    assert all(want in ln for ln in info), (want, info)
+    want = metadata.version("vllm-moe-reuse")
+    assert all(s.labels["version"] == want for s in info), (want, info)

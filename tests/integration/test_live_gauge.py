@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import re
 import time
 from pathlib import Path
 
@@ -34,26 +33,19 @@ from moe_reuse.plugin.harness.otlp_receiver import OtlpReceiver, attrs, metrics,
 from moe_reuse.plugin.harness.server import VllmServer, random_prompts, run_concurrent
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
 from moe_reuse.plugin.live.baseline_cli import cmd_baseline_save
+from moe_reuse.plugin.metrics_text import samples
 
 pytestmark = pytest.mark.integration
 
 WINDOW_S = 3.0
 
 
-def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    out = {}
-    for m in re.finditer(rf"^{name}(\{{[^}}]*\}})?\s+(\S+)$", text, re.M):
-        labels = tuple(sorted(re.findall(r'(\w+)="([^"]*)"', m.group(1) or "")))
-        out[labels] = float(m.group(2))
-    return out
-
-
 def by(text: str, name: str, label: str) -> dict[str, float]:
-    return {dict(k)[label]: v for k, v in samples(text, name).items() if label in dict(k)}
+    return {s.labels[label]: s.value for s in samples(text, name) if label in s.labels}
 
 
 def one(text: str, name: str) -> float:
-    vals = list(samples(text, name).values())
+    vals = [s.value for s in samples(text, name)]
     assert len(vals) == 1, f"{name}: {vals}"
     return vals[0]
 
@@ -145,7 +137,9 @@ def test_live_gauges_dead_expert_and_drift(tmp_path: Path) -> None:
         assert mean_same < 0.1, same
         assert mean_changed > 2 * mean_same and mean_changed > 0.1, (same, changed)
         final = srv.metrics_text()
-        assert not re.search(r'stage="(live_\w+|otlp_push)"', final), "the live comparison reported an error"
+        assert not [s.labels["stage"] for s in samples(final, "moe_reuse_errors_total")
+                    if s.labels["stage"].startswith(("live_", "otlp_push"))], \
+            "the live comparison reported an error"
 
         # 4. the OTLP push: a real receiver, protobuf decoded
         assert rx.wait(3), "no OTLP export reached the receiver"

@@ -45,6 +45,7 @@ from moe_reuse.dashboards.config import DEFAULT, Config
 from moe_reuse.dashboards.generate import dashboard_dicts
 from moe_reuse.dashboards.rules import render_rules
 from moe_reuse.plugin.live.drift import make_baseline, save_baseline
+from moe_reuse.plugin.metrics_text import samples
 
 pytestmark = pytest.mark.integration
 
@@ -342,8 +343,8 @@ def _values(result: list[dict[str, Any]]) -> list[float]:
 
 
 def _ridge_point(metrics_text: str) -> float | None:
-    m = re.search(r"^moe_reuse_ridge_point_tokens(?:\{[^}]*\})?\s+(\S+)", metrics_text, re.M)
-    return float(m.group(1)) if m else None
+    found = samples(metrics_text, "moe_reuse_ridge_point_tokens")
+    return found[0].value if found else None
 
 
 class _Traffic:

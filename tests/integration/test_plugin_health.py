@@ -22,6 +22,7 @@ from moe_reuse.plugin.harness.server import (
     run_concurrent,
 )
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
+from moe_reuse.plugin.metrics_text import samples
 
 pytestmark = pytest.mark.integration
 
@@ -38,8 +39,8 @@ def test_bind_failure_keeps_serving_and_says_so_on_metrics() -> None:
         assert metric_value(text, "moe_reuse_enabled", reason="bind_failed") == 0
         assert 'reason="bind_failed"' in text and 'reason="recording"' not in text
         assert metric_value(text, "moe_reuse_errors_total", stage="bind") == 1
-        info = [ln for ln in text.splitlines() if ln.startswith("moe_reuse_info{")]
-        assert len(info) == 1 and 'runner="v2"' in info[0]
+        info = samples(text, "moe_reuse_info")
+        assert len(info) == 1 and info[0].labels["runner"] == "v2"
         assert "moe_reuse_tokens_total" not in text
         assert "moe_reuse_snapshot_age_seconds{" not in text  # alive: not a stale-rank alert
         log = srv.log_text()

@@ -27,6 +27,7 @@ from moe_reuse.plugin.harness.server import (
     run_concurrent,
 )
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts, model_spec
+from moe_reuse.plugin.metrics_text import samples
 
 pytestmark = pytest.mark.integration
 
@@ -213,9 +214,9 @@ def test_conservation(run: tuple[str, str, bool, bool]) -> None:
             assert (caching, block) == (True, 128)  # the CPU defaults, whatever the CPU
         _check_conservation(text, before, facts, sent)
         assert metric_value(text, "moe_reuse_enabled", reason="recording") == 1
-        info = [ln for ln in text.splitlines() if ln.startswith("moe_reuse_info{")]
-        assert len(info) == 1 and f'compile_mode="{"eager" if eager else "compiled"}"' in info[0]
-        assert f'runner="{runner}"' in info[0] and 'sources="router"' in info[0]
+        info = samples(text, "moe_reuse_info")
+        assert len(info) == 1 and info[0].labels["compile_mode"] == ("eager" if eager else "compiled")
+        assert info[0].labels["runner"] == runner and info[0].labels["sources"] == "router"
         assert metric_value(text, "moe_reuse_moe_comm_info", mode="none") == 1
         assert "moe_reuse_moe_comm_seconds_total" not in text  # no collective: no fake zero
         log = srv.log_text()
@@ -288,9 +289,9 @@ def test_fault_disables_plugin_but_server_keeps_serving_and_cardinality() -> Non
         assert metric_value(text, "moe_reuse_enabled", reason="recording") == 0
         assert metric_value(text, "moe_reuse_errors_total", stage="step_finished") == 1
         assert srv.log_text().count("moe_reuse: disabled after a fault") == 1
-        series = [ln for ln in text.splitlines() if ln.startswith("moe_reuse_")]
+        series = [s for s in samples(text) if s.name.startswith("moe_reuse_")]
         # defaults: per-layer summaries only (3 MoE layers here), never per expert
-        assert not any(ln.startswith("moe_reuse_expert_tokens_total") for ln in series)
+        assert not samples(text, "moe_reuse_expert_tokens_total")
         assert len(series) < 120
 
 
@@ -300,9 +301,9 @@ def test_per_expert_series_opt_in_is_capped() -> None:
         sent = _workload(512, seed=9)
         run_concurrent(srv.url, sent, concurrency=16)
         text = _wait_flushed(srv, sum(n - 1 for _, n in sent))
-        rows = [ln for ln in text.splitlines() if ln.startswith("moe_reuse_expert_tokens_total{")]
+        rows = samples(text, "moe_reuse_expert_tokens_total")
         assert 0 < len(rows) <= 40
-        assert any('expert="other"' in r for r in rows)
+        assert any(r.labels["expert"] == "other" for r in rows)
         total = metric_value(text, "moe_reuse_expert_tokens_total", phase="decode")
         assert total == metric_value(text, "moe_reuse_expert_assignments_total", phase="decode")
 
@@ -314,8 +315,8 @@ def test_non_moe_model_is_a_no_op_with_one_log_line() -> None:
         complete(srv.url, random_prompts(1, 8, 512, seed=1)[0], 4)
         time.sleep(1.5)
         text = srv.metrics_text()
-        enabled = [ln for ln in text.splitlines() if ln.startswith("moe_reuse_enabled{")]
-        assert len(enabled) == 1 and 'reason="not_moe"' in enabled[0] and enabled[0].endswith(" 0.0")
+        enabled = samples(text, "moe_reuse_enabled")
+        assert len(enabled) == 1 and enabled[0].labels["reason"] == "not_moe" and enabled[0].value == 0
         assert "moe_reuse_tokens_total" not in text and "moe_reuse_errors_total{" not in text
         assert srv.log_text().count("has no MoE layers; nothing to record") == 1
 
