@@ -44,7 +44,8 @@ import statistics
 import time
 from typing import Any
 
-from moe_reuse.plugin.harness.server import VllmServer, random_prompts, run_concurrent
+from moe_reuse.plugin.harness.load import random_prompts, run_concurrent
+from moe_reuse.plugin.harness.server import VllmServer
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
 
 TICK = os.sysconf("SC_CLK_TCK")

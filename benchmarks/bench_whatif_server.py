@@ -27,11 +27,8 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
-from moe_reuse.plugin.harness.server import (
-    VllmServer,
-    random_prompts,
-    run_concurrent_streamed,
-)
+from moe_reuse.plugin.harness.load import random_prompts, run_concurrent_streamed
+from moe_reuse.plugin.harness.server import VllmServer
 from moe_reuse.plugin.harness.tiny_models import build_model
 from moe_reuse.predictor import (
     Partition,

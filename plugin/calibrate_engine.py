@@ -44,7 +44,8 @@ def _decode_step(before: str, after: str) -> tuple[float, float, float]:
 def _measure(name: str, hw: Any, say: Say) -> list[dict[str, float]]:
     from moe_reuse.predictor import Partition, model_from_hf_config, step_time
 
-    from .harness.server import VllmServer, random_prompts, run_concurrent
+    from .harness.load import random_prompts, run_concurrent
+    from .harness.server import VllmServer
     from .harness.tiny_models import build_model
 
     path = build_model(name, progress=say)

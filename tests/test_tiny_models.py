@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from moe_reuse.plugin.harness import server, tiny_models
+from moe_reuse.plugin.harness import load, server, tiny_models
 from moe_reuse.plugin.harness.tiny_models import (
     MODEL_NAMES,
     SMALL_MODEL_NAMES,
@@ -96,7 +96,7 @@ def test_tokenizer_loads(built: dict[str, pathlib.Path]) -> None:
     assert tok.eos_token_id == 0 and tok.pad_token_id == 3
     text = "expert routing reuse, 42 tokens!"
     ids = tok(text).input_ids
-    assert ids and all(server.NUM_SPECIAL_TOKENS <= i < 512 for i in ids)
+    assert ids and all(load.NUM_SPECIAL_TOKENS <= i < 512 for i in ids)
     assert tok.decode(ids) == text
     assert isinstance(tok.decode(list(range(512))), str)  # every id decodes
     chat = tok.apply_chat_template(
@@ -165,10 +165,10 @@ def test_unknown_model() -> None:
 
 
 def test_random_prompts() -> None:
-    a = server.random_prompts(5, 64, 512, seed=3)
-    assert a == server.random_prompts(5, 64, 512, seed=3)
-    assert a != server.random_prompts(5, 64, 512, seed=4)
-    assert all(len(p) == 64 and min(p) >= server.NUM_SPECIAL_TOKENS and max(p) < 512 for p in a)
+    a = load.random_prompts(5, 64, 512, seed=3)
+    assert a == load.random_prompts(5, 64, 512, seed=3)
+    assert a != load.random_prompts(5, 64, 512, seed=4)
+    assert all(len(p) == 64 and min(p) >= load.NUM_SPECIAL_TOKENS and max(p) < 512 for p in a)
     assert len({tuple(p) for p in a}) == 5
 
 

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from typing import Any
 
 from ..metrics_text import samples
-from .server import VllmServer, complete, random_prompts
+from .load import drive_for, random_prompts
+from .server import VllmServer
 from .tiny_models import build_model, model_facts
 
 WINDOW_S = 2.0  # the demo's live-comparison window (config key window_s)
@@ -153,48 +154,6 @@ def summary_lines(rows: list[tuple[int, dict[str, Any] | None]]) -> list[str]:
     out.append(f"      at c={known[-1][0]} the experts are {regime} (ridge {last['ridge']:.1f} tokens per "
                f"expert); dense twin x < 1: the MoE decodes faster, x > 1: the dense twin would")
     return out
-
-
-def drive_for(
-    url: str, requests: list[tuple[list[int], int]], concurrency: int, seconds: float,
-    model: str | None = None, at: float | None = None, probe: Callable[[], Any] | None = None,
-) -> tuple[list[dict[str, Any]], Any]:
-    """Keep `concurrency` requests in flight for `seconds`, cycling through `requests`.
-
-    `probe` runs once `at` seconds in (before the wave drains), so what it reads comes from
-    steady load at this concurrency. Returns (the completed requests' results, the probe's value).
-    """
-    deadline = time.monotonic() + seconds
-    results: list[dict[str, Any]] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-
-    def worker(i: int) -> None:
-        j = i
-        while time.monotonic() < deadline and not errors:
-            p, n = requests[j % len(requests)]
-            j += concurrency
-            try:
-                r = complete(url, p, n, model=model)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-                with lock:
-                    errors.append(e)
-                return
-            with lock:
-                results.append(r)
-
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    value = None
-    if probe is not None:
-        time.sleep(max(0.0, at if at is not None else seconds))
-        value = probe()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results, value
 
 
 def run_demo(

@@ -34,20 +34,18 @@ Writes a JSON file with every pass and prints the side-by-side table (medians an
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import statistics
 import sys
 import threading
 import time
-import urllib.parse
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ..live.twin import build_dense_twin
+from .load import random_prompts, run_concurrent_streamed
 from .routing_rig import concentrated_copy
-from .server import VllmServer, metric_value, random_prompts
+from .server import VllmServer, metric_value
 from .tiny_models import build_model, model_facts
 
 REGIMES = ("uniform", "concentrated")
@@ -55,31 +53,6 @@ REGIMES = ("uniform", "concentrated")
 
 def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def stream_one(url: str, model: str, prompt: list[int], max_tokens: int) -> tuple[float, float, int]:
-    """(first token time, last token time, chunks) of one streamed completion."""
-    u = urllib.parse.urlparse(url)
-    conn = http.client.HTTPConnection(u.hostname or "127.0.0.1", u.port, timeout=600)
-    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens,
-                       "temperature": 0.0, "ignore_eos": True, "stream": True})
-    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    if resp.status != 200:
-        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:500]!r}")
-    first = last = 0.0
-    chunks = 0
-    for raw in resp:
-        line = raw.strip()
-        if not line.startswith(b"data:") or line == b"data: [DONE]":
-            continue
-        now = time.perf_counter()
-        if chunks == 0:
-            first = now
-        last = now
-        chunks += 1
-    conn.close()
-    return first, last, chunks
 
 
 def run_level(url: str, model: str, c: int, *, seconds: float, max_tokens: int, prompt_len: int,
@@ -100,16 +73,14 @@ def run_level(url: str, model: str, c: int, *, seconds: float, max_tokens: int, 
 
     watcher = threading.Thread(target=midpoint, daemon=True)
     watcher.start()
-    with ThreadPoolExecutor(max_workers=c) as pool:
-        while waves == 0 or time.monotonic() - t0 < seconds or not mid_done.is_set():
-            prompts = random_prompts(c, prompt_len, vocab, seed + waves * 1000 + c)
-            res = list(pool.map(lambda p: stream_one(url, model, p, max_tokens), prompts))
-            total = 0.0
-            for first, last, chunks in res:
-                if chunks > 1 and last > first:
-                    total += (chunks - 1) / (last - first)
-            rates.append(total)
-            waves += 1
+    while waves == 0 or time.monotonic() - t0 < seconds or not mid_done.is_set():
+        prompts = random_prompts(c, prompt_len, vocab, seed + waves * 1000 + c)
+        res = run_concurrent_streamed(url, [(p, max_tokens) for p in prompts], c, model=model,
+                                      timeout_s=600, clock=time.perf_counter)
+        # each client's decode rate: the tokens after its first over the time they took
+        rates.append(sum(len(r["itl_seconds"]) / sum(r["itl_seconds"]) for r in res
+                         if r["itl_seconds"] and sum(r["itl_seconds"]) > 0))
+        waves += 1
     watcher.join(timeout=60)
     return {"concurrency": c, "waves": waves, "decode_tokens_per_second": statistics.median(rates),
             "wave_rates": rates, **mid}

@@ -1,7 +1,16 @@
-"""The one mixed-traffic load generator: streaming and not, varied lengths, shared prefixes, and
-clients that hang up mid-stream (stdlib only; used by the reliability tests and the soak benchmark).
+"""The one load generator: every request the demo, dense-ab, calibrate, the benchmarks and the
+tests send goes through here (stdlib only).
 
-A production server sees all of these at once, and each one exercises a different path of vLLM's
+- one request: `complete` (POST /v1/completions with token ids), `complete_streamed` (client-timed
+  TTFT and inter-token gaps, optionally hanging up mid-stream);
+- one driver, `closed_loop`: at most `concurrency` requests in flight, a client sending its next
+  request when its last one ends; `run_concurrent`, `run_concurrent_streamed` and `run_load` (mixed
+  production traffic, failures returned not raised) are it with a different request;
+  `drive_for` keeps the same loop up for a fixed time instead of a fixed list;
+- prompts: `random_prompts`, `mixed_requests`.
+
+Mixed traffic: streaming and not, varied lengths, shared prefixes, and clients that hang up. A
+production server sees all of these at once, and each one exercises a different path of vLLM's
 scheduler that the recorder must follow exactly: prefix-cache hits skip tokens, preemption under a
 small KV cache recomputes them, and a client that disconnects aborts its request after the engine
 has already computed some of its tokens. `LoadRequest.abort_after_tokens` closes the HTTP
@@ -14,20 +23,235 @@ connection after that many streamed tokens; vLLM notices on its next write and a
 
 from __future__ import annotations
 
+import json
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-from .server import NUM_SPECIAL_TOKENS, complete, complete_streamed
+T = TypeVar("T")
+R = TypeVar("R")
 
-__all__ = ["LoadRequest", "LoadResult", "mixed_requests", "run_load", "send", "summarize"]
+
+__all__ = [
+    "NUM_SPECIAL_TOKENS", "LoadRequest", "LoadResult", "closed_loop", "complete", "drive_for", "complete_streamed",
+    "mixed_requests", "post_json", "random_prompts", "routed_experts", "run_concurrent",
+    "run_concurrent_streamed", "run_load", "send", "served_model", "summarize",
+]
+
+NUM_SPECIAL_TOKENS = 4  # the tiny models' tokenizer: ids 0..3 are special (see _tokenizer.py)
 
 
+# ---- one request ------------------------------------------------------------------------------
+
+
+def post_json(url: str, body: Mapping[str, Any], timeout_s: float) -> Any:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            raw = r.read()
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")[:2000]
+        raise RuntimeError(f"POST {url} -> HTTP {e.code}: {detail}") from e
+    return json.loads(raw) if raw else None
+
+
+def served_model(url: str, timeout_s: float = 10) -> str:
+    """The first model id of GET /v1/models (not cached: a port may be reused by another server)."""
+    with urllib.request.urlopen(url.rstrip("/") + "/v1/models", timeout=timeout_s) as r:
+        return str(json.load(r)["data"][0]["id"])
+
+
+def complete(
+    url: str,
+    prompt_token_ids: list[int],
+    max_tokens: int,
+    *,
+    model: str | None = None,
+    ignore_eos: bool = True,
+    temperature: float = 0.0,
+    timeout_s: float = 120,
+) -> dict[str, Any]:
+    """POST /v1/completions with a token-id prompt; ``["usage"]`` has prompt/completion_tokens.
+
+    Pass ``model`` (``srv.served_model_name``) in timed loops: without it each call first asks
+    /v1/models.
+    """
+    body = {
+        "model": model or served_model(url, timeout_s),
+        "prompt": list(prompt_token_ids),
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "ignore_eos": ignore_eos,
+    }
+    out: dict[str, Any] = post_json(url.rstrip("/") + "/v1/completions", body, timeout_s)
+    return out
+
+
+def routed_experts(choice: Mapping[str, Any]) -> Any:
+    """The `routed_experts` of a completion choice (`--enable-return-routed-experts`) as a numpy
+    array of shape (tokens, layers, top-k), or None when vLLM returned none. vLLM sends it as a
+    base64 `.npy` file; one row per token the model computed for the request (prompt + completion
+    - 1), indexed by vLLM's layer index."""
+    import base64
+    import io
+
+    import numpy as np
+
+    data = choice.get("routed_experts")
+    if data is None:
+        return None
+    return np.load(io.BytesIO(base64.b64decode(data)), allow_pickle=False)
+
+
+def closed_loop(fn: Callable[[T], R], items: Sequence[T], concurrency: int) -> list[R]:
+    """The one driver of every load here: `fn` on each item, at most `concurrency` in flight (a
+    client sends its next request when its last one ends), results in item order; the first
+    exception is raised once all have finished."""
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(items)))) as pool:
+        futures = [pool.submit(fn, x) for x in items]
+        return [f.result() for f in futures]
+
+
+def drive_for(
+    url: str, requests: list[tuple[list[int], int]], concurrency: int, seconds: float,
+    model: str | None = None, at: float | None = None, probe: Callable[[], Any] | None = None,
+) -> tuple[list[dict[str, Any]], Any]:
+    """Keep `concurrency` requests in flight for `seconds`, cycling through `requests`.
+
+    `probe` runs once `at` seconds in (before the wave drains), so what it reads comes from
+    steady load at this concurrency. Returns (the completed requests' results, the probe's value).
+    """
+    deadline = time.monotonic() + seconds
+    results: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        j = i
+        while time.monotonic() < deadline and not errors:
+            p, n = requests[j % len(requests)]
+            j += concurrency
+            try:
+                r = complete(url, p, n, model=model)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                with lock:
+                    errors.append(e)
+                return
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    value = None
+    if probe is not None:
+        time.sleep(max(0.0, at if at is not None else seconds))
+        value = probe()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results, value
+
+
+def run_concurrent(
+    url: str, requests: Sequence[tuple[list[int], int]], concurrency: int, **kw: Any
+) -> list[dict[str, Any]]:
+    """``complete`` for each ``(prompt_token_ids, max_tokens)``, at most ``concurrency`` in flight."""
+    return closed_loop(lambda r: complete(url, r[0], r[1], **kw), requests, concurrency)
+
+
+def complete_streamed(
+    url: str,
+    prompt_token_ids: list[int],
+    max_tokens: int,
+    *,
+    model: str | None = None,
+    ignore_eos: bool = True,
+    temperature: float = 0.0,
+    timeout_s: float = 120,
+    clock: Callable[[], float] = time.monotonic,
+    abort_after_tokens: int | None = None,
+) -> dict[str, Any]:
+    """Streamed POST /v1/completions, timed by the client: TTFT and every inter-token gap.
+
+    Returns ``{"ttft_seconds", "itl_seconds": [...], "completion_tokens", "prompt_tokens",
+    "aborted"}``. ``abort_after_tokens``: hang up once that many tokens arrived (a client that
+    disconnects mid-stream; vLLM aborts the request on its next write).
+    vLLM sends one SSE chunk per engine step that produced output; with
+    ``continuous_usage_stats`` each chunk says how many tokens it completed so far, so a chunk
+    carrying n tokens counts as n gaps of (its gap / n).
+    """
+    body = {
+        "model": model or served_model(url, timeout_s),
+        "prompt": list(prompt_token_ids),
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "ignore_eos": ignore_eos,
+        "stream": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+    }
+    req = urllib.request.Request(
+        url.rstrip("/") + "/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    start = clock()
+    last = start
+    ttft: float | None = None
+    gaps: list[float] = []
+    done = prompt = 0
+    with urllib.request.urlopen(req, timeout=timeout_s) as r:
+        for raw in r:
+            line = raw.decode(errors="replace").strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[5:])
+            usage = chunk.get("usage") or {}
+            tokens = int(usage.get("completion_tokens") or 0)
+            prompt = int(usage.get("prompt_tokens") or prompt)
+            if tokens <= done:
+                continue
+            now = clock()
+            if ttft is None:
+                ttft = now - start  # tokens beyond the first in this chunk came with it
+            else:
+                n = tokens - done
+                gaps.extend([(now - last) / n] * n)
+            done, last = tokens, now
+            if abort_after_tokens is not None and done >= abort_after_tokens:
+                r.close()
+                return {"ttft_seconds": ttft, "itl_seconds": gaps, "completion_tokens": done,
+                        "prompt_tokens": prompt, "aborted": True}
+    return {"ttft_seconds": ttft, "itl_seconds": gaps, "completion_tokens": done,
+            "prompt_tokens": prompt, "aborted": False}
+
+
+def run_concurrent_streamed(
+    url: str, requests: Sequence[tuple[list[int], int]], concurrency: int, **kw: Any
+) -> list[dict[str, Any]]:
+    """``complete_streamed`` for each request, at most ``concurrency`` in flight."""
+    return closed_loop(lambda r: complete_streamed(url, r[0], r[1], **kw), requests, concurrency)
+
+
+def random_prompts(n: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
+    """``n`` prompts of ``length`` uniform random token ids, avoiding the special ids 0..3."""
+    rng = random.Random(seed)
+    lo = NUM_SPECIAL_TOKENS if vocab_size > 2 * NUM_SPECIAL_TOKENS else 0
+    return [[rng.randrange(lo, vocab_size) for _ in range(length)] for _ in range(n)]
+
+
+# ---- traffic --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LoadRequest:
     prompt: tuple[int, ...]
@@ -109,8 +333,6 @@ def run_load(
     on_result: Callable[[LoadResult], None] | None = None,
 ) -> list[LoadResult]:
     """Closed loop: at most `concurrency` requests in flight; results in request order."""
-    if not requests:
-        return []
 
     def one(req: LoadRequest) -> LoadResult:
         res = send(url, req, model, timeout_s)
@@ -118,8 +340,7 @@ def run_load(
             on_result(res)
         return res
 
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(requests)))) as pool:
-        return list(pool.map(one, requests))
+    return closed_loop(one, requests, concurrency)
 
 
 def summarize(results: Sequence[LoadResult]) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """A real vLLM OpenAI server for integration tests, the demo and benchmarks (stdlib only).
 
     with VllmServer(build_model("qwen3-moe"), enforce_eager=True).start(print) as srv:
-        out = complete(srv.url, random_prompts(1, 16, 512, seed=0)[0], max_tokens=8)
+        out = load.complete(srv.url, load.random_prompts(1, 16, 512, seed=0)[0], max_tokens=8)
         out["usage"]  # {"prompt_tokens": 16, "completion_tokens": 8, ...}
 
 The server runs in its own session (process group): the API server, ``VLLM::EngineCore`` and the
@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import pathlib
-import random
 import re
 import signal
 import socket
@@ -36,31 +35,21 @@ import urllib.error
 import urllib.request
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..metrics_text import first_labels
 from ..metrics_text import value as metrics_text_value
+from .load import post_json
 
 __all__ = [
-    "NUM_SPECIAL_TOKENS",
     "ServerFailed",
     "VllmServer",
-    "complete",
-    "complete_streamed",
     "engine_iterations",
     "free_port",
     "metric_value",
     "prefix_cache_hits",
     "prefix_caching",
-    "random_prompts",
-    "routed_experts",
-    "run_concurrent",
-    "run_concurrent_streamed",
-    "served_model",
 ]
-
-NUM_SPECIAL_TOKENS = 4  # the tiny models' tokenizer: ids 0..3 are special (see _tokenizer.py)
 
 # Log lines that mark start-up stages, reported once each to the ``progress`` hook.
 _STAGES: tuple[tuple[str, str], ...] = (
@@ -357,7 +346,7 @@ class VllmServer:
     def collective_rpc(self, method: str, timeout_s: float = 60) -> list[Any]:
         """POST /collective_rpc (needs env VLLM_SERVER_DEV_MODE=1); the per-worker results."""
         body = {"method": method, "timeout": timeout_s}
-        out = _post_json(self.url + "/collective_rpc", body, timeout_s + 5)
+        out = post_json(self.url + "/collective_rpc", body, timeout_s + 5)
         return list(out.get("results", [])) if out else []
 
 
@@ -381,171 +370,6 @@ def _group_alive(pgid: int) -> bool:
 def _stop_all() -> None:
     for srv in list(_LIVE):
         srv.stop()
-
-
-# ------------------------------------------------------------------------------------------------
-# Clients
-# ------------------------------------------------------------------------------------------------
-
-
-def _post_json(url: str, body: Mapping[str, Any], timeout_s: float) -> Any:
-    req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r:
-            raw = r.read()
-    except urllib.error.HTTPError as e:
-        detail = e.read().decode(errors="replace")[:2000]
-        raise RuntimeError(f"POST {url} -> HTTP {e.code}: {detail}") from e
-    return json.loads(raw) if raw else None
-
-
-def served_model(url: str, timeout_s: float = 10) -> str:
-    """The first model id of GET /v1/models (not cached: a port may be reused by another server)."""
-    with urllib.request.urlopen(url.rstrip("/") + "/v1/models", timeout=timeout_s) as r:
-        return str(json.load(r)["data"][0]["id"])
-
-
-def complete(
-    url: str,
-    prompt_token_ids: list[int],
-    max_tokens: int,
-    *,
-    model: str | None = None,
-    ignore_eos: bool = True,
-    temperature: float = 0.0,
-    timeout_s: float = 120,
-) -> dict[str, Any]:
-    """POST /v1/completions with a token-id prompt; ``["usage"]`` has prompt/completion_tokens.
-
-    Pass ``model`` (``srv.served_model_name``) in timed loops: without it each call first asks
-    /v1/models.
-    """
-    body = {
-        "model": model or served_model(url, timeout_s),
-        "prompt": list(prompt_token_ids),
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "ignore_eos": ignore_eos,
-    }
-    out: dict[str, Any] = _post_json(url.rstrip("/") + "/v1/completions", body, timeout_s)
-    return out
-
-
-def routed_experts(choice: Mapping[str, Any]) -> Any:
-    """The `routed_experts` of a completion choice (`--enable-return-routed-experts`) as a numpy
-    array of shape (tokens, layers, top-k), or None when vLLM returned none. vLLM sends it as a
-    base64 `.npy` file; one row per token the model computed for the request (prompt + completion
-    - 1), indexed by vLLM's layer index."""
-    import base64
-    import io
-
-    import numpy as np
-
-    data = choice.get("routed_experts")
-    if data is None:
-        return None
-    return np.load(io.BytesIO(base64.b64decode(data)), allow_pickle=False)
-
-
-def run_concurrent(
-    url: str, requests: Sequence[tuple[list[int], int]], concurrency: int, **kw: Any
-) -> list[dict[str, Any]]:
-    """``complete`` for each ``(prompt_token_ids, max_tokens)``, at most ``concurrency`` in flight.
-
-    Results come back in request order; the first failure is raised after all have finished.
-    """
-    if not requests:
-        return []
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(requests)))) as pool:
-        futures = [pool.submit(complete, url, p, n, **kw) for p, n in requests]
-        return [f.result() for f in futures]
-
-
-def complete_streamed(
-    url: str,
-    prompt_token_ids: list[int],
-    max_tokens: int,
-    *,
-    model: str | None = None,
-    ignore_eos: bool = True,
-    temperature: float = 0.0,
-    timeout_s: float = 120,
-    clock: Callable[[], float] = time.monotonic,
-    abort_after_tokens: int | None = None,
-) -> dict[str, Any]:
-    """Streamed POST /v1/completions, timed by the client: TTFT and every inter-token gap.
-
-    Returns ``{"ttft_seconds", "itl_seconds": [...], "completion_tokens", "prompt_tokens",
-    "aborted"}``. ``abort_after_tokens``: hang up once that many tokens arrived (a client that
-    disconnects mid-stream; vLLM aborts the request on its next write).
-    vLLM sends one SSE chunk per engine step that produced output; with
-    ``continuous_usage_stats`` each chunk says how many tokens it completed so far, so a chunk
-    carrying n tokens counts as n gaps of (its gap / n).
-    """
-    body = {
-        "model": model or served_model(url, timeout_s),
-        "prompt": list(prompt_token_ids),
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "ignore_eos": ignore_eos,
-        "stream": True,
-        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
-    }
-    req = urllib.request.Request(
-        url.rstrip("/") + "/v1/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    start = clock()
-    last = start
-    ttft: float | None = None
-    gaps: list[float] = []
-    done = prompt = 0
-    with urllib.request.urlopen(req, timeout=timeout_s) as r:
-        for raw in r:
-            line = raw.decode(errors="replace").strip()
-            if not line.startswith("data:") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[5:])
-            usage = chunk.get("usage") or {}
-            tokens = int(usage.get("completion_tokens") or 0)
-            prompt = int(usage.get("prompt_tokens") or prompt)
-            if tokens <= done:
-                continue
-            now = clock()
-            if ttft is None:
-                ttft = now - start  # tokens beyond the first in this chunk came with it
-            else:
-                n = tokens - done
-                gaps.extend([(now - last) / n] * n)
-            done, last = tokens, now
-            if abort_after_tokens is not None and done >= abort_after_tokens:
-                r.close()
-                return {"ttft_seconds": ttft, "itl_seconds": gaps, "completion_tokens": done,
-                        "prompt_tokens": prompt, "aborted": True}
-    return {"ttft_seconds": ttft, "itl_seconds": gaps, "completion_tokens": done,
-            "prompt_tokens": prompt, "aborted": False}
-
-
-def run_concurrent_streamed(
-    url: str, requests: Sequence[tuple[list[int], int]], concurrency: int, **kw: Any
-) -> list[dict[str, Any]]:
-    """``complete_streamed`` for each request, at most ``concurrency`` in flight (closed loop:
-    a worker sends its next request when its last one ends)."""
-    if not requests:
-        return []
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(requests)))) as pool:
-        futures = [pool.submit(complete_streamed, url, p, n, **kw) for p, n in requests]
-        return [f.result() for f in futures]
-
-
-def random_prompts(n: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
-    """``n`` prompts of ``length`` uniform random token ids, avoiding the special ids 0..3."""
-    rng = random.Random(seed)
-    lo = NUM_SPECIAL_TOKENS if vocab_size > 2 * NUM_SPECIAL_TOKENS else 0
-    return [[rng.randrange(lo, vocab_size) for _ in range(length)] for _ in range(n)]
 
 
 def metric_value(metrics_text: str, name: str, **labels: str) -> float:

@@ -27,7 +27,8 @@ import numpy as np
 import pytest
 
 from moe_reuse.plugin import metrics_text
-from moe_reuse.plugin.harness.server import VllmServer, random_prompts, run_concurrent
+from moe_reuse.plugin.harness.load import random_prompts, run_concurrent
+from moe_reuse.plugin.harness.server import VllmServer
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
 from moe_reuse.plugin.live.baseline_cli import expert_counts_from_metrics
 from moe_reuse.plugin.live.eplb_cli import local_view, server_view

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 import moe_reuse.dashboards as moe_reuse_dashboards
-from moe_reuse.plugin.harness.server import VllmServer, metric_value, random_prompts, run_concurrent
+from moe_reuse.plugin.harness.load import random_prompts, run_concurrent
+from moe_reuse.plugin.harness.server import VllmServer, metric_value
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
 from moe_reuse.plugin.metrics_text import samples
 

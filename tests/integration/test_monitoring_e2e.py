@@ -380,6 +380,7 @@ class _Traffic:
 @needs_binaries
 def test_monitoring_e2e_with_vllm(tmp_path: Path) -> None:
     harness = pytest.importorskip("moe_reuse.plugin.harness.server")
+    load = pytest.importorskip("moe_reuse.plugin.harness.load")
     tiny = pytest.importorskip("moe_reuse.plugin.harness.tiny_models")
     model = "qwen3-moe"  # 8 experts, top-2: 16 concurrent requests give ~4 tokens per expert
     path = tiny.build_model(model)
@@ -398,14 +399,14 @@ def test_monitoring_e2e_with_vllm(tmp_path: Path) -> None:
         max_model_len=512,
         max_num_seqs=16,
     )
-    prompts = harness.random_prompts(256, 16, facts.vocab_size, seed=11)
+    prompts = load.random_prompts(256, 16, facts.vocab_size, seed=11)
 
     def healthy(i: int) -> None:
         batch = [(prompts[(16 * i + j) % len(prompts)], 48) for j in range(16)]
-        harness.run_concurrent(server.url, batch, concurrency=16)
+        load.run_concurrent(server.url, batch, concurrency=16)
 
     def single(i: int) -> None:
-        harness.complete(server.url, prompts[i % len(prompts)], 64)
+        load.complete(server.url, prompts[i % len(prompts)], 64)
 
     with server:
         healthy(0)  # warm up, and let the plugin publish its series

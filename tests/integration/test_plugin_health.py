@@ -14,13 +14,8 @@ import time
 
 import pytest
 
-from moe_reuse.plugin.harness.server import (
-    VllmServer,
-    complete,
-    metric_value,
-    random_prompts,
-    run_concurrent,
-)
+from moe_reuse.plugin.harness.load import complete, random_prompts, run_concurrent
+from moe_reuse.plugin.harness.server import VllmServer, metric_value
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
 from moe_reuse.plugin.metrics_text import samples
 

@@ -19,7 +19,8 @@ import time
 
 import pytest
 
-from moe_reuse.plugin.harness.server import VllmServer, complete, metric_value, random_prompts
+from moe_reuse.plugin.harness.load import complete, random_prompts
+from moe_reuse.plugin.harness.server import VllmServer, metric_value
 from moe_reuse.plugin.harness.tiny_models import build_model, model_spec
 
 pytestmark = pytest.mark.integration

@@ -29,15 +29,19 @@ import time
 
 import pytest
 
-from moe_reuse.plugin.harness.load import mixed_requests, run_load, summarize
+from moe_reuse.plugin.harness.load import (
+    mixed_requests,
+    random_prompts,
+    run_concurrent,
+    run_load,
+    summarize,
+)
 from moe_reuse.plugin.harness.otlp_receiver import OtlpReceiver
 from moe_reuse.plugin.harness.server import (
     VllmServer,
     engine_iterations,
     metric_value,
     prefix_cache_hits,
-    random_prompts,
-    run_concurrent,
 )
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
 

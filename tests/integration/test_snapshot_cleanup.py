@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_reuse.plugin.harness.server import VllmServer, complete, metric_value, random_prompts
+from moe_reuse.plugin.harness.load import complete, random_prompts
+from moe_reuse.plugin.harness.server import VllmServer, metric_value
 from moe_reuse.plugin.harness.tiny_models import build_model
 from moe_reuse.plugin.snapshot import pid_alive, scan_snapshots
 

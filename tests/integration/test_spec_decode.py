@@ -25,7 +25,8 @@ import time
 
 import pytest
 
-from moe_reuse.plugin.harness.server import VllmServer, metric_value, run_concurrent
+from moe_reuse.plugin.harness.load import run_concurrent
+from moe_reuse.plugin.harness.server import VllmServer, metric_value
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
 
 pytestmark = pytest.mark.integration

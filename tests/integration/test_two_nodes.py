@@ -30,7 +30,8 @@ from test_recorder_server import FLUSH, _check_conservation, _workload
 
 from moe_reuse.dashboards.config import DEFAULT
 from moe_reuse.dashboards.rules import render_rules
-from moe_reuse.plugin.harness.server import VllmServer, metric_value, run_concurrent
+from moe_reuse.plugin.harness.load import run_concurrent
+from moe_reuse.plugin.harness.server import VllmServer, metric_value
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
 
 pytestmark = pytest.mark.integration

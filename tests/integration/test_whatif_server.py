@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from moe_reuse.plugin.harness.server import VllmServer, random_prompts, run_concurrent_streamed
+from moe_reuse.plugin.harness.load import random_prompts, run_concurrent_streamed
+from moe_reuse.plugin.harness.server import VllmServer
 from moe_reuse.plugin.harness.tiny_models import build_model
 from moe_reuse.plugin.live.whatif_source import parse_metrics
 from moe_reuse.predictor import (
