@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import threading
 import time
 import urllib.request
@@ -24,10 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from moe_reuse.plugin.harness.load import mixed_requests, run_load
-from moe_reuse.plugin.harness.otlp_receiver import OtlpReceiver
 from moe_reuse.plugin.harness.server import VllmServer, metric_value
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
 from moe_reuse.plugin.metrics_text import samples
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+from otlp_receiver import OtlpReceiver  # noqa: E402 - the tests' real receiver, not shipped
 
 CONFIGS = [
     ("baseline", ""),

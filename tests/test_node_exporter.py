@@ -98,7 +98,7 @@ def test_exporter_pushes_the_node_s_ranks_over_otlp_to_a_real_receiver(tmp_path:
     """`--listen off --otlp-endpoint`: both runs' ranks reach a real OTLP/HTTP receiver, each
     point with its model/engine/rank, the resource naming the node."""
     pytest.importorskip("opentelemetry.proto.collector.metrics.v1.metrics_service_pb2")
-    from moe_reuse.plugin.harness.otlp_receiver import OtlpReceiver, attrs, metrics, resource, value
+    from otlp_receiver import OtlpReceiver, attrs, metrics, resource, value
 
     base = tmp_path / "node1"
     write_snapshot(snapshot_path(base / f"{os.getpid()}-aaaa0001", "0", "2"), snap("2"))

@@ -14,7 +14,8 @@ import pytest
 
 pytest.importorskip("opentelemetry.proto.collector.metrics.v1.metrics_service_pb2")
 
-from moe_reuse.plugin.harness.otlp_receiver import OtlpReceiver, attrs, metrics, resource, value  # noqa: E402
+from otlp_receiver import OtlpReceiver, attrs, metrics, resource, value  # noqa: E402
+
 from moe_reuse.plugin.live.otel import OtelBridge, families_to_points  # noqa: E402
 from moe_reuse.plugin.recorder.aggregate import Totals  # noqa: E402
 

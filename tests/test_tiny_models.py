@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import vllm_figures
 
 from moe_reuse.plugin.harness import load, server, tiny_models
 from moe_reuse.plugin.harness.tiny_models import (
@@ -179,19 +180,19 @@ def test_metric_value() -> None:
         'vllm:prefix_cache_hits_created{engine="0",model_name="m"} 1.7e9\n'
         'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1024.0\n'
     )
-    assert server.prefix_cache_hits(text) == (256.0, 1024.0)
+    assert vllm_figures.prefix_cache_hits(text) == (256.0, 1024.0)
     assert server.metric_value(text, "vllm:prefix_cache_hits_total", engine="1") == 0.0
 
 
 def test_prefix_caching_reads_what_the_server_resolved() -> None:
     line = ('vllm:cache_config_info{block_size="16",cache_dtype="auto",enable_prefix_caching="False",'
             'engine="0",mamba_block_size="{1: 2}"} 1.0\n')
-    assert server.prefix_caching("# HELP x\n" + line) == (False, 16)
-    assert server.prefix_caching(line.replace('"False"', '"True"').replace('"16"', '"128"')) == (True, 128)
+    assert vllm_figures.prefix_caching("# HELP x\n" + line) == (False, 16)
+    assert vllm_figures.prefix_caching(line.replace('"False"', '"True"').replace('"16"', '"128"')) == (True, 128)
     with pytest.raises(LookupError, match="cache_config_info is not on /metrics"):
-        server.prefix_caching('vllm:prefix_cache_hits_total{engine="0"} 1.0\n')
+        vllm_figures.prefix_caching('vllm:prefix_cache_hits_total{engine="0"} 1.0\n')
     with pytest.raises(LookupError, match="lacks enable_prefix_caching"):
-        server.prefix_caching('vllm:cache_config_info{engine="0"} 1.0\n')
+        vllm_figures.prefix_caching('vllm:cache_config_info{engine="0"} 1.0\n')
 
 
 def test_server_command(tmp_path: pathlib.Path) -> None:

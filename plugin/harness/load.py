@@ -40,7 +40,7 @@ R = TypeVar("R")
 
 __all__ = [
     "NUM_SPECIAL_TOKENS", "LoadRequest", "LoadResult", "closed_loop", "complete", "drive_for", "complete_streamed",
-    "mixed_requests", "post_json", "random_prompts", "routed_experts", "run_concurrent",
+    "mixed_requests", "post_json", "random_prompts", "run_concurrent",
     "run_concurrent_streamed", "run_load", "send", "served_model", "summarize",
 ]
 
@@ -93,22 +93,6 @@ def complete(
     }
     out: dict[str, Any] = post_json(url.rstrip("/") + "/v1/completions", body, timeout_s)
     return out
-
-
-def routed_experts(choice: Mapping[str, Any]) -> Any:
-    """The `routed_experts` of a completion choice (`--enable-return-routed-experts`) as a numpy
-    array of shape (tokens, layers, top-k), or None when vLLM returned none. vLLM sends it as a
-    base64 `.npy` file; one row per token the model computed for the request (prompt + completion
-    - 1), indexed by vLLM's layer index."""
-    import base64
-    import io
-
-    import numpy as np
-
-    data = choice.get("routed_experts")
-    if data is None:
-        return None
-    return np.load(io.BytesIO(base64.b64decode(data)), allow_pickle=False)
 
 
 def closed_loop(fn: Callable[[T], R], items: Sequence[T], concurrency: int) -> list[R]:

@@ -24,7 +24,6 @@ import contextlib
 import json
 import os
 import pathlib
-import re
 import signal
 import socket
 import subprocess
@@ -37,18 +36,14 @@ import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ..metrics_text import first_labels
 from ..metrics_text import value as metrics_text_value
 from .load import post_json
 
 __all__ = [
     "ServerFailed",
     "VllmServer",
-    "engine_iterations",
     "free_port",
     "metric_value",
-    "prefix_cache_hits",
-    "prefix_caching",
 ]
 
 # Log lines that mark start-up stages, reported once each to the ``progress`` hook.
@@ -377,41 +372,3 @@ def metric_value(metrics_text: str, name: str, **labels: str) -> float:
     return metrics_text_value(metrics_text, name, **labels)
 
 
-_ITERATION = re.compile(
-    r"Iteration\((\d+)\): (\d+) context requests, (\d+) context tokens, (\d+) generation "
-    r"requests, (\d+) generation tokens")
-
-
-def engine_iterations(log_text: str) -> dict[str, int]:
-    """Sum of vLLM's own per-step figures from its log (``--enable-logging-iteration-details``):
-    each engine step logs the requests and tokens it scheduled, split as vLLM splits them (a
-    "context" request has no output token yet, everything else is "generation"). This is the
-    scheduler's count of the tokens the model really computed, recomputation after preemption and
-    the tokens of requests aborted later included, independent of the plugin."""
-    out = {"iterations": 0, "context_requests": 0, "context_tokens": 0,
-           "generation_requests": 0, "generation_tokens": 0}
-    for m in _ITERATION.finditer(log_text):
-        out["iterations"] += 1
-        for key, g in (("context_requests", 2), ("context_tokens", 3),
-                       ("generation_requests", 4), ("generation_tokens", 5)):
-            out[key] += int(m.group(g))
-    return out
-
-
-def prefix_caching(metrics_text: str) -> tuple[bool, int]:
-    """(prefix caching on, KV block size in tokens) as the server resolved them, from the
-    ``vllm:cache_config_info`` labels on ``/metrics`` (the platform may override the flags)."""
-    labels = first_labels(metrics_text, "vllm:cache_config_info")
-    if labels is None:
-        raise LookupError("vllm:cache_config_info is not on /metrics (vLLM changed its metric names?)")
-    if "enable_prefix_caching" not in labels or "block_size" not in labels:
-        raise LookupError(f"vllm:cache_config_info lacks enable_prefix_caching or block_size: {labels}")
-    return labels["enable_prefix_caching"] == "True", int(labels["block_size"])
-
-
-def prefix_cache_hits(metrics_text: str) -> tuple[float, float]:
-    """(hit tokens, queried tokens) of vLLM's prefix cache, from ``/metrics`` text."""
-    return (
-        metric_value(metrics_text, "vllm:prefix_cache_hits_total"),
-        metric_value(metrics_text, "vllm:prefix_cache_queries_total"),
-    )

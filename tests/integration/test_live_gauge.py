@@ -28,9 +28,9 @@ import time
 from pathlib import Path
 
 import pytest
+from otlp_receiver import OtlpReceiver, attrs, metrics, resource, value
 
 from moe_reuse.plugin.harness.load import random_prompts, run_concurrent
-from moe_reuse.plugin.harness.otlp_receiver import OtlpReceiver, attrs, metrics, resource, value
 from moe_reuse.plugin.harness.server import VllmServer
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
 from moe_reuse.plugin.live.baseline_cli import cmd_baseline_save

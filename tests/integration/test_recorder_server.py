@@ -16,14 +16,10 @@ import time
 
 import numpy as np
 import pytest
+from vllm_figures import prefix_cache_hits, prefix_caching
 
 from moe_reuse.plugin.harness.load import complete, random_prompts, run_concurrent
-from moe_reuse.plugin.harness.server import (
-    VllmServer,
-    metric_value,
-    prefix_cache_hits,
-    prefix_caching,
-)
+from moe_reuse.plugin.harness.server import VllmServer, metric_value
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts, model_spec
 from moe_reuse.plugin.metrics_text import samples
 
@@ -169,7 +165,7 @@ def _run_id(run: tuple[str, str, bool, bool]) -> str:
 def _check_routed_experts(text: str, before: str, facts, outs: list[dict]) -> None:
     """Per (MoE layer, expert), the plugin's counts (both phases) equal the histogram of the
     expert ids vLLM itself returned for every token it computed."""
-    from moe_reuse.plugin.harness.load import routed_experts
+    from vllm_figures import routed_experts
 
     arrays = [routed_experts(o["choices"][0]) for o in outs]
     assert all(a is not None for a in arrays), "vLLM returned no routed_experts with the plugin on"

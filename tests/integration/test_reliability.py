@@ -28,6 +28,8 @@ import os
 import time
 
 import pytest
+from otlp_receiver import OtlpReceiver
+from vllm_figures import engine_iterations, prefix_cache_hits
 
 from moe_reuse.plugin.harness.load import (
     mixed_requests,
@@ -36,13 +38,7 @@ from moe_reuse.plugin.harness.load import (
     run_load,
     summarize,
 )
-from moe_reuse.plugin.harness.otlp_receiver import OtlpReceiver
-from moe_reuse.plugin.harness.server import (
-    VllmServer,
-    engine_iterations,
-    metric_value,
-    prefix_cache_hits,
-)
+from moe_reuse.plugin.harness.server import VllmServer, metric_value
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
 
 pytestmark = pytest.mark.integration
