@@ -27,7 +27,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
-from moe_reuse.plugin.harness.load import random_prompts, run_concurrent_streamed
+from moe_reuse.plugin.harness.load import pct, random_prompts, run_concurrent_streamed
 from moe_reuse.plugin.harness.server import VllmServer
 from moe_reuse.plugin.harness.tiny_models import build_model
 from moe_reuse.predictor import (
@@ -38,15 +38,6 @@ from moe_reuse.predictor import (
 )
 from moe_reuse.predictor.cli import main as predictor_main
 from moe_reuse.predictor.specs import DEFAULT_ACCOUNTING
-
-
-def pct(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100)."""
-    s = sorted(values)
-    if not s:
-        return float("nan")
-    k = max(0, min(len(s) - 1, int(round(q / 100 * len(s) + 0.5)) - 1))
-    return s[k]
 
 
 def say(msg: str) -> None:

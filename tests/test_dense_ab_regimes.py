@@ -110,7 +110,9 @@ def test_replay_matches_the_live_window() -> None:
 
 def _level(regime: str, c: int, tps: float, x: float, kind: str = "moe") -> dict[str, object]:
     r: dict[str, object] = {"kind": kind, "regime": regime, "concurrency": c,
-                            "decode_tokens_per_second": tps}
+                            "decode_tokens_per_second": tps, "itl_p50_seconds": 1 / tps,
+                            "itl_p99_seconds": 3 / tps, "ttft_p50_seconds": 0.02,
+                            "ttft_p99_seconds": 0.05}
     if kind == "moe":
         r.update(gauge_x=x, routing_cost=0.5, step_seconds_measured=0.05,
                  step_seconds_predicted=0.045, step_seconds_predicted_uniform=0.09,
@@ -132,9 +134,14 @@ def test_summarize_one_row_per_regime_and_level(capsys: pytest.CaptureFixture[st
     assert conc["measured_ratio"] == pytest.approx(0.6) and conc["x_over_measured"] == pytest.approx(1.0)
     assert conc["old_formula_x_over_measured"] == pytest.approx(1.4 / 0.6)
     assert conc["generic_step_predicted_over_measured"] == pytest.approx(1.2)
+    # latency percentiles per model: medians over the passes
+    assert uni["moe_itl_p50_seconds"] == pytest.approx((1 / 100 + 1 / 110) / 2)
+    assert uni["dense_itl_p99_seconds"] == pytest.approx(3 / 120)
+    assert conc["moe_ttft_p99_seconds"] == pytest.approx(0.05)
     dense_ab.print_table(rows)
     out = capsys.readouterr().out
     assert "| concentrated | 4 | 16.0 |" in out
+    assert "| uniform | 4 | 9.55 / 28.64 | 8.33 / 25.00 | 20.0 / 50.0 | 20.0 / 50.0 |" in out
 
 
 def test_regimes_option_is_checked() -> None:

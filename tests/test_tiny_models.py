@@ -249,3 +249,16 @@ def test_server_command_vllm_cli(tmp_path: pathlib.Path) -> None:
     assert "--model" not in cmd
     with pytest.raises(ValueError):
         server.VllmServer(tmp_path / "m", launcher="nope")
+
+
+def test_latency_percentiles_pool_every_gap_and_ttft() -> None:
+    streamed = [{"itl_seconds": [0.01] * 100 + [0.5, 0.6], "ttft_seconds": 0.1},
+                {"itl_seconds": [], "ttft_seconds": None},  # hung up before its first token
+                {"itl_seconds": [0.02] * 98, "ttft_seconds": 0.3}]
+    got = load.latency_percentiles(streamed)
+    assert got["itl_samples"] == 200 and got["ttft_samples"] == 2
+    # nearest rank: the 100th of 200 sorted gaps is the last 0.01, the 198th the last 0.02
+    assert got["itl_p50_seconds"] == 0.01 and got["itl_p99_seconds"] == 0.02
+    assert got["ttft_p50_seconds"] == 0.1 and got["ttft_p99_seconds"] == 0.3
+    assert load.pct([1.0, 2.0, 3.0, 4.0], 75) == 3.0 and load.pct([5.0], 99) == 5.0
+    assert load.pct([], 50) != load.pct([], 50)  # NaN

@@ -43,12 +43,13 @@ from pathlib import Path
 from typing import Any
 
 from ..live.twin import build_dense_twin
-from .load import random_prompts, run_concurrent_streamed
+from .load import latency_percentiles, random_prompts, run_concurrent_streamed
 from .routing_rig import concentrated_copy
 from .server import VllmServer, metric_value
 from .tiny_models import build_model, model_facts
 
 REGIMES = ("uniform", "concentrated")
+LATENCY_KEYS = ("itl_p50_seconds", "itl_p99_seconds", "ttft_p50_seconds", "ttft_p99_seconds")
 
 
 def say(msg: str) -> None:
@@ -57,9 +58,11 @@ def say(msg: str) -> None:
 
 def run_level(url: str, model: str, c: int, *, seconds: float, max_tokens: int, prompt_len: int,
               vocab: int, seed: int, on_midpoint: Any = None, midpoint_s: float = 0.0) -> dict[str, Any]:
-    """Waves of `c` concurrent streamed requests for at least `seconds`; decode throughput."""
+    """Waves of `c` concurrent streamed requests for at least `seconds`: decode throughput, and
+    the client-timed inter-token gaps and TTFTs of every request (P50/P99)."""
     t0 = time.monotonic()
     rates: list[float] = []
+    streamed: list[dict[str, Any]] = []
     waves = 0
     mid_done = threading.Event()
     mid: dict[str, Any] = {}
@@ -77,13 +80,14 @@ def run_level(url: str, model: str, c: int, *, seconds: float, max_tokens: int, 
         prompts = random_prompts(c, prompt_len, vocab, seed + waves * 1000 + c)
         res = run_concurrent_streamed(url, [(p, max_tokens) for p in prompts], c, model=model,
                                       timeout_s=600, clock=time.perf_counter)
+        streamed.extend(res)
         # each client's decode rate: the tokens after its first over the time they took
         rates.append(sum(len(r["itl_seconds"]) / sum(r["itl_seconds"]) for r in res
                          if r["itl_seconds"] and sum(r["itl_seconds"]) > 0))
         waves += 1
     watcher.join(timeout=60)
     return {"concurrency": c, "waves": waves, "decode_tokens_per_second": statistics.median(rates),
-            "wave_rates": rates, **mid}
+            "wave_rates": rates, **latency_percentiles(streamed), **mid}
 
 
 def read_counters(text: str) -> dict[str, float]:
@@ -268,6 +272,9 @@ def summarize(passes: list[list[dict[str, Any]]], levels: list[int]) -> list[dic
             for tag in ("replay", "generic"):
                 for key in ("x", "x_old_formula", "step_seconds_predicted"):
                     row[f"{tag}_{key}"] = _med([r.get(tag, {}).get(key, float("nan")) for r in moe])
+            for kind, runs in (("moe", moe), ("dense", dense)):
+                for key in LATENCY_KEYS:
+                    row[f"{kind}_{key}"] = _med([r.get(key, float("nan")) for r in runs])
             row["old_formula_x_over_measured"] = row["replay_x_old_formula"] / meas
             row["generic_x_over_measured"] = row["generic_x"] / meas
             row["generic_step_predicted_over_measured"] = row["generic_step_seconds_predicted"] / sm
@@ -290,6 +297,16 @@ def print_table(rows: list[dict[str, Any]]) -> None:
               f"{r['step_predicted_over_measured']:.3f} | "
               f"{r['old_formula_x_over_measured']:.3f} | {r['generic_x_over_measured']:.3f} | "
               f"{r['generic_step_predicted_over_measured']:.3f} |")
+    print()
+    print("| routing | c | MoE ITL P50 / P99 (ms) | dense ITL P50 / P99 (ms) | MoE TTFT P50 / P99 (ms) "
+          "| dense TTFT P50 / P99 (ms) |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        cells = [f"{r.get(f'{k}_itl_p50_seconds', float('nan')) * 1e3:.2f} / "
+                 f"{r.get(f'{k}_itl_p99_seconds', float('nan')) * 1e3:.2f}" for k in ("moe", "dense")]
+        cells += [f"{r.get(f'{k}_ttft_p50_seconds', float('nan')) * 1e3:.1f} / "
+                  f"{r.get(f'{k}_ttft_p99_seconds', float('nan')) * 1e3:.1f}" for k in ("moe", "dense")]
+        print(f"| {r['regime']} | {r['concurrency']} | " + " | ".join(cells) + " |")
 
 
 def replay_specs(moe_dir: Path, hardware: str, q: float) -> dict[str, Any]:

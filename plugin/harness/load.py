@@ -24,6 +24,7 @@ connection after that many streamed tokens; vLLM notices on its next write and a
 from __future__ import annotations
 
 import json
+import math
 import random
 import threading
 import time
@@ -39,7 +40,7 @@ R = TypeVar("R")
 
 
 __all__ = [
-    "NUM_SPECIAL_TOKENS", "LoadRequest", "LoadResult", "closed_loop", "complete", "drive_for", "complete_streamed",
+    "NUM_SPECIAL_TOKENS", "LoadRequest", "LoadResult", "closed_loop", "complete", "drive_for", "latency_percentiles", "pct", "complete_streamed",
     "mixed_requests", "post_json", "random_prompts", "run_concurrent",
     "run_concurrent_streamed", "run_load", "send", "served_model", "summarize",
 ]
@@ -325,6 +326,23 @@ def run_load(
         return res
 
     return closed_loop(one, requests, concurrency)
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    s = sorted(values)
+    if not s:
+        return float("nan")
+    return s[max(0, min(len(s) - 1, math.ceil(q / 100 * len(s)) - 1))]
+
+
+def latency_percentiles(streamed: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """P50 and P99 of every inter-token gap and of every TTFT that `complete_streamed` timed."""
+    itl = [g for r in streamed for g in r["itl_seconds"]]
+    ttft = [r["ttft_seconds"] for r in streamed if r["ttft_seconds"] is not None]
+    return {"itl_p50_seconds": pct(itl, 50), "itl_p99_seconds": pct(itl, 99),
+            "ttft_p50_seconds": pct(ttft, 50), "ttft_p99_seconds": pct(ttft, 99),
+            "itl_samples": float(len(itl)), "ttft_samples": float(len(ttft))}
 
 
 def summarize(results: Sequence[LoadResult]) -> dict[str, Any]:
