@@ -35,20 +35,33 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-T = TypeVar("T")
-R = TypeVar("R")
-
-
 __all__ = [
-    "NUM_SPECIAL_TOKENS", "LoadRequest", "LoadResult", "closed_loop", "complete", "drive_for", "latency_percentiles", "pct", "complete_streamed",
-    "mixed_requests", "post_json", "random_prompts", "run_concurrent",
-    "run_concurrent_streamed", "run_load", "send", "served_model", "summarize",
+    "LoadRequest",
+    "LoadResult",
+    "NUM_SPECIAL_TOKENS",
+    "closed_loop",
+    "complete",
+    "complete_streamed",
+    "drive_for",
+    "latency_percentiles",
+    "mixed_requests",
+    "pct",
+    "post_json",
+    "random_prompts",
+    "run_concurrent",
+    "run_concurrent_streamed",
+    "run_load",
+    "send",
+    "served_model",
+    "summarize",
 ]
 
+T = TypeVar("T")
+R = TypeVar("R")
 NUM_SPECIAL_TOKENS = 4  # the tiny models' tokenizer: ids 0..3 are special (see _tokenizer.py)
 
 
-# ---- one request ------------------------------------------------------------------------------
+# ---- one request -----------------------------------------------------------------------------
 
 
 def post_json(url: str, body: Mapping[str, Any], timeout_s: float) -> Any:
@@ -94,66 +107,6 @@ def complete(
     }
     out: dict[str, Any] = post_json(url.rstrip("/") + "/v1/completions", body, timeout_s)
     return out
-
-
-def closed_loop(fn: Callable[[T], R], items: Sequence[T], concurrency: int) -> list[R]:
-    """The one driver of every load here: `fn` on each item, at most `concurrency` in flight (a
-    client sends its next request when its last one ends), results in item order; the first
-    exception is raised once all have finished."""
-    if not items:
-        return []
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(items)))) as pool:
-        futures = [pool.submit(fn, x) for x in items]
-        return [f.result() for f in futures]
-
-
-def drive_for(
-    url: str, requests: list[tuple[list[int], int]], concurrency: int, seconds: float,
-    model: str | None = None, at: float | None = None, probe: Callable[[], Any] | None = None,
-) -> tuple[list[dict[str, Any]], Any]:
-    """Keep `concurrency` requests in flight for `seconds`, cycling through `requests`.
-
-    `probe` runs once `at` seconds in (before the wave drains), so what it reads comes from
-    steady load at this concurrency. Returns (the completed requests' results, the probe's value).
-    """
-    deadline = time.monotonic() + seconds
-    results: list[dict[str, Any]] = []
-    errors: list[BaseException] = []
-    lock = threading.Lock()
-
-    def worker(i: int) -> None:
-        j = i
-        while time.monotonic() < deadline and not errors:
-            p, n = requests[j % len(requests)]
-            j += concurrency
-            try:
-                r = complete(url, p, n, model=model)
-            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-                with lock:
-                    errors.append(e)
-                return
-            with lock:
-                results.append(r)
-
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    value = None
-    if probe is not None:
-        time.sleep(max(0.0, at if at is not None else seconds))
-        value = probe()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results, value
-
-
-def run_concurrent(
-    url: str, requests: Sequence[tuple[list[int], int]], concurrency: int, **kw: Any
-) -> list[dict[str, Any]]:
-    """``complete`` for each ``(prompt_token_ids, max_tokens)``, at most ``concurrency`` in flight."""
-    return closed_loop(lambda r: complete(url, r[0], r[1], **kw), requests, concurrency)
 
 
 def complete_streamed(
@@ -222,11 +175,77 @@ def complete_streamed(
             "prompt_tokens": prompt, "aborted": False}
 
 
+# ---- the driver: a closed loop ---------------------------------------------------------------
+
+
+def closed_loop(fn: Callable[[T], R], items: Sequence[T], concurrency: int) -> list[R]:
+    """The one driver of every load here: `fn` on each item, at most `concurrency` in flight (a
+    client sends its next request when its last one ends), results in item order; the first
+    exception is raised once all have finished."""
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(items)))) as pool:
+        futures = [pool.submit(fn, x) for x in items]
+        return [f.result() for f in futures]
+
+
+def run_concurrent(
+    url: str, requests: Sequence[tuple[list[int], int]], concurrency: int, **kw: Any
+) -> list[dict[str, Any]]:
+    """``complete`` for each ``(prompt_token_ids, max_tokens)``, at most ``concurrency`` in flight."""
+    return closed_loop(lambda r: complete(url, r[0], r[1], **kw), requests, concurrency)
+
+
 def run_concurrent_streamed(
     url: str, requests: Sequence[tuple[list[int], int]], concurrency: int, **kw: Any
 ) -> list[dict[str, Any]]:
     """``complete_streamed`` for each request, at most ``concurrency`` in flight."""
     return closed_loop(lambda r: complete_streamed(url, r[0], r[1], **kw), requests, concurrency)
+
+
+def drive_for(
+    url: str, requests: list[tuple[list[int], int]], concurrency: int, seconds: float,
+    model: str | None = None, at: float | None = None, probe: Callable[[], Any] | None = None,
+) -> tuple[list[dict[str, Any]], Any]:
+    """Keep `concurrency` requests in flight for `seconds`, cycling through `requests`.
+
+    `probe` runs once `at` seconds in (before the wave drains), so what it reads comes from
+    steady load at this concurrency. Returns (the completed requests' results, the probe's value).
+    """
+    deadline = time.monotonic() + seconds
+    results: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def worker(i: int) -> None:
+        j = i
+        while time.monotonic() < deadline and not errors:
+            p, n = requests[j % len(requests)]
+            j += concurrency
+            try:
+                r = complete(url, p, n, model=model)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                with lock:
+                    errors.append(e)
+                return
+            with lock:
+                results.append(r)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    value = None
+    if probe is not None:
+        time.sleep(max(0.0, at if at is not None else seconds))
+        value = probe()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results, value
+
+
+# ---- prompts and mixed production traffic ----------------------------------------------------
 
 
 def random_prompts(n: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -236,7 +255,6 @@ def random_prompts(n: int, length: int, vocab_size: int, seed: int) -> list[list
     return [[rng.randrange(lo, vocab_size) for _ in range(length)] for _ in range(n)]
 
 
-# ---- traffic --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LoadRequest:
     prompt: tuple[int, ...]
@@ -326,6 +344,9 @@ def run_load(
         return res
 
     return closed_loop(one, requests, concurrency)
+
+
+# ---- figures ---------------------------------------------------------------------------------
 
 
 def pct(values: Sequence[float], q: float) -> float:
