@@ -88,3 +88,14 @@ def test_a_bind_that_raises_is_bind_failed_and_never_reaches_vllm(
                                    {"moe_reuse": {}})
     assert _enabled(tmp_path) == [("bind_failed", 0.0)]
     assert _exported(tmp_path)["moe_reuse_info"][0][0]["runner"] == "v2"
+
+
+def test_the_benchmark_ablation_switch_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(worker_runtime.ABLATE_ENV, raising=False)
+    assert worker_runtime.ablation() == ""
+    for level in worker_runtime.ABLATE_LEVELS:
+        monkeypatch.setenv(worker_runtime.ABLATE_ENV, level)
+        assert worker_runtime.ablation() == level
+    monkeypatch.setenv(worker_runtime.ABLATE_ENV, "everything")
+    with pytest.raises(ValueError, match="MOE_REUSE_ABLATE='everything': use one of capture"):
+        worker_runtime.ablation()
