@@ -277,3 +277,35 @@ def test_ablated_sessions_keep_stepping_but_fold_and_publish_nothing(ablate: str
     assert published == [] and s.enabled
     with pytest.raises(ValueError, match="ablate"):
         _session(ablate="captur")
+
+
+@pytest.mark.parametrize("experts, top_k, most", [(8, 2, 40), (4, 2, 20000), (256, 8, 300)])
+def test_fold_equals_a_per_entry_fold(experts: int, top_k: int, most: int) -> None:
+    """The vectorised fold against the definition, entry by entry: per layer and phase the
+    assignments, touched experts, largest load and the expert-local batch histogram (counts past
+    the last bound, 4096, in the overflow bucket); out-of-range ids apart; the padding sink out."""
+    rng = np.random.default_rng(experts)
+    layers, n = 3, 6
+    counts = rng.integers(0, most, size=(layers, n, 3, experts + 1)).astype(np.int32)
+    counts[rng.random(counts.shape) < 0.4] = 0  # untouched experts
+    one = np.ones((n, 2), np.int64)
+    meta = {"kind": np.zeros(n, np.int8), "duration_ns": np.ones(n), "tokens": one,
+            "requests": one, "context": one, "comm_ns": np.zeros((n, 2), np.int64),
+            "scheduled": np.ones(n, np.int64), "kv_bytes": np.zeros(n)}
+    t = Totals(layers, experts)
+    stats = fold_block(t, counts, meta, ByteModel((1.0,) * layers, 0, 0, 0, 0), top_k)
+    hist = np.zeros((2, len(HIST_BOUNDS) + 1), np.int64)
+    for li in range(layers):
+        for p in (PREFILL, DECODE):
+            block = counts[li, :, p, :experts]
+            assert t.assignments[li, p] == block.sum()
+            assert t.touched[li, p] == (block > 0).sum()
+            assert t.max_load[li, p] == block.max(axis=1).sum()
+            for v in block[block > 0].tolist():
+                hist[p, min(sum(v > b for b in HIST_BOUNDS), len(HIST_BOUNDS))] += 1
+    assert np.array_equal(t.hist_buckets, hist)
+    assert list(t.hist_sum) == [int(counts[:, :, p, :experts].sum()) for p in (PREFILL, DECODE)]
+    assert list(t.invalid_ids) == [int(counts[:, :, p, experts].sum()) for p in (PREFILL, DECODE)]
+    union = (counts[:, :, PREFILL, :experts] > 0) | (counts[:, :, DECODE, :experts] > 0)
+    assert np.array_equal(stats.distinct_all, union.sum(axis=2))
+    assert stats.expert_decode.dtype == np.int64
