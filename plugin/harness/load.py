@@ -83,6 +83,18 @@ def served_model(url: str, timeout_s: float = 10) -> str:
         return str(json.load(r)["data"][0]["id"])
 
 
+def _completion_body(url: str, prompt_token_ids: list[int], max_tokens: int, model: str | None,
+                     ignore_eos: bool, temperature: float, timeout_s: float) -> dict[str, Any]:
+    """The /v1/completions request both `complete` and `complete_streamed` send."""
+    return {
+        "model": model or served_model(url, timeout_s),
+        "prompt": list(prompt_token_ids),
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "ignore_eos": ignore_eos,
+    }
+
+
 def complete(
     url: str,
     prompt_token_ids: list[int],
@@ -98,13 +110,8 @@ def complete(
     Pass ``model`` (``srv.served_model_name``) in timed loops: without it each call first asks
     /v1/models.
     """
-    body = {
-        "model": model or served_model(url, timeout_s),
-        "prompt": list(prompt_token_ids),
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "ignore_eos": ignore_eos,
-    }
+    body = _completion_body(url, prompt_token_ids, max_tokens, model, ignore_eos, temperature,
+                            timeout_s)
     out: dict[str, Any] = post_json(url.rstrip("/") + "/v1/completions", body, timeout_s)
     return out
 
@@ -131,11 +138,8 @@ def complete_streamed(
     carrying n tokens counts as n gaps of (its gap / n).
     """
     body = {
-        "model": model or served_model(url, timeout_s),
-        "prompt": list(prompt_token_ids),
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "ignore_eos": ignore_eos,
+        **_completion_body(url, prompt_token_ids, max_tokens, model, ignore_eos, temperature,
+                           timeout_s),
         "stream": True,
         "stream_options": {"include_usage": True, "continuous_usage_stats": True},
     }
