@@ -2,7 +2,9 @@
 
 `register()` is the `vllm.general_plugins` entry point. vLLM calls it in every process (front end,
 engine core, each worker), possibly more than once, so it is idempotent, cheap, and imports vLLM
-only inside the seam. Installed but not enabled, it changes nothing: the hooks it installs are
+only inside the seam. The reader and the collector start only in the process that builds vLLM's
+engine config (the API server; `frontend.on_engine_config`), never in an engine core or a worker.
+Installed but not enabled, it changes nothing: the hooks it installs are
 pass-throughs unless `--additional-config '{"moe_reuse": {...}}'` is given, and it never touches
 vLLM's config (so not its compile cache either).
 """
@@ -31,17 +33,5 @@ def register() -> None:
 
         hooks.install_config_validation(frontend.on_engine_config)
         hooks.install_worker_hook(worker_runtime.on_model_loaded)
-        _register_collector()
     except ImportError as exc:  # vLLM missing: the predictor and CLI still work
         logger.debug("moe_reuse: vLLM hooks not installed: %s", exc)
-
-
-def _register_collector() -> None:
-    """Expose the workers' snapshots on this process's /metrics (single-API-server mode)."""
-    from prometheus_client import REGISTRY
-
-    from .exporters.prometheus import SnapshotCollector
-    from .frontend import STATE
-    from .snapshot import run_dir
-
-    REGISTRY.register(SnapshotCollector(run_dir, frontend=STATE))  # type: ignore[arg-type]

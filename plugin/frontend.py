@@ -43,6 +43,37 @@ def on_engine_config(additional_config: Any, served: dict[str, Any]) -> None:
     STATE.config = cfg
     STATE.model = str(served.get("model", ""))
     check_vllm_version()
+    start_reader()
+
+
+_READER: Any = None
+
+
+def start_reader() -> None:
+    """Start this host's reader thread (once per process): the process that builds vLLM's
+    engine config is the API server, or the launcher of several, or a headless node's launcher,
+    never an engine core or a worker. In Prometheus multiprocess mode it writes the value files."""
+    global _READER
+    if _READER is not None:
+        return
+    _READER = False
+    try:
+        register_collector()
+    except Exception as exc:  # noqa: BLE001
+        logger.error("moe_reuse: could not register the collector: %s: %s", type(exc).__name__, exc)
+    try:
+        import atexit
+
+        from .exporters.multiprocess import MultiprocessBridge, multiprocess_mode
+        from .live.attach import attach_reader
+        from .reader.service import ReaderService
+        from .snapshot import run_dir
+
+        bridge = MultiprocessBridge() if multiprocess_mode() else None
+        _READER = ReaderService(run_dir, bridge=bridge, attach_live=attach_reader).start()
+        atexit.register(_READER.stop)
+    except Exception as exc:  # noqa: BLE001 - serving goes on; the ranks then go stale
+        logger.error("moe_reuse: could not start the reader: %s: %s", type(exc).__name__, exc)
 
 
 def check_vllm_version() -> None:
@@ -60,3 +91,14 @@ def check_vllm_version() -> None:
         logger.warning("moe_reuse: vLLM %s is outside the tested range vllm%s; recording anyway, "
                        "watch moe_reuse_selfcheck_mismatch_assignments_total", version,
                        STATE.tested_range)
+
+
+def register_collector() -> None:
+    """Expose the ranks' snapshots on this process's /metrics (single-API-server mode; with
+    several, vLLM serves the multiprocess files the reader writes)."""
+    from prometheus_client import REGISTRY
+
+    from .exporters.prometheus import SnapshotCollector
+    from .snapshot import run_dir
+
+    REGISTRY.register(SnapshotCollector(run_dir, frontend=STATE))  # type: ignore[arg-type]

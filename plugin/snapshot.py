@@ -74,7 +74,7 @@ _MAX_FLUSH_INTERVAL_S = 60.0
 REASONS = ("symlink", "foreign_owner", "writable_by_others", "not_a_regular_file", "too_large",
            "corrupt", "unreadable", "over_budget")
 _RANK_FILE = re.compile(r"^e[^/]*-r[^/]*\.npz$")
-_RUN_DIR = re.compile(r"^(\d+)-[0-9a-f]+$")
+RUN_DIR_RE = re.compile(r"^(\d+)-[0-9a-f]+$")
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
@@ -259,7 +259,7 @@ def open_dir(directory: Path, create: bool = False) -> int:
     it or an ancestor is not trustworthy.
     """
     directory = Path(os.path.abspath(directory))
-    ours = [directory.parent, directory] if _RUN_DIR.match(directory.name) else [directory]
+    ours = [directory.parent, directory] if RUN_DIR_RE.match(directory.name) else [directory]
     top = ours[0].parent
     if create:
         top.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -277,9 +277,13 @@ def open_dir(directory: Path, create: bool = False) -> int:
 
 
 # ---- writing (worker) --------------------------------------------------------------------------
-def write_snapshot(path: Path, snapshot: dict[str, Any]) -> None:
-    """Atomically replace `path` with the encoded snapshot, inside a checked directory."""
-    faults.check("snapshot_write")
+def write_snapshot(path: Path, snapshot: dict[str, Any],
+                   fault_stage: str | None = "snapshot_write") -> None:
+    """Atomically replace `path` with the encoded snapshot, inside a checked directory.
+    (The worker's status goes through here too, with no injectable fault: `snapshot_write` is
+    the reader's write of the exported snapshot.)"""
+    if fault_stage:
+        faults.check(fault_stage)
     data = encode(snapshot)
     dfd = open_dir(path.parent, create=True)
     tmp = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -341,7 +345,9 @@ def is_stale(snap: dict[str, Any], age_s: float, flush_interval_s: float | None 
     return age_s > max(STALE_AFTER_S, 5 * float(flush or _MAX_FLUSH_INTERVAL_S))
 
 
-def _read_rank(dfd: int, name: str, max_bytes: int) -> tuple[bytes, os.stat_result]:
+def read_trusted(dfd: int, name: str, max_bytes: int = MAX_SNAPSHOT_BYTES
+                 ) -> tuple[bytes, os.stat_result]:
+    """A file of ours in a checked directory: regular, not a symlink, at most `max_bytes`."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
     except FileNotFoundError:
@@ -393,7 +399,7 @@ def scan_snapshots(directory: Path, *, now: float | None = None,
                                     f"{max_total_bytes} bytes) is spent")
                 break
             try:
-                data, st = _read_rank(dfd, name, max_bytes)
+                data, st = read_trusted(dfd, name, max_bytes)
                 spent += len(data)
                 snap = decode(data, max_bytes)
             except FileNotFoundError:
@@ -436,7 +442,7 @@ def scan_base(base: Path, *, flush_interval_s: float | None = None,
     if bfd is None:
         return out
     try:
-        runs = sorted(n for n in os.listdir(bfd) if _RUN_DIR.match(n))[:MAX_RANK_FILES]
+        runs = sorted(n for n in os.listdir(bfd) if RUN_DIR_RE.match(n))[:MAX_RANK_FILES]
     finally:
         os.close(bfd)
     for name in runs:
@@ -467,7 +473,7 @@ def remove_stale_runs(base: Path | None = None, keep: str | None = None) -> list
     removed = []
     try:
         for name in os.listdir(bfd):
-            m = _RUN_DIR.match(name)
+            m = RUN_DIR_RE.match(name)
             if not m or name == keep or pid_alive(int(m.group(1))):
                 continue
             try:

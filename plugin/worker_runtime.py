@@ -5,7 +5,13 @@ and returns plain data) and outside the recorder (which never sees vLLM):
 
     seam.facts.model_facts(worker) -> RecorderSession -> seam.routing.bind (capture hooks)
     -> seam.runners.wrap_steps (step protocol) -> seam.comm.install (collective timing)
-    -> live comparison -> flusher thread -> snapshots for the reader.
+    -> flusher thread: raw steps to the rank's ring, status every flush, for the reader.
+
+The worker only counts and copies: folding, the live comparison, the advisor, snapshots and every
+exporter run in the reader (`moe_reuse.plugin.reader`), in the API server's process or in
+`moe-reuse exporter`. What the reader needs to know about this rank is published here as plain
+data once at bind (the byte model, layer ids, the served deployment, the config) and refreshed
+with the status (KV capacity once allocated, the EP placement when it changes).
 
 Never silently blind: every way the bind can end without recording (no routing source on a model
 that declares experts, an unknown runner, an exception) publishes a status snapshot with
@@ -17,17 +23,19 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import json
 import logging
 import os
+import sys
 from typing import Any
 
 from . import compat, faults
 from .config import ConfigError, PluginConfig, config_from_additional
-from .exporters.multiprocess import MultiprocessBridge, multiprocess_mode
+from .recorder import rawstream
 from .recorder.aggregate import ByteModel
 from .recorder.ring import RingLayout
 from .recorder.session import Publisher, RecorderSession
-from .snapshot import rank_run_dir, snapshot_path, write_snapshot
+from .snapshot import open_dir, rank_run_dir, snapshot_path, write_snapshot
 
 logger = logging.getLogger("vllm.moe_reuse")
 
@@ -50,25 +58,52 @@ def ablation() -> str:
     return value
 
 
+def _options(cfg: PluginConfig) -> dict[str, Any]:
+    return {"per_expert_series": cfg.per_expert_series, "max_expert_series": cfg.max_expert_series,
+            "flush_interval_s": cfg.flush_interval_s}
+
+
+def _remove_at_exit(directory: Any, *names: str) -> None:
+    def _remove() -> None:
+        for name in names:
+            with contextlib.suppress(OSError):
+                (directory / name).unlink()
+
+    atexit.register(_remove)
+
+
 def make_publisher(cfg: PluginConfig, labels: dict[str, str]) -> Publisher:
-    """Snapshot -> file for the API server's collector (+ multiprocess value files if enabled)."""
+    """A whole snapshot -> the rank's exported file (status-only snapshots, written here)."""
     path = snapshot_path(rank_run_dir(labels["rank"]), labels["engine"], labels["rank"])
-    bridge = MultiprocessBridge() if multiprocess_mode() else None
-    options = {"per_expert_series": cfg.per_expert_series, "max_expert_series": cfg.max_expert_series,
-               "flush_interval_s": cfg.flush_interval_s}
+    options = _options(cfg)
 
     def publish(snapshot: dict[str, Any]) -> None:
         snapshot["options"] = options
         write_snapshot(path, snapshot)
-        if bridge is not None:
-            bridge.publish(snapshot)
 
-    def _remove() -> None:
-        with contextlib.suppress(OSError):
-            path.unlink()
-
-    atexit.register(_remove)
+    _remove_at_exit(path.parent, path.name)
     return publish
+
+
+def make_raw_stream(layout: RingLayout, labels: dict[str, str]
+                    ) -> tuple[rawstream.RawWriter, Publisher]:
+    """The rank's raw ring and its status publisher (`w<engine>-r<rank>.raw` / `.npz`)."""
+    directory = rank_run_dir(labels["rank"])
+    engine, rank = labels["engine"], labels["rank"]
+    dfd = open_dir(directory, create=True)
+    try:
+        cap = rawstream.capacity(layout.num_layers, layout.columns, layout.ring_steps)
+        writer = rawstream.RawWriter(dfd, rawstream.raw_name(engine, rank), layout.num_layers,
+                                     layout.columns, cap)
+    finally:
+        os.close(dfd)
+    status_path = directory / rawstream.status_name(engine, rank)
+
+    def publish(status: dict[str, Any]) -> None:
+        write_snapshot(status_path, status, fault_stage=None)
+
+    _remove_at_exit(directory, status_path.name, writer.name)
+    return writer, publish
 
 
 def publish_status(cfg: PluginConfig, labels: dict[str, str], info: dict[str, str], *,
@@ -169,9 +204,10 @@ def _bind(worker: Any, cfg: PluginConfig, labels: dict[str, str],
         "top_k": str(facts.top_k), "shared_experts": str(int(bytes_model.shared_expert_bytes > 0)),
         "compile_mode": facts.compile_mode, "hardware": cfg.hardware, "comm_mode": facts.comm_mode,
     })
+    raw, publish = make_raw_stream(layout, labels) if ablate != "capture" else (None, None)
     session = RecorderSession(
         layout, bytes_model, device=facts.device, labels=labels, info=info, layer_ids=layer_ids,
-        publish=make_publisher(cfg, labels), flush_interval_s=cfg.flush_interval_s,
+        publish=publish or (lambda _s: None), raw=raw, flush_interval_s=cfg.flush_interval_s,
         inject_fault_after_steps=faults.after("step"),
         ablate=ablate if ablate in ("protocol", "copy") else "",
     )
@@ -191,7 +227,7 @@ def _bind(worker: Any, cfg: PluginConfig, labels: dict[str, str],
         runners.wrap_steps(runner, _Steps(session, worker, seam_facts))
         info["comm_timing"] = comm.install(facts.comm_mode, facts.device, session.add_comm_ns)
     if not ablate:
-        attach_live(session, cfg, worker)
+        publish_facts(session, cfg, worker)
     if ablate in ("", "copy"):
         session.start()
     logger.info(
@@ -202,27 +238,46 @@ def _bind(worker: Any, cfg: PluginConfig, labels: dict[str, str],
     return session
 
 
-def attach_live(session: RecorderSession, cfg: PluginConfig, worker: Any) -> None:
-    """Attach the live predictor comparison (per flushed block, off the step)."""
-    try:
-        from .live.attach import attach
-        from .live.spec import ServedFacts
-        from .vllm import facts as f
-    except ImportError:
-        return
+def publish_facts(session: RecorderSession, cfg: PluginConfig, worker: Any) -> None:
+    """The deployment, as plain data for the reader's live comparison (read through the seam
+    once here), and hooks for the facts that come later: the KV capacity once vLLM sized the
+    cache, the EP placement whenever EPLB moves experts."""
+    from .vllm import eplb as eplb_seam
+    from .vllm import facts as f
+
+    extra = session.status_extra
+    extra["options"] = _options(cfg)
+    extra["config"] = cfg.to_dict()
     try:
         weight, kv = f.served_dtypes(worker)
         tp, ep, dp, pp = f.parallel_sizes(worker)
-        served = ServedFacts(
-            hf_config=f.served_hf_config(worker), weight_dtype=weight, kv_dtype=kv, tp=tp, ep=ep,
-            dp=dp, pp=pp, kv_fixed_size=f.kv_cache_fixed_size(worker), device=f.device_name())
-    except Exception as exc:  # noqa: BLE001
-        from .live.attach import live_fault
-
-        live_fault(session, exc)
-        return
-    from .vllm import eplb as eplb_seam
-
+        extra["served"] = {
+            "hf_config": json.loads(json.dumps(f.served_hf_config(worker), default=str)),
+            "weight_dtype": weight, "kv_dtype": kv, "tp": tp, "ep": ep, "dp": dp, "pp": pp,
+            "kv_fixed_size": f.kv_cache_fixed_size(worker), "device": f.device_name()}
+    except Exception as exc:  # noqa: BLE001 - the reader reports it (live_setup)
+        extra["served_error"] = f"{type(exc).__name__}: {exc}"
     lay = session.layout
-    attach(session, cfg, served, kv_capacity=lambda: f.kv_capacity_tokens(worker),
-           placement=lambda: eplb_seam.served_placement(worker, lay.num_layers, lay.num_experts))
+
+    def refresh(s: RecorderSession) -> None:
+        # which of the plugin's modules this worker has loaded: the split's check (none of the
+        # reader's, the live comparison's, the predictor's or the exporters')
+        s.status_extra["worker_modules"] = sorted(
+            m for m in list(sys.modules) if m.startswith(("moe_reuse", "opentelemetry")))
+        if s.status_extra.get("kv_capacity") is None:
+            s.status_extra["kv_capacity"] = f.kv_capacity_tokens(worker)
+        try:
+            placed = eplb_seam.served_placement(worker, lay.num_layers, lay.num_experts)
+        except Exception as exc:  # noqa: BLE001 - the reader's advisor reports it
+            s.status_extra["placement_error"] = f"{type(exc).__name__}: {exc}"
+            return
+        s.status_extra.pop("placement_error", None)
+        if placed is None:
+            return
+        s.status_extra["placement"] = {
+            "ep_size": placed.ep_size, "eplb": placed.eplb,
+            "num_redundant_experts": placed.num_redundant_experts, "policy": placed.policy}
+        s.status_extra["totals"] = {"placement_p2l": placed.phys_to_logical,
+                                    "placement_rank_of_slot": placed.rank_of_slot}
+
+    session.status_hooks.append(refresh)

@@ -2,8 +2,8 @@
 
 In that mode vLLM's /metrics is a fresh registry with only a MultiProcessCollector, which reads the
 per-process value files in PROMETHEUS_MULTIPROC_DIR; a collector in the API server's REGISTRY
-disappears. So each worker writes its families into those files itself, through prometheus_client's
-metric objects (their multiprocess value class maps to the files). The families come from the same
+disappears. So the reader (`moe_reuse.plugin.reader`, in the launcher of those API servers)
+writes every rank's families into those files, through prometheus_client's metric objects (their multiprocess value class maps to the files). The families come from the same
 pure `snapshot_families` as in single-server mode, so both modes export identical series.
 
 Counters and histogram buckets are set to the snapshot's cumulative totals (the file holds this
@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import Metric
 
 from ..recorder.aggregate import HIST_BOUNDS
@@ -33,6 +33,11 @@ class MultiprocessBridge:
     def __init__(self) -> None:
         # A private registry: the objects exist only to own value files, never to be collected here.
         self._registry = CollectorRegistry()
+        # prometheus_client picks its value class when first imported; the process running the
+        # reader (vLLM's launcher of several API servers) may have imported it before vLLM set
+        # PROMETHEUS_MULTIPROC_DIR, and would then keep values in memory nobody reads.
+        if multiprocess_mode() and values.ValueClass.__name__ != "MmapedValue":
+            values.ValueClass = values.MultiProcessValue()
         self._metrics: dict[str, Any] = {}
 
     def _metric(self, fam: Metric, labelnames: tuple[str, ...]) -> Any:

@@ -1,9 +1,9 @@
 """`moe-reuse exporter`: the per-node reader, for ranks that do not share a host with the API server.
 
-On one node the API server's collector reads every rank's snapshot and vLLM's own /metrics carries
-the plugin's series. With multi-node TP/PP/DP/EP, the ranks of the other nodes write their
-snapshots into their own node's /dev/shm, which that collector never sees. This command runs the
-same collector (`SnapshotCollector`, the same families, budgets and refusals) over every run
+On one node the API server's reader folds every rank's raw stream and its collector serves the
+snapshots on vLLM's own /metrics. With multi-node TP/PP/DP/EP, the ranks of the other nodes write
+their raw streams into their own node's /dev/shm, which that reader never sees. This command runs
+the same reader (`moe_reuse.plugin.reader`) over the node's runs and the same collector (`SnapshotCollector`, the same families, budgets and refusals) over every run
 directory under the node's snapshot base and serves it on a port of its own, like a GPU exporter
 (deploy/kubernetes/node-exporter-daemonset.yaml; deploy/compose). Series keep their `model`,
 `engine` and `rank` labels, which vLLM numbers across the whole deployment, and the scrape config
@@ -89,6 +89,7 @@ def serve(base: Path, host: str, port: int, stop: threading.Event | None = None,
     """Serve /metrics (port > 0) and/or push OTLP until SIGTERM/SIGINT (or `stop`)."""
     stop = stop or threading.Event()
     server = thread = pusher = None
+    reader = start_reader(base)
     if port > 0:
         server, thread = start_http_server(port, addr=host, registry=node_registry(base))
         logger.warning("moe_reuse exporter: serving %s on http://%s:%d/metrics", base, host, port)
@@ -117,6 +118,18 @@ def serve(base: Path, host: str, port: int, stop: threading.Event | None = None,
             thread.join(timeout=5)
         if pusher is not None:
             pusher.join(timeout=15)
+        reader.stop()
+
+
+def start_reader(base: Path) -> Any:
+    """The node's reader over every run under `base` (the same code as in the API server): the
+    node's workers only count and copy, so without a reader their figures would never be derived.
+    Where an API server shares the node, it and this exporter agree through the run's lock: one
+    reads, the other serves what it wrote."""
+    from ..live.attach import attach_reader
+    from ..reader.service import ReaderService
+
+    return ReaderService(lambda: base, whole_base=True, attach_live=attach_reader).start()
 
 
 def _cmd(args: argparse.Namespace) -> int:

@@ -1,9 +1,10 @@
-"""Wiring of the live comparison into a recorder session (worker process, at load_model time).
+"""Wiring of the live comparison into a rank's reader (the reader thread, never the worker).
 
-`attach(session, cfg, served, kv_capacity)` takes the deployment as plain facts (read through the
-seam by the worker's assembly), builds the predictor specs (MoE and dense twin) and adds two block
-listeners: `LiveMonitor` (window figures -> gauges)
-and, when `otlp_endpoint` is set, the OTel bridge. Both run in the flusher thread, off the step.
+`attach(session, cfg, served, kv_capacity)` takes the deployment as plain facts, builds the
+predictor specs (MoE and dense twin) and adds two block listeners: `LiveMonitor` (window figures
+-> gauges) and, when `otlp_endpoint` is set, the OTel bridge. `attach_reader(reader, status)` is
+the reader's entry: the facts come from the worker's published status (`worker_runtime.
+publish_facts`), so nothing here runs in a vLLM worker.
 
 Fault policy: a failure here never reaches vLLM and never stops the recorder. It is counted with
 its stage in `session.errors` (`moe_reuse_errors_total{stage=...}`: live_setup, live_window,
@@ -181,3 +182,40 @@ def attach_otel(session: Any, cfg: PluginConfig) -> None:
                     cfg.otlp_interval_s)
     except Exception as exc:  # noqa: BLE001
         live_fault(session, exc, "otlp_push")
+
+
+def placement_from_status(status: dict[str, Any]) -> Any:
+    """The served EP placement the worker published (None: EP off), as the seam's plain type."""
+    if status.get("placement_error"):
+        raise RuntimeError(status["placement_error"])
+    info = status.get("placement")
+    if not info:
+        return None
+    from ..vllm.eplb import ServedPlacement
+
+    arrays = status.get("totals", {})
+    return ServedPlacement(np.asarray(arrays["placement_p2l"], dtype=np.int64),
+                           np.asarray(arrays["placement_rank_of_slot"], dtype=np.int64),
+                           int(info["ep_size"]), bool(info["eplb"]),
+                           int(info["num_redundant_experts"]), str(info["policy"]))
+
+
+def attach_reader(reader: Any, status: dict[str, Any]) -> None:
+    """The reader's wiring: the live comparison (and OTLP) from the worker's published facts."""
+    from ..config import parse_config
+
+    try:
+        cfg = parse_config(status.get("config") or {})
+    except Exception as exc:  # noqa: BLE001
+        live_fault(reader, exc)
+        return
+    served = status.get("served")
+    if not served:
+        live_fault(reader, RuntimeError(status.get("served_error")
+                                        or "the worker published no served facts"))
+        if cfg.otlp_endpoint:
+            attach_otel(reader, cfg)
+        return
+    facts = ServedFacts(**served)
+    attach(reader, cfg, facts, kv_capacity=lambda: reader.status.get("kv_capacity"),
+           placement=lambda: placement_from_status(reader.status))

@@ -14,7 +14,9 @@ counts the error, logs one line, and keeps publishing snapshots that say `enable
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,14 +26,7 @@ import numpy as np
 import torch
 
 from .. import faults
-from .aggregate import (
-    COMM_OPS,
-    BlockStats,
-    ByteModel,
-    StepMeta,
-    Totals,
-    fold_block,
-)
+from .aggregate import COMM_OPS, BlockStats, ByteModel, StepMeta
 from .ring import DECODE, PREFILL, RingLayout, RoutingRing
 
 logger = logging.getLogger("vllm.moe_reuse")
@@ -63,6 +58,7 @@ class RecorderSession:
         info: dict[str, str],
         layer_ids: list[int],
         publish: Publisher,
+        raw: Any = None,
         flush_interval_s: float = 1.0,
         inject_fault_after_steps: int = 0,
         clock: Callable[[], int] = time.perf_counter_ns,
@@ -72,11 +68,16 @@ class RecorderSession:
         self.bytes_model = bytes_model
         self.ring = RoutingRing(layout, device)
         self.meta = StepMeta(layout.ring_steps)
-        self.totals = Totals(layout.num_layers, layout.num_experts)
         self.labels = dict(labels)
         self.info = dict(info)
         self.layer_ids = list(layer_ids)
         self.publish = publish
+        self.raw = raw  # a RawWriter: the worker's mode (else the figures are derived in-process)
+        self.dropped_steps = 0  # ring full: steps never recorded
+        self.status_extra: dict[str, Any] = {}  # plain facts for the reader (worker_runtime)
+        self.status_hooks: list[Callable[[RecorderSession], None]] = []
+        self._bm_dict: tuple[Any, dict[str, Any]] = (None, {})
+        self._status_at = 0.0
         self.flush_interval_s = flush_interval_s
         self.inject_after = inject_fault_after_steps
         self.clock = clock
@@ -86,9 +87,8 @@ class RecorderSession:
         self.enabled = True
         self.reason = "recording"  # why `enabled` is what it is (exported as a label)
         self.errors: dict[str, int] = {}
-        self.degraded: set[str] = set()  # parts that failed while recording goes on (live, OTLP)
-        self.listeners: list[BlockListener] = []
-        self.gauges: dict[str, Any] = {}  # filled by listeners (live comparison)
+        self.degraded: set[str] = set()  # parts that failed while recording goes on
+        self.gauges: dict[str, Any] = {}
         self._lock = threading.Lock()  # serialises flushes (thread vs close)
         self._steps_begun = 0  # steps given a ring slot (== completed once finished)
         self._completed = 0
@@ -113,8 +113,16 @@ class RecorderSession:
             "labels": ["buffer"],
             "samples": [(("device_ring",), float(self.ring.nbytes())),
                         (("host_copy",), float(self._host.numel() * self._host.element_size())),
-                        (("step_meta",), float(self.meta.nbytes()))],
+                        (("step_meta",), float(self.meta.nbytes()))]
+                       + ([(("raw_ring",), float(raw.nbytes()))] if raw is not None else []),
         }
+        self.reader: Any = None
+        if raw is None:
+            # In-process mode (tests, benchmarks, the GPU check): the reader's own code, run here
+            # on each flush. Imported here: the worker's mode never loads it.
+            from ..reader.rank import RankReader
+
+            self.reader = RankReader(self.status())
 
     # ---- binding -----------------------------------------------------------------------------
     def record(self, layer_slot: int, topk_ids: torch.Tensor) -> None:
@@ -153,7 +161,7 @@ class RecorderSession:
         try:
             lay = self.layout
             if self._steps_begun - self._read >= lay.ring_steps:
-                self.totals.dropped_steps += 1  # ring full: never overwrite an unread slot
+                self.dropped_steps += 1  # ring full: never overwrite an unread slot
                 self._recording = False
                 return
             slot = self._steps_begun % lay.ring_steps
@@ -226,6 +234,8 @@ class RecorderSession:
         if self._thread is not None:
             self._thread.join(timeout=5)
         self.flush()
+        if self.raw is not None and not self.ablate:
+            self._publish_status(force=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -243,6 +253,9 @@ class RecorderSession:
                 self.fault("flush", exc)
             if self.ablate:
                 return
+            if self.raw is not None:
+                self._publish_status()
+                return
             try:
                 snap = self.snapshot()  # if it gets written, the write works again: say so
                 snap["degraded"] = [d for d in snap["degraded"] if d != "snapshot_write"]
@@ -250,6 +263,27 @@ class RecorderSession:
                 self.degraded.discard("snapshot_write")
             except Exception as exc:  # noqa: BLE001
                 self._write_failed(exc)
+
+    def _publish_status(self, force: bool = False) -> None:
+        """Worker mode: the status the reader needs, once a flush interval (the raw steps went to
+        the ring already). Its hooks add facts known only later (KV capacity, EP placement)."""
+        now = time.monotonic()
+        if not force and now - self._status_at < self.flush_interval_s * 0.9:
+            return
+        self._status_at = now
+        for hook in self.status_hooks:
+            try:
+                hook(self)
+            except Exception as exc:  # noqa: BLE001 - a missing fact, not a broken recorder
+                self.errors["status"] = self.errors.get("status", 0) + 1
+                logger.debug("moe_reuse: status hook failed: %s", exc)
+        try:
+            status = self.status()
+            status["degraded"] = [d for d in status["degraded"] if d != "snapshot_write"]
+            self.publish(status)
+            self.degraded.discard("snapshot_write")
+        except Exception as exc:  # noqa: BLE001
+            self._write_failed(exc)
 
     def _write_failed(self, exc: BaseException) -> None:
         """A snapshot that could not be written (tmpfs full, a refused directory): the counts are
@@ -265,6 +299,8 @@ class RecorderSession:
                          "%s: %s", type(exc).__name__, exc)
 
     def _fold_pending(self) -> None:
+        """Copy the finished slots off the device (one batched copy), derive their step records,
+        and hand both on: to the raw ring (worker) or to the in-process reader."""
         S = self.layout.ring_steps
         done, read = self._completed, self._read
         n = done - read
@@ -290,25 +326,55 @@ class RecorderSession:
         meta_parts = [self.meta.take(a, b) for a, b in ranges]
         meta = {k: np.concatenate([p[k] for p in meta_parts]) for k in meta_parts[0]}
         counts = host[:, :n].numpy()
-        stats = fold_block(self.totals, counts, meta, self.bytes_model, self.layout.top_k)
+        if self.raw is not None:
+            self.raw.append(counts, meta)
+        else:
+            self.reader.bytes_model = self.bytes_model
+            self.reader.add_block(counts, meta)
         self._read = done
-        for listener in self.listeners:
-            listener(stats, meta, self)
 
-    def snapshot(self) -> dict[str, Any]:
-        """A step-consistent copy of everything exported (plain data, picklable)."""
+    @property
+    def totals(self) -> Any:
+        """In-process mode: the reader's totals (the worker's mode keeps none)."""
+        return None if self.reader is None else self.reader.totals
+
+    @property
+    def listeners(self) -> list[BlockListener]:
+        return [] if self.reader is None else self.reader.listeners
+
+    def status(self) -> dict[str, Any]:
+        """What the reader needs from this worker, as plain data (refreshed every flush)."""
         return {
             "version": 1,
             "time": time.time(),
+            "pid": os.getpid(),
             "labels": dict(self.labels),
             "info": dict(self.info),
             "layer_ids": list(self.layer_ids),
+            "num_experts": self.layout.num_experts,
             "top_k": self.layout.top_k,
             "enabled": bool(self.enabled),
             "reason": self.reason,
             "errors": dict(self.errors),
             "degraded": sorted(self.degraded),
-            "comm_mode": self.info.get("comm_mode", "none"),
-            "totals": {k: v.copy() for k, v in self.totals.arrays().items()},
+            "dropped_steps": int(self.dropped_steps),
+            "byte_model": self._byte_model_dict(),
             "gauges": dict(self.gauges),
+            "raw": self.raw.name if self.raw is not None else "",
+            "totals": {},
+            **self.status_extra,
         }
+
+    def _byte_model_dict(self) -> dict[str, Any]:
+        if self._bm_dict[0] is not self.bytes_model:  # asdict deep-copies: once per change
+            self._bm_dict = (self.bytes_model, dataclasses.asdict(self.bytes_model))
+        return self._bm_dict[1]
+
+    def snapshot(self) -> dict[str, Any]:
+        """In-process mode: the exported snapshot, derived here by the reader's code."""
+        if self.reader is None:
+            raise RuntimeError("a worker-mode session exports through its reader, not here")
+        self.reader.bytes_model = self.bytes_model
+        self.reader.update_status(self.status())
+        snap: dict[str, Any] = self.reader.snapshot()
+        return snap

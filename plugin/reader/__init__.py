@@ -1,0 +1,1 @@
+"""The reader: raw steps -> totals, live comparison, snapshots, exporters (never in a worker)."""

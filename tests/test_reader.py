@@ -1,0 +1,193 @@
+"""The worker/reader split with torch alone: the raw ring, and the reader against in-process folding.
+
+A worker-mode session (raw ring + status file, exactly what `worker_runtime` binds) and an
+in-process session are driven through the same steps; the reader's snapshot of the first must equal
+the second's, key by key. The raw ring's own guarantees (lapping counted, a slot reused mid-copy
+never folded) and the reader's takeover (a second reader resumes from the first one's snapshot,
+nothing lost or counted twice) are checked on the real files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from moe_reuse.plugin import snapshot as snap_io
+from moe_reuse.plugin.reader.service import RunReader
+from moe_reuse.plugin.recorder import rawstream
+from moe_reuse.plugin.recorder.aggregate import ByteModel
+from moe_reuse.plugin.recorder.ring import RingLayout
+from moe_reuse.plugin.recorder.session import RecorderSession
+
+L, E, K = 3, 8, 2
+BM = ByteModel((100, 200, 300), shared_expert_bytes=7, dense_ffn_bytes=11, attention_bytes=13,
+               embedding_bytes=17, kv_bytes_per_token=2, kv_groups=((1.5, 16, 0), (0.5, 0, 0)))
+LABELS = {"model": "m", "engine": "0", "rank": "3"}
+
+
+def _layout(ring_steps: int = 8) -> RingLayout:
+    return RingLayout(L, E, K, max_tokens=64, ring_steps=ring_steps)
+
+
+def _worker_session(directory: Path, cap: int = 64) -> RecorderSession:
+    dfd = snap_io.open_dir(directory, create=True)
+    try:
+        raw = rawstream.RawWriter(dfd, rawstream.raw_name("0", "3"), L, E + 1, cap)
+    finally:
+        os.close(dfd)
+    path = directory / rawstream.status_name("0", "3")
+    s = RecorderSession(_layout(), BM, labels=LABELS, info={"version": "t"}, layer_ids=[1, 2, 3],
+                        publish=lambda st: snap_io.write_snapshot(path, st, fault_stage=None),
+                        raw=raw, flush_interval_s=0.0)
+    s.status_extra["options"] = {"flush_interval_s": 0.2}
+    return s
+
+
+def _local_session() -> RecorderSession:
+    return RecorderSession(_layout(), BM, labels=LABELS, info={"version": "t"},
+                           layer_ids=[1, 2, 3], publish=lambda _s: None)
+
+
+def _drive(sessions: list[RecorderSession], steps: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(steps):
+        n = int(rng.integers(1, 6))
+        sched = rng.integers(1, 5, size=n)
+        computed = rng.integers(0, 40, size=n)
+        prompt = rng.integers(1, 40, size=n)
+        routing = [torch.randint(0, E, (int(sched.sum()), K)) for _ in range(L)]
+        for s in sessions:
+            s.step_started()
+            s.step_prepared(sched, computed >= prompt, computed)
+            for layer, ids in enumerate(routing):
+                s.capture_fn(layer)(ids)
+            s.step_finished()
+            if s._completed - s._read >= 3:
+                s.flush()
+    for s in sessions:
+        s.flush()
+
+
+def _same_totals(a: dict, b: dict) -> list[str]:
+    a, b = dict(a), dict(b)
+    a.pop("duration_s"), b.pop("duration_s")  # wall time: the only figure that may differ
+    return sorted(k for k in set(a) | set(b) if not np.array_equal(a.get(k), b.get(k)))
+
+
+def test_the_reader_derives_what_in_process_folding_derives(tmp_path: Path) -> None:
+    worker, local = _worker_session(tmp_path), _local_session()
+    assert worker.totals is None and worker.reader is None  # the worker keeps no totals
+    _drive([worker, local], steps=29, seed=3)
+    run = RunReader(tmp_path)
+    assert run.poll() == 29
+    got = snap_io.read_snapshots(tmp_path)
+    assert len(got) == 1
+    snap, want = got[0], local.snapshot()
+    assert _same_totals(snap["totals"], want["totals"]) == []
+    assert snap["totals"]["tokens"].sum() > 0 and snap["totals"]["selfcheck_mismatch"] == 0
+    for key in ("labels", "layer_ids", "top_k", "enabled", "reason", "errors", "degraded"):
+        assert snap[key] == want[key], key
+    assert snap["pid"] == os.getpid() and snap["raw"] == {"cursor": 29, "missed": 0}
+    # the worker's buffers (its raw ring among them) reach the exported gauges
+    buffers = {tuple(k): v for k, v in snap["gauges"]["buffer_bytes"]["samples"]}
+    assert buffers[("raw_ring",)] == rawstream.file_bytes(L, E + 1, 64)
+    run.close()
+
+
+def test_a_second_reader_takes_over_where_the_first_left(tmp_path: Path) -> None:
+    worker, local = _worker_session(tmp_path), _local_session()
+    first, second = RunReader(tmp_path), RunReader(tmp_path)
+    _drive([worker, local], steps=11, seed=5)
+    assert first.poll(now=0.0) == 11
+    assert second.poll(now=0.0) == 0 and not second.leader(now=5.0)  # the lock is held
+    first.close()  # its process died: the lock goes with it
+    _drive([worker, local], steps=7, seed=6)
+    assert second.poll(now=10.0) == 7  # only the steps the first had not read
+    snap = snap_io.read_snapshots(tmp_path)[0]
+    assert _same_totals(snap["totals"], local.snapshot()["totals"]) == []
+    second.close()
+
+
+def test_a_worker_that_leaves_takes_its_snapshot_along(tmp_path: Path) -> None:
+    worker = _worker_session(tmp_path)
+    _drive([worker], steps=3, seed=1)
+    run = RunReader(tmp_path)
+    run.poll()
+    assert (tmp_path / "e0-r3.npz").exists()
+    (tmp_path / rawstream.status_name("0", "3")).unlink()
+    run.poll()
+    assert not (tmp_path / "e0-r3.npz").exists() and run.ranks == {}
+    run.close()
+
+
+def _block(n: int, first: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    counts = np.zeros((L, n, 3, E + 1), dtype=np.int32)
+    counts[0, :, 1, 0] = np.arange(first, first + n)  # step i carries i in one cell
+    meta = {k: np.zeros((n,) + rawstream.META_DTYPE[k].shape, dtype=rawstream.META_DTYPE[k].base)
+            for k in rawstream.META_FIELDS}
+    meta["scheduled"] = np.arange(first, first + n)
+    return counts, meta
+
+
+def test_raw_ring_counts_what_a_slow_reader_missed_and_never_folds_a_reused_slot(
+        tmp_path: Path) -> None:
+    dfd = snap_io.open_dir(tmp_path, create=True)
+    try:
+        w = rawstream.RawWriter(dfd, "w0-r0.raw", L, E + 1, 8)
+        r = rawstream.RawReader(dfd, "w0-r0.raw")
+    finally:
+        os.close(dfd)
+    w.append(*_block(5, 0))
+    counts, meta, missed = r.take()
+    assert counts.shape == (L, 5, 3, E + 1) and missed == 0
+    assert meta["scheduled"].tolist() == counts[0, :, 1, 0].tolist() == [0, 1, 2, 3, 4]
+    w.append(*_block(6, 5))
+    w.append(*_block(6, 11))  # the reader is now 12 behind an 8-step ring: 4 steps lost
+    counts, meta, missed = r.take()
+    assert missed == 4 and meta["scheduled"].tolist() == list(range(9, 17))
+    w.append(*_block(3, 17))
+    w.stamps[17 % 8] = -1  # the writer began reusing step 17's slot while it was being copied
+    counts, meta, missed = r.take()
+    assert missed == 1 and meta["scheduled"].tolist() == [18, 19]
+    assert r.take()[0].shape[1] == 0
+
+
+def test_raw_ring_refuses_a_file_that_is_not_a_ring(tmp_path: Path) -> None:
+    (tmp_path / "w0-r0.raw").write_bytes(b"\0" * 8192)
+    os.chmod(tmp_path, 0o700)
+    dfd = snap_io.open_dir(tmp_path)
+    try:
+        with pytest.raises(ValueError, match="not a raw ring"):
+            rawstream.RawReader(dfd, "w0-r0.raw")
+    finally:
+        os.close(dfd)
+
+
+def test_raw_ring_capacity_holds_seconds_of_a_large_model_and_stays_bounded() -> None:
+    big = rawstream.capacity(61, 257, device_ring_steps=16)
+    assert big >= 150 and rawstream.file_bytes(61, 257, big) <= 33 * 1024 * 1024
+    assert 32768 < rawstream.capacity(4, 9, device_ring_steps=16) <= rawstream.MAX_RECORDS
+    assert rawstream.capacity(61, 257, device_ring_steps=256) == 1024  # four device rings
+
+
+def test_a_restarted_worker_is_read_from_its_new_ring(tmp_path: Path) -> None:
+    """Same rank, new worker process (new pid, a new ring file under the same name): the reader
+    drops the old mapping and counts the new worker's steps from zero."""
+    worker = _worker_session(tmp_path)
+    _drive([worker], steps=5, seed=2)
+    run = RunReader(tmp_path)
+    assert run.poll() == 5
+    worker.raw.close()
+    again, local = _worker_session(tmp_path), _local_session()
+    real_status = again.status
+    again.status = lambda: {**real_status(), "pid": os.getpid() + 1}  # type: ignore[method-assign]
+    _drive([again, local], steps=4, seed=9)
+    assert run.poll() == 4
+    snap = snap_io.decode((tmp_path / "e0-r3.npz").read_bytes())  # (its pid is not alive)
+    assert snap["pid"] == os.getpid() + 1 and snap["raw"]["cursor"] == 4
+    assert _same_totals(snap["totals"], local.snapshot()["totals"]) == []
+    run.close()
