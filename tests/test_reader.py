@@ -191,3 +191,41 @@ def test_a_restarted_worker_is_read_from_its_new_ring(tmp_path: Path) -> None:
     assert snap["pid"] == os.getpid() + 1 and snap["raw"]["cursor"] == 4
     assert _same_totals(snap["totals"], local.snapshot()["totals"]) == []
     run.close()
+
+
+def _served_qwen3() -> dict:
+    from moe_reuse.plugin.harness.tiny_models import model_spec
+
+    return {"hf_config": model_spec("qwen3-moe")["config"], "weight_dtype": "bfloat16",
+            "kv_dtype": "bfloat16", "tp": 1, "ep": 1, "dp": 1, "pp": 1, "kv_fixed_size": True,
+            "device": "cpu"}
+
+
+def test_the_live_comparison_runs_in_the_reader_from_the_published_facts(tmp_path: Path) -> None:
+    """The worker publishes the deployment as plain data; the reader builds the predictor specs
+    from it and exports the live gauges. Facts the worker could not read are the reader's
+    `live_setup` fault: counted, degraded, recording goes on."""
+    from moe_reuse.plugin.live.attach import attach_reader
+
+    worker = _worker_session(tmp_path)
+    worker.status_extra.update(served=_served_qwen3(), config={"window_s": 1.0},
+                               kv_capacity=4096)
+    _drive([worker], steps=6, seed=4)
+    run = RunReader(tmp_path, attach_live=attach_reader)
+    assert run.poll() == 6
+    snap = snap_io.read_snapshots(tmp_path)[0]
+    assert snap["gauges"]["kv_capacity_tokens"]["samples"], sorted(snap["gauges"])
+    assert snap["errors"] == {} and snap["reason"] == "recording"
+    assert snap["info"]["hardware"]  # resolved by the reader (hardware=auto on a CPU)
+    run.close()
+
+    other = tmp_path / "other"
+    worker = _worker_session(other)
+    worker.status_extra.update(served_error="RuntimeError: no hf_config", config={})
+    _drive([worker], steps=2, seed=4)
+    run = RunReader(other, attach_live=attach_reader)
+    run.poll()
+    snap = snap_io.read_snapshots(other)[0]
+    assert snap["errors"] == {"live_setup": 1} and snap["degraded"] == ["live_setup"]
+    assert snap["enabled"] and snap["totals"]["tokens"].sum() > 0  # recording goes on
+    run.close()
