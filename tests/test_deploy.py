@@ -303,7 +303,8 @@ def test_node_exporter_runs_our_command_and_its_podmonitor_labels_the_node(
 ) -> None:
     """The per-node reader (`moe-reuse exporter`): the DaemonSet's and the compose service's
     arguments parse with the command's own parser, the PodMonitor scrapes that port and adds
-    `node`, and the mount is the host's /dev/shm, read-only."""
+    `node`, and the mount is the host's /dev/shm, writable (the node's reader writes the ranks'
+    snapshots and its lock there)."""
     from moe_reuse.plugin.cli import build_parser
 
     ds = _one("DaemonSet")
@@ -313,7 +314,7 @@ def test_node_exporter_runs_our_command_and_its_podmonitor_labels_the_node(
     assert c["command"][0] == "moe-reuse" and host == "0.0.0.0"
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": int(port)}
     (mount,) = c["volumeMounts"]
-    assert mount["readOnly"] and args.snapshot_dir.startswith(mount["mountPath"])
+    assert not mount.get("readOnly") and args.snapshot_dir.startswith(mount["mountPath"])
     pm = _one("PodMonitor", "vllm-moe-reuse-exporter")
     pod_labels = ds["spec"]["template"]["metadata"]["labels"]
     assert all(pod_labels.get(k) == v for k, v in pm["spec"]["selector"]["matchLabels"].items())

@@ -6,9 +6,15 @@ known, `step_finished()` after sampling, and `record(slot, topk_ids)` (or `captu
 each MoE layer's routing hook. This
 module imports torch and numpy, never vLLM, so it can be driven and benchmarked with torch alone.
 
+In a worker (`raw` given) the flusher only copies: finished slots and their step records go to the
+rank's raw ring, and a status (plain facts, errors, heartbeat) to the status file, once a flush
+interval; the reader derives everything else in another process. Without `raw` (tests,
+benchmarks, the GPU check) the reader's own code runs here on each flush and `publish` receives
+whole snapshots.
+
 A fault anywhere in here must never reach the engine: every entry point catches, disables the
 session (the forward keeps running the two counting ops into the idle sink, which is harmless),
-counts the error, logs one line, and keeps publishing snapshots that say `enabled = 0`.
+counts the error, logs one line, and keeps publishing a status that says `enabled = 0`.
 """
 
 from __future__ import annotations
