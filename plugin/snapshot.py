@@ -37,6 +37,7 @@ import tempfile
 import time
 import uuid
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,6 +278,31 @@ def open_dir(directory: Path, create: bool = False) -> int:
 
 
 # ---- writing (worker) --------------------------------------------------------------------------
+def publish_counted(publish: Callable[[dict[str, Any]], None],
+                    build: Callable[[], dict[str, Any]], errors: dict[str, int],
+                    degraded: set[str]) -> bool:
+    """Publish a snapshot, or count why not. A write that fails (tmpfs full, a refused
+    directory) loses nothing: the counts stay with the writer and the next flush retries. It is
+    counted in `errors["snapshot_write"]`, logged once, and the writer is degraded until a write
+    succeeds; a snapshot that gets written says the writing works again, so it carries no
+    `snapshot_write` degradation (one that never succeeds goes stale: MoeReuseRankStale)."""
+    try:
+        snapshot = build()
+        snapshot["degraded"] = [d for d in snapshot.get("degraded", []) if d != "snapshot_write"]
+        publish(snapshot)
+    except Exception as exc:  # noqa: BLE001 - counted; never the host process
+        first = "snapshot_write" not in errors
+        errors["snapshot_write"] = errors.get("snapshot_write", 0) + 1
+        degraded.add("snapshot_write")
+        if first:
+            logger.error("moe_reuse: could not write the snapshot (recording continues, retried "
+                         "every flush; counted in moe_reuse_errors_total{stage=\"snapshot_write\"}"
+                         "): %s: %s", type(exc).__name__, exc)
+        return False
+    degraded.discard("snapshot_write")
+    return True
+
+
 def write_snapshot(path: Path, snapshot: dict[str, Any],
                    fault_stage: str | None = "snapshot_write") -> None:
     """Atomically replace `path` with the encoded snapshot, inside a checked directory.

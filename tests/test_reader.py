@@ -124,6 +124,34 @@ def test_a_worker_that_leaves_takes_its_snapshot_along(tmp_path: Path) -> None:
     run.close()
 
 
+class _Bridge:
+    def __init__(self) -> None:
+        self.published: list[dict] = []
+
+    def publish(self, snap: dict) -> None:
+        self.published.append(snap)
+
+
+def test_a_rank_that_records_nothing_still_reaches_the_multiprocess_files(tmp_path: Path) -> None:
+    """A rank that failed to bind writes only `e*.npz` (status only, no raw ring); in
+    multiprocess mode the reader is the one writer of value files, so it bridges that too."""
+    worker = _worker_session(tmp_path)
+    _drive([worker], steps=2, seed=2)
+    failed = {"version": 1, "status_only": True, "applicable": True, "enabled": False,
+              "reason": "bind_failed", "labels": {"model": "m", "engine": "0", "rank": "5"},
+              "info": {}, "errors": {"bind": 1}, "totals": {}}
+    snap_io.write_snapshot(tmp_path / "e0-r5.npz", failed, fault_stage=None)
+    bridge = _Bridge()
+    run = RunReader(tmp_path, bridge)
+    run.poll(now=0.0)
+    ranks = sorted((p["labels"]["rank"], bool(p.get("status_only"))) for p in bridge.published)
+    assert ranks == [("3", False), ("5", True)]  # the recording rank via its reader, 5 as is
+    bridge.published.clear()
+    run.poll(now=1.0)
+    assert [p["labels"]["rank"] for p in bridge.published] == []  # unchanged: not bridged again
+    run.close()
+
+
 def _block(n: int, first: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     counts = np.zeros((L, n, 3, E + 1), dtype=np.int32)
     counts[0, :, 1, 0] = np.arange(first, first + n)  # step i carries i in one cell

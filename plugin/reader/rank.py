@@ -56,7 +56,7 @@ class RankReader:
         self.missed_steps = 0  # raw steps lapped by the writer before this reader took them
         self.broken = False
         self.status: dict[str, Any] = {}
-        self.bytes_model = byte_model_from(status.get("byte_model", {}))
+        self.bytes_model: ByteModel
         self.update_status(status)
 
     def update_status(self, status: dict[str, Any]) -> None:

@@ -39,6 +39,7 @@ from .rank import RankReader
 logger = logging.getLogger("vllm.moe_reuse")
 
 _STATUS_FILE = re.compile(r"^w([^/]*)-r([^/]*)\.npz$")
+_SNAPSHOT_FILE = re.compile(r"^e([^/]*)-r([^/]*)\.npz$")
 POLL_S = 0.1
 LOCK_NAME = "reader.lock"
 
@@ -63,6 +64,7 @@ class RunReader:
         self._lock_fd: int | None = None
         self._next_try = 0.0
         self._logged: set[str] = set()
+        self._bridged_status: dict[str, float] = {}  # status-only snapshot -> mtime bridged
 
     # ---- leadership --------------------------------------------------------------------------
     def leader(self, now: float) -> bool:
@@ -121,7 +123,8 @@ class RunReader:
             return 0
         folded = 0
         try:
-            names = sorted(n for n in os.listdir(dfd) if _STATUS_FILE.match(n))
+            listing = os.listdir(dfd)
+            names = sorted(n for n in listing if _STATUS_FILE.match(n))
             for key in set(self.ranks) - set(names):  # the worker left: its snapshot goes too
                 gone = self.ranks.pop(key)
                 if gone.raw is not None:
@@ -135,9 +138,35 @@ class RunReader:
                 except Exception as exc:  # noqa: BLE001 - one rank, never the host process
                     self._log_once(f"rank:{name}", "moe_reuse: the reader skips %s/%s: %s: %s",
                                    self.directory, name, type(exc).__name__, exc)
+            if self.bridge is not None:
+                self._bridge_status_only(dfd, listing, names)
         finally:
             os.close(dfd)
         return folded
+
+    def _bridge_status_only(self, dfd: int, listing: list[str], status_names: list[str]) -> None:
+        """A rank that records nothing (failed to bind, not applicable) writes only a status
+        snapshot, `e<engine>-r<rank>.npz`, and no raw ring: in Prometheus multiprocess mode its
+        `enabled{reason=...} 0` must still reach the value files, so /metrics is never blind
+        without saying so."""
+        read = {f"e{n[1:]}" for n in status_names}  # snapshots this reader writes itself
+        for name in listing:
+            if not _SNAPSHOT_FILE.match(name) or name in read:
+                continue
+            try:
+                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                if self._bridged_status.get(name) == st.st_mtime:
+                    continue
+                data, _ = snap_io.read_trusted(dfd, name, snap_io.MAX_SNAPSHOT_BYTES)
+                snap = snap_io.decode(data)
+                self._bridged_status[name] = st.st_mtime
+                if snap.get("status_only"):
+                    self.bridge.publish(snap)
+            except FileNotFoundError:
+                continue
+            except Exception as exc:  # noqa: BLE001 - one file, never the host process
+                self._log_once(f"status:{name}", "moe_reuse: the reader skips %s/%s: %s: %s",
+                               self.directory, name, type(exc).__name__, exc)
 
     def _poll_rank(self, dfd: int, name: str) -> int:
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
@@ -216,17 +245,9 @@ class RunReader:
                        "missed": reader.missed_steps}
         lab = reader.labels
         path = self.directory / f"e{lab['engine']}-r{lab['rank']}.npz"
-        try:
-            snap["degraded"] = [d for d in snap["degraded"] if d != "snapshot_write"]
-            snap_io.write_snapshot(path, snap)
-            reader.degraded.discard("snapshot_write")
+        if snap_io.publish_counted(lambda s: snap_io.write_snapshot(path, s), lambda: snap,
+                                   reader.errors, reader.degraded):
             rank.dirty = False
-        except Exception as exc:  # noqa: BLE001 - counted; the next poll retries
-            reader.errors["snapshot_write"] = reader.errors.get("snapshot_write", 0) + 1
-            reader.degraded.add("snapshot_write")
-            self._log_once("write", "moe_reuse: could not write the snapshot (recording "
-                           "continues, retried every flush; counted in moe_reuse_errors_total"
-                           "{stage=\"snapshot_write\"}): %s: %s", type(exc).__name__, exc)
         if self.bridge is not None:
             try:
                 self.bridge.publish(snap)

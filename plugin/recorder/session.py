@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .. import faults
+from .. import snapshot as snap_io
 from .aggregate import COMM_OPS, BlockStats, ByteModel, StepMeta
 from .ring import DECODE, PREFILL, RingLayout, RoutingRing
 
@@ -262,13 +263,7 @@ class RecorderSession:
             if self.raw is not None:
                 self._publish_status()
                 return
-            try:
-                snap = self.snapshot()  # if it gets written, the write works again: say so
-                snap["degraded"] = [d for d in snap["degraded"] if d != "snapshot_write"]
-                self.publish(snap)
-                self.degraded.discard("snapshot_write")
-            except Exception as exc:  # noqa: BLE001
-                self._write_failed(exc)
+            snap_io.publish_counted(self.publish, self.snapshot, self.errors, self.degraded)
 
     def _publish_status(self, force: bool = False) -> None:
         """Worker mode: the status the reader needs, once a flush interval (the raw steps went to
@@ -283,26 +278,7 @@ class RecorderSession:
             except Exception as exc:  # noqa: BLE001 - a missing fact, not a broken recorder
                 self.errors["status"] = self.errors.get("status", 0) + 1
                 logger.debug("moe_reuse: status hook failed: %s", exc)
-        try:
-            status = self.status()
-            status["degraded"] = [d for d in status["degraded"] if d != "snapshot_write"]
-            self.publish(status)
-            self.degraded.discard("snapshot_write")
-        except Exception as exc:  # noqa: BLE001
-            self._write_failed(exc)
-
-    def _write_failed(self, exc: BaseException) -> None:
-        """A snapshot that could not be written (tmpfs full, a refused directory): the counts are
-        safe in the session, so recording goes on and the next flush retries; counted, logged
-        once, degraded until a write succeeds (a write that never succeeds makes the rank stale,
-        which MoeReuseRankStale pages on)."""
-        first = "snapshot_write" not in self.errors
-        self.errors["snapshot_write"] = self.errors.get("snapshot_write", 0) + 1
-        self.degraded.add("snapshot_write")
-        if first:
-            logger.error("moe_reuse: could not write the snapshot (recording continues, retried "
-                         "every flush; counted in moe_reuse_errors_total{stage=\"snapshot_write\"}): "
-                         "%s: %s", type(exc).__name__, exc)
+        snap_io.publish_counted(self.publish, self.status, self.errors, self.degraded)
 
     def _fold_pending(self) -> None:
         """Copy the finished slots off the device (one batched copy), derive their step records,
