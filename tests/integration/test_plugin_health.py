@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from test_recorder_server import _CliServer
 
 from moe_reuse.plugin.harness.load import complete, random_prompts, run_concurrent
 from moe_reuse.plugin.harness.server import VllmServer, metric_value
@@ -24,12 +25,18 @@ pytestmark = pytest.mark.integration
 FLUSH = {"flush_interval_s": 0.2}
 
 
-def test_bind_failure_keeps_serving_and_says_so_on_metrics() -> None:
-    with VllmServer(build_model("qwen3-moe"), enforce_eager=True, runner="v2",
-                    additional_config={"moe_reuse": FLUSH},
-                    env={"MOE_REUSE_INJECT_FAULT": "bind:1"}).start() as srv:
+@pytest.mark.parametrize("api_servers", [1, 2])
+def test_bind_failure_keeps_serving_and_says_so_on_metrics(api_servers: int) -> None:
+    """With two API servers /metrics comes from Prometheus multiprocess value files, which only
+    the reader writes: the failed rank's status must reach them too."""
+    cls, extra = (VllmServer, []) if api_servers == 1 else (
+        _CliServer, ["--api-server-count", str(api_servers)])
+    with cls(build_model("qwen3-moe"), enforce_eager=True, runner="v2",
+             additional_config={"moe_reuse": FLUSH}, extra_args=extra,
+             env={"MOE_REUSE_INJECT_FAULT": "bind:1"}).start() as srv:
         out = complete(srv.url, random_prompts(1, 12, 512, seed=3)[0], 6)
         assert out["usage"]["completion_tokens"] == 6
+        time.sleep(0.5)  # the reader polls every 0.1 s
         text = srv.metrics_text()
         assert metric_value(text, "moe_reuse_enabled", reason="bind_failed") == 0
         assert 'reason="bind_failed"' in text and 'reason="recording"' not in text
