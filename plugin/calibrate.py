@@ -286,6 +286,8 @@ def calibrate(*, threads: int = 1, device: str = "cpu", size_mb: int = 512, repe
         f"tokens/expert, bf16 {bf16 / 1e9:.0f} GFLOP/s, overlap {overlap:.2f}")
     del bench
     if engine:
+        from moe_reuse.predictor.specs import JITTER_QUANTILES
+
         from .calibrate_engine import engine_overhead
 
         stage(n_stages, "serving-stack overhead per step (vLLM + the bundled tiny MoE)")
@@ -294,7 +296,10 @@ def calibrate(*, threads: int = 1, device: str = "cpu", size_mb: int = 512, repe
         notes["engine_overhead"] = raw
         say(f"      {fit['step_overhead_seconds'] * 1e3:.2f} ms per step + "
             f"{fit['step_overhead_per_layer_seconds'] * 1e6:.0f} us per layer + "
-            f"{fit['step_overhead_per_token_seconds'] * 1e6:.1f} us per token")
+            f"{fit['step_overhead_per_token_seconds'] * 1e6:.1f} us per token; between steps "
+            f"{fit['serving_gap_seconds'] * 1e3:.2f} ms + "
+            f"{fit['serving_gap_per_sequence_seconds'] * 1e6:.1f} us per sequence; noise P99/P50 "
+            f"{(fit['step_jitter_ratios'] or [1.0] * 10)[JITTER_QUANTILES.index(0.99)]:.2f}")
     notes["elapsed_seconds"] = round(time.monotonic() - t_start, 1)
     spec["notes"] = notes
     return spec

@@ -69,6 +69,14 @@ _HW_UNITS: dict[str, tuple[tuple[str, float], ...]] = {
         ("step_overhead_per_token_seconds", 1.0),
         ("step_overhead_per_token_us", 1e-6),
     ),
+    "serving_gap_seconds": (
+        ("serving_gap_seconds", 1.0),
+        ("serving_gap_ms", 1e-3),
+    ),
+    "serving_gap_per_sequence_seconds": (
+        ("serving_gap_per_sequence_seconds", 1.0),
+        ("serving_gap_per_sequence_us", 1e-6),
+    ),
 }
 _HW_FLOPS = (("peak_flops_per_second", 1.0), ("peak_tflops", 1e12))
 _HW_PLAIN = (
@@ -77,6 +85,7 @@ _HW_PLAIN = (
     "hbm_efficiency_ratio",
     "compute_efficiency_ratio",
     "compute_memory_overlap_ratio",
+    "step_jitter_ratios",
     "description",
 )
 _HW_IGNORED = ("notes", "source")

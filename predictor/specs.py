@@ -273,6 +273,14 @@ class HardwareSpec:
       `step_overhead_per_token_seconds` x tokens: time per step outside the kernels (input
       preparation and sampling, per-layer op dispatch and kernel launches, per-request
       bookkeeping); default 0.
+
+    Two more describe how a serving stack delivers steps to a streaming client; only the latency
+    what-if uses them (the live gauge compares `step_time` with the engine's own step):
+    - `serving_gap_seconds` + `serving_gap_per_sequence_seconds` x running sequences: the time
+      between two steps that is in no step (the scheduler, output processing, detokenisation,
+      one SSE chunk per sequence), so the inter-token period is the step plus this gap;
+    - `step_jitter_ratios`: the host's timing noise, the inter-token gap of decode-only steps
+      over its median at `JITTER_QUANTILES` (1.0 at the median); empty: no noise.
     """
 
     name: str
@@ -292,6 +300,9 @@ class HardwareSpec:
     step_overhead_seconds: float = 0.0
     step_overhead_per_layer_seconds: float = 0.0
     step_overhead_per_token_seconds: float = 0.0
+    serving_gap_seconds: float = 0.0
+    serving_gap_per_sequence_seconds: float = 0.0
+    step_jitter_ratios: tuple[float, ...] = ()
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -316,6 +327,10 @@ class HardwareSpec:
         _check_float(self, "step_overhead_seconds", 0.0, strict=False)
         _check_float(self, "step_overhead_per_layer_seconds", 0.0, strict=False)
         _check_float(self, "step_overhead_per_token_seconds", 0.0, strict=False)
+        _check_float(self, "serving_gap_seconds", 0.0, strict=False)
+        _check_float(self, "serving_gap_per_sequence_seconds", 0.0, strict=False)
+        _check_jitter(self.step_jitter_ratios)
+        object.__setattr__(self, "step_jitter_ratios", tuple(float(r) for r in self.step_jitter_ratios))
         if not isinstance(self.peak_flops_per_second, Mapping) or not self.peak_flops_per_second:
             raise SpecError("peak_flops_per_second", "must map at least one dtype to FLOP/s")
         peaks: dict[str, float] = {}
@@ -355,7 +370,25 @@ class HardwareSpec:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["peak_flops_per_second"] = dict(self.peak_flops_per_second)
+        out["step_jitter_ratios"] = list(self.step_jitter_ratios)
         return out
+
+
+# Quantiles at which `HardwareSpec.step_jitter_ratios` gives the host's timing noise.
+JITTER_QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999)
+
+
+def _check_jitter(ratios: object) -> None:
+    fix = (f"give {len(JITTER_QUANTILES)} ratios, non-decreasing and > 0, at quantiles "
+           f"{list(JITTER_QUANTILES)} (`moe-reuse calibrate` measures them), or none")
+    if not isinstance(ratios, (tuple, list)):
+        raise SpecError("step_jitter_ratios", f"must be a list, got {type(ratios).__name__}", fix)
+    if not ratios:
+        return
+    if len(ratios) != len(JITTER_QUANTILES) or any(
+        isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0 for r in ratios
+    ) or any(b < a for a, b in zip(ratios, ratios[1:])):
+        raise SpecError("step_jitter_ratios", f"got {list(ratios)!r}", fix)
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,14 @@ from .memory import memory_breakdown
 from .quality import DEFAULT_Q, dense_twin
 from .reuse import expected_distinct_experts
 from .search import search_partitions
-from .specs import DEFAULT_ACCOUNTING, Accounting, HardwareSpec, ModelSpec, Partition
+from .specs import (
+    DEFAULT_ACCOUNTING,
+    JITTER_QUANTILES,
+    Accounting,
+    HardwareSpec,
+    ModelSpec,
+    Partition,
+)
 from .timing import step_time
 
 
@@ -121,6 +128,7 @@ class LevelResult:
     queue_seconds: float
     tokens_per_second: float
     limited_by: str  # concurrency, max_num_seqs or kv_cache
+    serving_gap_seconds: float = 0.0  # between two steps, in neither (hardware spec)
 
     def to_dict(self) -> dict[str, float | int | str]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -193,6 +201,44 @@ def _step(
     ).total_seconds
 
 
+def _jitter_cdf(ratios: Sequence[float], r: float) -> float:
+    """P(noise ratio <= r), piecewise linear between the measured quantiles."""
+    if r < ratios[0]:
+        return 0.0
+    if r >= ratios[-1]:
+        return 1.0
+    for i in range(len(ratios) - 1):
+        a, b = ratios[i], ratios[i + 1]
+        if a <= r < b:
+            qa, qb = JITTER_QUANTILES[i], JITTER_QUANTILES[i + 1]
+            return qa + (qb - qa) * (r - a) / (b - a)
+    return 1.0
+
+
+def mix_quantile(q: float, mixed_share: float, decode_s: float, mixed_s: float,
+                 ratios: Sequence[float]) -> float:
+    """The q-quantile of inter-token gaps: decode-only periods with probability 1 - share,
+    mixed ones otherwise, each times the host's noise (`ratios`; none: a two-point mix)."""
+    if not ratios:  # exactly one of the two step kinds
+        low, high = sorted((decode_s, mixed_s))
+        share_low = 1.0 - mixed_share if decode_s <= mixed_s else mixed_share
+        return low if share_low >= q else high
+
+    def cdf(x: float) -> float:
+        return ((1.0 - mixed_share) * _jitter_cdf(ratios, x / decode_s)
+                + mixed_share * _jitter_cdf(ratios, x / mixed_s))
+
+    lo = min(decode_s, mixed_s) * ratios[0]
+    hi = max(decode_s, mixed_s) * ratios[-1]
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if cdf(mid) < q:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
 def evaluate_level(
     dep: Deployment, hw: HardwareSpec, concurrency: int, work: Workload, acc: Accounting
 ) -> LevelResult:
@@ -224,18 +270,22 @@ def evaluate_level(
     # prompt on average) read once per chunk.
     ctx_mix = (b * ctx + (c / chunk) * p / 2) / (b + c)
     t_m = _step(dep, hw, acc, b + c, ctx_mix)
-    mean = f * t_m + (1 - f) * t_d
+    # What a client sees between two tokens is a step plus the serving stack's gap between
+    # steps (scheduling, output processing, one chunk streamed per sequence).
+    gap = hw.serving_gap_seconds + hw.serving_gap_per_sequence_seconds * b
+    p_d, p_m = t_d + gap, t_m + gap
+    mean = f * p_m + (1 - f) * p_d
     # A decoding request's gaps see the prefills of the b - 1 others (its own prefill is its
-    # TTFT, not a gap): the mix a client measures.
+    # TTFT, not a gap): the mix a client measures, times the host's noise where measured.
     seen = min(1.0, (b - 1) / o * p / c)
-    itl_p50 = t_m if seen >= 0.5 else t_d
-    itl_p99 = t_m if seen >= 0.01 else t_d
+    itl_p50 = mix_quantile(0.5, seen, p_d, p_m, hw.step_jitter_ratios)
+    itl_p99 = mix_quantile(0.99, seen, p_d, p_m, hw.step_jitter_ratios)
     chunks = math.ceil(p / budget)
-    cycle = o * mean + chunks * t_m  # one request's life in the batch
+    cycle = o * mean + chunks * p_m  # one request's life in the batch
     queue = (concurrency - b) * cycle / b
-    ttft50 = queue + chunks * t_m + mean / 2
+    ttft50 = queue + chunks * p_m + mean / 2
     ahead = max(_poisson_quantile(arrivals, 0.99) - 1, 0)
-    ttft99 = queue + math.ceil((ahead * p + p) / budget) * t_m + mean
+    ttft99 = queue + math.ceil((ahead * p + p) / budget) * p_m + mean
     return LevelResult(
         concurrency=concurrency,
         batch=b,
@@ -251,6 +301,7 @@ def evaluate_level(
         queue_seconds=queue,
         tokens_per_second=b / mean,
         limited_by=limited,
+        serving_gap_seconds=gap,
     )
 
 

@@ -205,3 +205,104 @@ def test_plot_writes_a_png(tmp_path, capsys):
 def test_infeasible_deployment_raises_spec_error():
     with pytest.raises(SpecError, match="does not fit"):
         whatif(load_model_preset("switch-c-2048"), H200, 1, [1])
+
+
+# ---- what a streaming client sees on a measured host (moe-reuse calibrate) --------------------
+NOISE = (0.8, 0.9, 0.95, 1.0, 1.05, 1.2, 1.5, 3.0, 4.0, 6.0)  # at JITTER_QUANTILES
+
+
+def test_the_serving_gap_adds_to_every_step_but_not_to_the_engine_step(result):
+    """ITL = step + the gap between steps (fixed + per running sequence); the reported
+    step_seconds stays the engine's step, which the live gauge compares with."""
+    hw = replace(H200, serving_gap_seconds=1e-3, serving_gap_per_sequence_seconds=1e-5)
+    moe = result.moe
+    for n in (1, 64):
+        base = evaluate_level(moe, H200, n, result.workload, DEFAULT_ACCOUNTING)
+        lv = evaluate_level(moe, hw, n, result.workload, DEFAULT_ACCOUNTING)
+        gap = 1e-3 + 1e-5 * lv.batch
+        assert lv.step_seconds == base.step_seconds and lv.serving_gap_seconds == pytest.approx(gap)
+        assert lv.itl_p50_seconds == pytest.approx(base.itl_p50_seconds + gap)
+        assert lv.tokens_per_second < base.tokens_per_second
+
+
+def test_host_noise_widens_p99_through_the_step_mix_not_a_constant(result):
+    """With measured noise, P99 is the 0.99 quantile of (step mix x noise): at concurrency 1
+    (decode steps only) it is the decode period times the noise's own P99; under load the mixed
+    steps' share moves it further, so P99/P50 is not one constant."""
+    hw = replace(H200, step_jitter_ratios=NOISE)
+    one = evaluate_level(result.moe, hw, 1, result.workload, DEFAULT_ACCOUNTING)
+    assert one.itl_mixed_ratio == 0
+    assert one.itl_p50_seconds == pytest.approx(one.step_seconds, rel=1e-6)
+    assert one.itl_p99_seconds == pytest.approx(3.0 * one.step_seconds, rel=1e-6)
+    ratios = set()
+    for n in (8, 64, 512):
+        lv = evaluate_level(result.moe, hw, n, result.workload, DEFAULT_ACCOUNTING)
+        plain = evaluate_level(result.moe, H200, n, result.workload, DEFAULT_ACCOUNTING)
+        assert lv.itl_p99_seconds >= plain.itl_p99_seconds * 0.999
+        ratios.add(round(lv.itl_p99_seconds / lv.itl_p50_seconds, 3))
+    assert len(ratios) >= 2
+
+
+def test_noise_ratios_are_checked_by_name():
+    for bad in ((1.0, 2.0), (1.0,) * 9 + (0.5,), (0.0,) * 10, "fast"):
+        with pytest.raises(SpecError, match="step_jitter_ratios"):
+            replace(H200, step_jitter_ratios=bad)
+
+
+def test_calibrate_turns_gaps_into_noise_quantiles():
+    from moe_reuse.plugin.calibrate_engine import jitter_ratios
+
+    assert jitter_ratios([1.0] * 999) == []  # too few for a 99.9th percentile
+    gaps = [1.0] * 900 + [2.0] * 90 + [5.0] * 10
+    r = jitter_ratios(gaps)
+    assert r[3] == 1.0 and r == sorted(r) and r[-1] == 5.0
+    replace(H200, step_jitter_ratios=tuple(r))  # a valid spec
+
+
+def test_a_calibrated_file_carries_the_serving_figures_through_loading(tmp_path):
+    from moe_reuse.predictor import load_hardware_file
+
+    data = {**{k: v for k, v in H200.to_dict().items() if v is not None}, "serving_gap_ms": 1.5, "serving_gap_per_sequence_us": 40.0,
+            "step_jitter_ratios": list(NOISE)}
+    for k in ("serving_gap_seconds", "serving_gap_per_sequence_seconds"):
+        data.pop(k)
+    path = tmp_path / "hw.json"
+    path.write_text(json.dumps(data))
+    hw = load_hardware_file(str(path))
+    assert hw.serving_gap_seconds == pytest.approx(1.5e-3)
+    assert hw.serving_gap_per_sequence_seconds == pytest.approx(40e-6)
+    assert hw.step_jitter_ratios == NOISE
+
+
+def test_staggered_clients_start_spread_over_the_given_time():
+    import threading
+    import time
+
+    from moe_reuse.plugin.harness.load import closed_loop
+
+    starts: dict[int, float] = {}
+    lock = threading.Lock()
+
+    def fn(x: int) -> int:
+        with lock:
+            starts[x] = time.monotonic()
+        return x
+
+    t0 = time.monotonic()
+    assert closed_loop(fn, list(range(8)), 4, stagger_s=0.4) == list(range(8))
+    first = [starts[i] - t0 for i in range(4)]  # the four clients' first requests
+    assert first[0] < 0.05 and 0.08 < first[1] < 0.15 and 0.25 < first[3] < 0.4
+
+
+def test_a_burst_read_at_once_is_one_delivery_split_over_its_tokens():
+    """The client's ITL: events read together (within 250 us) are one delivery; its gap from the
+    last delivery is split over its tokens, as a multi-token chunk's is."""
+    from moe_reuse.plugin.harness.load import delivery_gaps
+
+    ttft, gaps = delivery_gaps(0.0, [(0.010, 1), (0.014, 1), (0.030, 1), (0.03001, 1),
+                                     (0.03002, 2), (0.034, 1)])
+    assert ttft == pytest.approx(0.010)
+    assert gaps == pytest.approx([0.004] + [0.004] * 4 + [0.004])  # 16 ms over 4 tokens
+    assert delivery_gaps(0.0, []) == (None, [])
+    ttft, gaps = delivery_gaps(0.0, [(0.01, 3), (0.01001, 1)])  # all with the first token
+    assert ttft == pytest.approx(0.01) and gaps == []

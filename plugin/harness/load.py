@@ -149,10 +149,9 @@ def complete_streamed(
         headers={"Content-Type": "application/json"},
     )
     start = clock()
-    last = start
-    ttft: float | None = None
-    gaps: list[float] = []
+    events: list[tuple[float, int]] = []  # (arrival, new tokens) per SSE event
     done = prompt = 0
+    aborted = False
     with urllib.request.urlopen(req, timeout=timeout_s) as r:
         for raw in r:
             line = raw.decode(errors="replace").strip()
@@ -164,32 +163,67 @@ def complete_streamed(
             prompt = int(usage.get("prompt_tokens") or prompt)
             if tokens <= done:
                 continue
-            now = clock()
-            if ttft is None:
-                ttft = now - start  # tokens beyond the first in this chunk came with it
-            else:
-                n = tokens - done
-                gaps.extend([(now - last) / n] * n)
-            done, last = tokens, now
+            events.append((clock(), tokens - done))
+            done = tokens
             if abort_after_tokens is not None and done >= abort_after_tokens:
                 r.close()
-                return {"ttft_seconds": ttft, "itl_seconds": gaps, "completion_tokens": done,
-                        "prompt_tokens": prompt, "aborted": True}
+                aborted = True
+                break
+    ttft, gaps = delivery_gaps(start, events)
     return {"ttft_seconds": ttft, "itl_seconds": gaps, "completion_tokens": done,
-            "prompt_tokens": prompt, "aborted": False}
+            "prompt_tokens": prompt, "aborted": aborted}
+
+
+BURST_S = 250e-6  # events closer than this came in one read: no server step is that short
+
+
+def delivery_gaps(start: float, events: Sequence[tuple[float, int]],
+                  burst_s: float = BURST_S) -> tuple[float | None, list[float]]:
+    """(TTFT, inter-token gaps) from a stream's (arrival, new tokens) events.
+
+    Events that arrive within `burst_s` of the previous one were read together (the server
+    wrote them while the client was busy, a TCP segment carried several): one delivery. The
+    first delivery is the TTFT (tokens beyond the first came with it); each later delivery's
+    gap from the one before is split evenly over the tokens it carries, as a chunk carrying n
+    tokens counts as n gaps. Without this, a burst reads as one long gap and n - 1 gaps of ~0.
+    """
+    deliveries: list[tuple[float, int]] = []  # (first arrival, tokens)
+    last = float("-inf")
+    for at, n in events:
+        if deliveries and at - last < burst_s:
+            deliveries[-1] = (deliveries[-1][0], deliveries[-1][1] + n)
+        else:
+            deliveries.append((at, n))
+        last = at
+    if not deliveries:
+        return None, []
+    gaps: list[float] = []
+    for (prev, _), (at, n) in zip(deliveries, deliveries[1:]):
+        gaps.extend([(at - prev) / n] * n)
+    return deliveries[0][0] - start, gaps
 
 
 # ---- the driver: a closed loop ---------------------------------------------------------------
 
 
-def closed_loop(fn: Callable[[T], R], items: Sequence[T], concurrency: int) -> list[R]:
+def closed_loop(fn: Callable[[T], R], items: Sequence[T], concurrency: int,
+                stagger_s: float = 0.0) -> list[R]:
     """The one driver of every load here: `fn` on each item, at most `concurrency` in flight (a
     client sends its next request when its last one ends), results in item order; the first
-    exception is raised once all have finished."""
+    exception is raised once all have finished. `stagger_s`: the clients start spread evenly
+    over that many seconds (one request's duration spreads arrivals as steady traffic does,
+    instead of waves that start and end together)."""
     if not items:
         return []
-    with ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(items)))) as pool:
-        futures = [pool.submit(fn, x) for x in items]
+    workers = max(1, min(concurrency, len(items)))
+
+    def delayed(i: int, x: T) -> R:
+        time.sleep(stagger_s * i / workers)
+        return fn(x)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(delayed, i, x) if i < workers and stagger_s > 0 else pool.submit(fn, x)
+                   for i, x in enumerate(items)]
         return [f.result() for f in futures]
 
 
@@ -201,10 +235,12 @@ def run_concurrent(
 
 
 def run_concurrent_streamed(
-    url: str, requests: Sequence[tuple[list[int], int]], concurrency: int, **kw: Any
+    url: str, requests: Sequence[tuple[list[int], int]], concurrency: int, *,
+    stagger_s: float = 0.0, **kw: Any
 ) -> list[dict[str, Any]]:
     """``complete_streamed`` for each request, at most ``concurrency`` in flight."""
-    return closed_loop(lambda r: complete_streamed(url, r[0], r[1], **kw), requests, concurrency)
+    return closed_loop(lambda r: complete_streamed(url, r[0], r[1], **kw), requests, concurrency,
+                       stagger_s)
 
 
 def drive_for(
