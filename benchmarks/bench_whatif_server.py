@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import re
 import statistics
@@ -78,7 +79,9 @@ def measure_levels(srv: VllmServer, levels: list[int], args: argparse.Namespace,
                                            model=name)
             stagger = statistics.median((r["ttft_seconds"] or 0.0) + sum(r["itl_seconds"])
                                         for r in wres)
-        prompts = random_prompts(c * args.waves, args.prompt_len, vocab, seed=100 + i)
+        # at least --min-gaps inter-token gaps per level: a P99 needs a hundred above it
+        waves = max(args.waves, math.ceil(args.min_gaps / (c * max(args.output_len - 1, 1))))
+        prompts = random_prompts(c * waves, args.prompt_len, vocab, seed=100 + i)
         t0 = time.monotonic()
         res = run_concurrent_streamed(srv.url, [(p, args.output_len) for p in prompts], c,
                                       model=name, stagger_s=stagger if args.stagger else 0.0)
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--waves", type=int, default=6, help="requests per worker per level")
+    ap.add_argument("--min-gaps", type=int, default=1000,
+                    help="more waves at low concurrency until a level has this many gaps")
     ap.add_argument("--warmup-waves", type=int, default=1,
                     help="unmeasured requests per worker before each level: the CPU kernels "
                          "build their primitives per new batch shape once, which is start-up "

@@ -296,7 +296,8 @@ def calibrate(*, threads: int = 1, device: str = "cpu", size_mb: int = 512, repe
         notes["engine_overhead"] = raw
         say(f"      {fit['step_overhead_seconds'] * 1e3:.2f} ms per step + "
             f"{fit['step_overhead_per_layer_seconds'] * 1e6:.0f} us per layer + "
-            f"{fit['step_overhead_per_token_seconds'] * 1e6:.1f} us per token; between steps "
+            f"{fit['step_overhead_per_token_seconds'] * 1e6:.1f} us per sequence; KV path "
+            f"{fit.get('kv_path_bandwidth_bytes_per_second', 0) / 1e9:.2f} GB/s; between steps "
             f"{fit['serving_gap_seconds'] * 1e3:.2f} ms + "
             f"{fit['serving_gap_per_sequence_seconds'] * 1e6:.1f} us per sequence; noise P99/P50 "
             f"{(fit['step_jitter_ratios'] or [1.0] * 10)[JITTER_QUANTILES.index(0.99)]:.2f}")

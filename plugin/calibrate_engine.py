@@ -4,10 +4,12 @@ A decode step is more than its kernels: the model runner prepares inputs and sam
 dispatches its ops, and the framework keeps per-request state. The roofline cost model has no
 term for that, and on a small machine it is several milliseconds per step. This stage measures it
 where it is paid: a real vLLM server with the plugin serves a bundled tiny MoE (hidden 128:
-kernels of tens of microseconds) at 1 and at 32 concurrent requests, once with 4 layers and once
-with 16. The plugin's own counters give the mean decode step time and batch; the predictor, with
-the kernel rates just measured, gives the tiny model's kernel time; the difference is the
-overhead. The four points are fitted as fixed + per layer x layers + per token x tokens.
+kernels of tens of microseconds) at 1 and at 32 concurrent requests (at 32 with long and with
+short outputs, so the contexts differ), once with 4 layers and once with 16. The plugin's own
+counters give the mean decode step time, batch and context; the predictor, with the kernel rates
+just measured, gives the tiny model's kernel time; the difference is the overhead. The six
+points are fitted as fixed + per layer x layers + per sequence x sequences + per KV byte read
+(the attention kernel's own rate, `kv_path_bandwidth_bytes_per_second`).
 
 Every request is streamed, and the client times each inter-token gap, as a user of the server
 would. Two more figures come from those gaps, for the latency what-if only:
@@ -29,8 +31,9 @@ import numpy as np
 
 Say = Callable[[str], None]
 MODELS = ("qwen3-moe", "qwen3-moe-deep")  # 4 and 16 layers, otherwise the same
-CONCURRENCY = (1, 32)
-OUTPUT_TOKENS = 384  # long enough that concurrent requests overlap for most of their decode
+# (concurrency, output tokens, rounds): 384 tokens keep concurrent requests overlapping for
+# most of their decode; the short run at the same concurrency reads a sixth of the context.
+RUNS = ((1, 384, 8), (32, 384, 1), (32, 64, 4))
 
 
 def _decode_step(before: str, after: str) -> tuple[float, float, float]:
@@ -49,70 +52,103 @@ def _decode_step(before: str, after: str) -> tuple[float, float, float]:
             context / max(tokens, 1.0))
 
 
-def _measure(name: str, hw: Any, say: Say) -> tuple[list[dict[str, float]], list[float]]:
-    """The model's points, and its normalised gaps at concurrency 1 (gap / median)."""
-    from moe_reuse.predictor import Partition, model_from_hf_config, step_time
-
+def _measure(name: str, say: Say) -> tuple[list[dict[str, float]], list[float], dict[str, Any]]:
+    """The model's measured points, its normalised gaps at concurrency 1 (gap / median), and
+    its config.json."""
     from .harness.load import pct, random_prompts, run_concurrent, run_concurrent_streamed
     from .harness.server import VllmServer
     from .harness.tiny_models import build_model
 
     path = build_model(name, progress=say)
-    tiny = model_from_hf_config(json.loads((path / "config.json").read_text()))
+    config = json.loads((path / "config.json").read_text())
     cfg = {"moe_reuse": {"flush_interval_s": 0.2, "window_s": 3600}}
     out = []
     noise: list[float] = []
-    with VllmServer(path, additional_config=cfg, max_num_seqs=max(CONCURRENCY)).start(
+    with VllmServer(path, additional_config=cfg, max_num_seqs=max(c for c, _, _ in RUNS)).start(
             progress=say) as srv:
         run_concurrent(srv.url, [(p, 16) for p in random_prompts(8, 16, 512, seed=0)], 8)
-        for c in CONCURRENCY:
+        for c, tokens, rounds in RUNS:
             before = srv.metrics_text()
-            prompts = random_prompts(c, 16, 512, seed=c)
+            prompts = random_prompts(c, 16, 512, seed=c + tokens)
             gaps: list[float] = []
-            for _ in range(max(1, 8 // c)):
-                res = run_concurrent_streamed(srv.url, [(p, OUTPUT_TOKENS) for p in prompts], c)
+            for _ in range(rounds):
+                res = run_concurrent_streamed(srv.url, [(p, tokens) for p in prompts], c)
                 gaps += [g for r in res for g in r["itl_seconds"]]
             time.sleep(0.5)  # two flush intervals
             step_s, batch, ctx = _decode_step(before, srv.metrics_text())
-            kernels = step_time(tiny, hw, Partition(), batch, max(ctx, 1.0)).total_seconds
             itl = pct(gaps, 50)
-            out.append({"layers": float(tiny.num_layers), "concurrency": float(c),
-                        "batch_tokens": batch, "step_seconds": step_s,
-                        "predicted_kernel_seconds": kernels,
-                        "overhead_seconds": max(step_s - kernels, 0.0),
+            out.append({"layers": float(config["num_hidden_layers"]), "concurrency": float(c),
+                        "output_tokens": float(tokens), "batch_tokens": batch,
+                        "context_tokens": max(ctx, 1.0), "step_seconds": step_s,
                         "itl_p50_seconds": itl, "itl_p99_seconds": pct(gaps, 99),
                         "serving_gap_seconds": max(itl - step_s, 0.0)})
             if c == 1:
                 noise += [g / itl for g in gaps]
-            say(f"{tiny.num_layers} layers, concurrency {c}: decode step {step_s * 1e3:.2f} ms at "
-                f"{batch:.1f} tokens, kernels {kernels * 1e3:.3f} ms; client gaps P50 "
-                f"{itl * 1e3:.2f} ms, P99 {pct(gaps, 99) * 1e3:.2f} ms")
-    return out, noise
+            say(f"{config['num_hidden_layers']} layers, concurrency {c}, {tokens} tokens: decode "
+                f"step {step_s * 1e3:.2f} ms at {batch:.1f} sequences, context {ctx:.0f}; "
+                f"client gaps P50 {itl * 1e3:.2f} ms, P99 {pct(gaps, 99) * 1e3:.2f} ms")
+    return out, noise, config
+
+
+def _kernels(points: list[dict[str, float]], configs: dict[float, Any], hw: Any) -> None:
+    """The predicted kernel time and KV bytes of every point, on the spec as it stands."""
+    from moe_reuse.predictor import Partition, model_from_hf_config, step_time
+
+    for p in points:
+        st = step_time(model_from_hf_config(configs[p["layers"]]), hw, Partition(),
+                       p["batch_tokens"], p["context_tokens"])
+        p["predicted_kernel_seconds"] = st.total_seconds - st.overhead_seconds
+        p["kv_bytes"] = float(st.hbm_bytes.get("kv", 0.0))
+        p["overhead_seconds"] = p["step_seconds"] - p["predicted_kernel_seconds"]
+
+
+def _fit(rows: list[list[float]], y: list[float]) -> list[float]:
+    coef = np.linalg.lstsq(np.array(rows), np.array(y), rcond=None)[0]
+    return [float(x) for x in np.maximum(coef, 0.0)]  # no negative costs from noise
 
 
 def engine_overhead(spec: dict[str, Any], *, say: Say = print) -> tuple[dict[str, Any], dict[str, Any]]:
-    """({step_overhead_seconds, _per_layer_seconds, _per_token_seconds}, raw points)."""
+    """({step_overhead_*, kv_path_bandwidth_*, serving_gap_*, step_jitter_ratios}, raw points).
+
+    The time a step spends outside the predicted kernels is fitted as fixed + per layer x layers
+    + per sequence x sequences + per KV byte x the KV bytes the step reads (the contexts differ
+    between the runs, so the attention kernel's own rate separates from per-request costs);
+    the last term becomes the KV path's bandwidth, and the other three are refitted with it."""
     from moe_reuse.predictor import hardware_from_dict
 
-    hw = hardware_from_dict({k: v for k, v in spec.items() if k != "notes"})
+    base = {k: v for k, v in spec.items() if k != "notes"}
+    hw = hardware_from_dict(base)
     points: list[dict[str, float]] = []
     noise: list[float] = []
+    configs: dict[float, Any] = {}
     for name in MODELS:
-        pts, gaps = _measure(name, hw, say)
+        pts, gaps, config = _measure(name, say)
         points += pts
         noise += gaps
-    a = np.array([[1.0, p["layers"], p["batch_tokens"]] for p in points])
-    y = np.array([p["overhead_seconds"] for p in points])
-    coef = np.maximum(np.linalg.lstsq(a, y, rcond=None)[0], 0.0)  # no negative overheads
-    g = np.array([[1.0, p["batch_tokens"]] for p in points])
-    gy = np.array([p["serving_gap_seconds"] for p in points])
-    gap = np.maximum(np.linalg.lstsq(g, gy, rcond=None)[0], 0.0)
-    fit: dict[str, Any] = {"step_overhead_seconds": float(coef[0]),
-                           "step_overhead_per_layer_seconds": float(coef[1]),
-                           "step_overhead_per_token_seconds": float(coef[2]),
-                           "serving_gap_seconds": float(gap[0]),
-                           "serving_gap_per_sequence_seconds": float(gap[1]),
-                           "step_jitter_ratios": jitter_ratios(noise)}
+        configs[float(config["num_hidden_layers"])] = config
+    _kernels(points, configs, hw)
+    per_byte = _fit([[1.0, p["layers"], p["batch_tokens"], p["kv_bytes"]] for p in points],
+                    [p["overhead_seconds"] for p in points])[3]
+    fit: dict[str, Any] = {}
+    if per_byte > 0:
+        eff = hw.hbm_efficiency_ratio
+        fit["kv_path_bandwidth_bytes_per_second"] = 1.0 / (eff * (1.0 / hw.kv_bytes_per_second
+                                                                  + per_byte))
+        hw = hardware_from_dict({**base, **fit})
+        _kernels(points, configs, hw)
+    coef = _fit([[1.0, p["layers"], p["batch_tokens"]] for p in points],
+                [p["overhead_seconds"] for p in points])
+    # The gap between steps at a batch: from the long runs only, where the clients held their
+    # concurrency; in the short ones requests arrive and leave every few steps and the client
+    # gaps include steps the API server had not fed yet.
+    steady = [p for p in points if p["output_tokens"] == max(r[1] for r in RUNS)]
+    gap = _fit([[1.0, p["batch_tokens"]] for p in steady], [p["serving_gap_seconds"] for p in steady])
+    fit.update({"step_overhead_seconds": coef[0],
+                "step_overhead_per_layer_seconds": coef[1],
+                "step_overhead_per_token_seconds": coef[2],
+                "serving_gap_seconds": gap[0],
+                "serving_gap_per_sequence_seconds": gap[1],
+                "step_jitter_ratios": jitter_ratios(noise)})
     return fit, {"models": list(MODELS), "points": points, "noise_gaps": len(noise)}
 
 

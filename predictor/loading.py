@@ -53,6 +53,10 @@ _HW_UNITS: dict[str, tuple[tuple[str, float], ...]] = {
         ("expert_path_bandwidth_bytes_per_second", 1.0),
         ("expert_path_bandwidth_gb_per_s", 1e9),
     ),
+    "kv_path_bandwidth_bytes_per_second": (
+        ("kv_path_bandwidth_bytes_per_second", 1.0),
+        ("kv_path_bandwidth_gb_per_s", 1e9),
+    ),
     "expert_path_flops_per_second": (
         ("expert_path_flops_per_second", 1.0),
         ("expert_path_tflops", 1e12),

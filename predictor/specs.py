@@ -270,9 +270,12 @@ class HardwareSpec:
     - `compute_memory_overlap_ratio`: how far math hides weight streaming. A step takes
       max(C, M) + (1 - ratio) * min(C, M); 1 (default) is the paper's max(C, M).
     - `step_overhead_seconds` + `step_overhead_per_layer_seconds` x layers +
-      `step_overhead_per_token_seconds` x tokens: time per step outside the kernels (input
+      `step_overhead_per_token_seconds` x sequences: time per step outside the kernels (input
       preparation and sampling, per-layer op dispatch and kernel launches, per-request
-      bookkeeping); default 0.
+      bookkeeping; a decode step has one token per sequence, a prefill chunk many); default 0.
+    - `kv_path_bandwidth_bytes_per_second`: the rate at which the attention kernel reads the
+      KV cache (a paged-attention kernel on a CPU runs far below the memory's rate); default:
+      the HBM rate.
 
     Two more describe how a serving stack delivers steps to a streaming client; only the latency
     what-if uses them (the live gauge compares `step_time` with the engine's own step):
@@ -296,6 +299,7 @@ class HardwareSpec:
     compute_efficiency_ratio: float = 1.0
     expert_path_bandwidth_bytes_per_second: float | None = None
     expert_path_flops_per_second: float | None = None
+    kv_path_bandwidth_bytes_per_second: float | None = None
     compute_memory_overlap_ratio: float = 1.0
     step_overhead_seconds: float = 0.0
     step_overhead_per_layer_seconds: float = 0.0
@@ -320,7 +324,8 @@ class HardwareSpec:
         _check_int(self, "gpus_per_node", 1)
         for name in ("hbm_efficiency_ratio", "compute_efficiency_ratio"):
             _check_float(self, name, 0.0, strict=True, maximum=1.0)
-        for name in ("expert_path_bandwidth_bytes_per_second", "expert_path_flops_per_second"):
+        for name in ("expert_path_bandwidth_bytes_per_second", "expert_path_flops_per_second",
+                     "kv_path_bandwidth_bytes_per_second"):
             if getattr(self, name) is not None:
                 _check_float(self, name, 0.0, strict=True)
         _check_float(self, "compute_memory_overlap_ratio", 0.0, strict=False, maximum=1.0)
@@ -365,6 +370,11 @@ class HardwareSpec:
     @property
     def expert_bytes_per_second(self) -> float:
         raw = self.expert_path_bandwidth_bytes_per_second or self.hbm_bandwidth_bytes_per_second
+        return raw * self.hbm_efficiency_ratio
+
+    @property
+    def kv_bytes_per_second(self) -> float:
+        raw = self.kv_path_bandwidth_bytes_per_second or self.hbm_bandwidth_bytes_per_second
         return raw * self.hbm_efficiency_ratio
 
     def to_dict(self) -> dict[str, Any]:

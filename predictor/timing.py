@@ -136,8 +136,12 @@ def step_time(
     *,
     distinct_experts_per_layer: float | None = None,
     expert_counts: Sequence[int] | None = None,
+    sequences: float | None = None,
 ) -> StepTime:
     """Evaluate one decode step of `batch` sequences (global) at `context_tokens` each.
+
+    `sequences`: the requests the step carries when it is not one token each (a step with
+    prefill chunks); the per-request overhead counts them, the kernels count `batch` tokens.
 
     distinct_experts_per_layer / expert_counts replace the uniform-routing expectation with a
     measurement (mean distinct experts per MoE layer for the whole step, or one layer's
@@ -238,6 +242,7 @@ def step_time(
     }
     hbm = {k: pp * v / hw.hbm_bytes_per_second for k, v in hbm_bytes.items()}
     hbm["routed_ffn"] = pp * by_routed / hw.expert_bytes_per_second
+    hbm["kv"] = pp * by_kv / hw.kv_bytes_per_second
 
     # Communication per stage pass: (start-up, bandwidth) seconds per phase.
     scale_out = {k.strip() for k in acc.scale_out_collectives.split(",")}
@@ -328,7 +333,7 @@ def step_time(
     overhead = (
         hw.step_overhead_seconds
         + hw.step_overhead_per_layer_seconds * model.num_layers / pp
-        + hw.step_overhead_per_token_seconds * batch / p.dp
+        + hw.step_overhead_per_token_seconds * (batch if sequences is None else sequences) / p.dp
     )
     return StepTime(
         batch=batch,

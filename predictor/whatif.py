@@ -192,12 +192,14 @@ def _step(
     acc: Accounting,
     tokens: float,
     context: float,
+    sequences: float | None = None,
 ) -> float:
     distinct = None
     if dep.routing is not None and dep.model.is_moe:
         distinct = dep.routing.distinct(tokens / max(dep.partition.dp, 1))
     return step_time(
-        dep.model, hw, dep.partition, tokens, context, acc, distinct_experts_per_layer=distinct
+        dep.model, hw, dep.partition, tokens, context, acc, distinct_experts_per_layer=distinct,
+        sequences=sequences,
     ).total_seconds
 
 
@@ -269,7 +271,7 @@ def evaluate_level(
     # KV of a mixed step: the decodes' contexts plus each chunk's prefix (about half the
     # prompt on average) read once per chunk.
     ctx_mix = (b * ctx + (c / chunk) * p / 2) / (b + c)
-    t_m = _step(dep, hw, acc, b + c, ctx_mix)
+    t_m = _step(dep, hw, acc, b + c, ctx_mix, sequences=b + c / chunk)
     # What a client sees between two tokens is a step plus the serving stack's gap between
     # steps (scheduling, output processing, one chunk streamed per sequence).
     gap = hw.serving_gap_seconds + hw.serving_gap_per_sequence_seconds * b

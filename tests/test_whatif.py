@@ -306,3 +306,55 @@ def test_a_burst_read_at_once_is_one_delivery_split_over_its_tokens():
     assert delivery_gaps(0.0, []) == (None, [])
     ttft, gaps = delivery_gaps(0.0, [(0.01, 3), (0.01001, 1)])  # all with the first token
     assert ttft == pytest.approx(0.01) and gaps == []
+
+
+def test_the_kv_path_rate_and_per_sequence_overhead_enter_the_step():
+    """A slower KV path lengthens the KV term only; a step with prefill chunks pays the
+    per-request overhead per sequence, not per token."""
+    slow = replace(H200, kv_path_bandwidth_bytes_per_second=H200.hbm_bandwidth_bytes_per_second / 4)
+    a = step_time(DS, H200, Partition(tp=8), 64, 4096)
+    b = step_time(DS, slow, Partition(tp=8), 64, 4096)
+    assert b.hbm_seconds["kv"] == pytest.approx(4 * a.hbm_seconds["kv"])
+    assert b.hbm_seconds["routed_ffn"] == a.hbm_seconds["routed_ffn"]
+    hw = replace(H200, step_overhead_per_token_seconds=1e-4)
+    tokens = step_time(DS, hw, Partition(tp=8), 96, 1024)
+    seqs = step_time(DS, hw, Partition(tp=8), 96, 1024, sequences=65)
+    assert tokens.overhead_seconds == pytest.approx(96e-4)
+    assert seqs.overhead_seconds == pytest.approx(65e-4)
+
+
+def test_calibrate_recovers_the_overheads_and_kv_rate_it_was_given(monkeypatch):
+    """The engine stage's fit, on points made by a known spec: it must give that spec back."""
+    from moe_reuse.plugin import calibrate_engine as ce
+    from moe_reuse.plugin.harness.tiny_models import model_spec
+    from moe_reuse.predictor import hardware_from_dict, model_from_hf_config
+
+    base = {k: v for k, v in load_hardware_preset("h200").to_dict().items() if v is not None}
+    true = hardware_from_dict({**base, "kv_path_bandwidth_bytes_per_second": 3e9,
+                               "step_overhead_seconds": 1e-3,
+                               "step_overhead_per_layer_seconds": 150e-6,
+                               "step_overhead_per_token_seconds": 40e-6})
+
+    def fake(name):
+        config = model_spec(name)["config"]
+        model = model_from_hf_config(config)
+        pts = []
+        for c, tokens, _ in ce.RUNS:
+            ctx = 16 + tokens / 2
+            st = step_time(model, true, Partition(), c, ctx)
+            pts.append({"layers": float(config["num_hidden_layers"]), "concurrency": float(c),
+                        "output_tokens": float(tokens), "batch_tokens": float(c),
+                        "context_tokens": ctx, "step_seconds": st.total_seconds,
+                        "itl_p50_seconds": st.total_seconds + 1e-3 + 2e-5 * c,
+                        "itl_p99_seconds": 0.0, "serving_gap_seconds": 1e-3 + 2e-5 * c})
+        return pts, [1.0] * 600, config
+
+    monkeypatch.setattr(ce, "_measure", lambda name, say: fake(name))
+    fit, raw = ce.engine_overhead(base, say=lambda _m: None)
+    assert fit["kv_path_bandwidth_bytes_per_second"] == pytest.approx(3e9, rel=0.05)
+    assert fit["step_overhead_seconds"] == pytest.approx(1e-3, rel=0.05)
+    assert fit["step_overhead_per_layer_seconds"] == pytest.approx(150e-6, rel=0.05)
+    assert fit["step_overhead_per_token_seconds"] == pytest.approx(40e-6, rel=0.05)
+    assert fit["serving_gap_seconds"] == pytest.approx(1e-3)
+    assert fit["serving_gap_per_sequence_seconds"] == pytest.approx(2e-5)
+    assert fit["step_jitter_ratios"] == [1.0] * 10 and len(raw["points"]) == 2 * len(ce.RUNS)
