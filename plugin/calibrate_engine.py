@@ -7,10 +7,8 @@ where it is paid: a real vLLM server with the plugin serves a bundled tiny MoE (
 kernels of tens of microseconds) at 1 and at 32 concurrent requests (at 32 with long and with
 short outputs, so the contexts differ), once with 4 layers and once with 16. The plugin's own
 counters give the mean decode step time, batch and context; the predictor, with the kernel rates
-just measured, gives the tiny model's kernel time; the difference is the overhead. The dense
-twin of the 4-layer model runs the two steady runs too (its step: the client's gap less the
-serving gap, as the plugin records nothing on a dense model). The points are fitted as fixed +
-per layer x layers + per MoE layer x MoE layers + per sequence x sequences + per KV byte read
+just measured, gives the tiny model's kernel time; the difference is the overhead. The six
+points are fitted as fixed + per layer x layers + per sequence x sequences + per KV byte read
 (the attention kernel's own rate, `kv_path_bandwidth_bytes_per_second`).
 
 Every request is streamed, and the client times each inter-token gap, as a user of the server
@@ -36,8 +34,6 @@ MODELS = ("qwen3-moe", "qwen3-moe-deep")  # 4 and 16 layers, otherwise the same
 # (concurrency, output tokens, rounds): 384 tokens keep concurrent requests overlapping for
 # most of their decode; the short run at the same concurrency reads a sixth of the context.
 RUNS = ((1, 384, 8), (32, 384, 1), (32, 64, 4))
-STEADY_TOKENS = 384
-TWIN = "dense-twin"  # of MODELS[0]: separates a MoE layer's overhead from any layer's
 
 
 def _decode_step(before: str, after: str) -> tuple[float, float, float]:
@@ -56,34 +52,22 @@ def _decode_step(before: str, after: str) -> tuple[float, float, float]:
             context / max(tokens, 1.0))
 
 
-def _measure(name: str, say: Say) -> tuple[list[dict[str, Any]], list[float], dict[str, Any]]:
+def _measure(name: str, say: Say) -> tuple[list[dict[str, float]], list[float], dict[str, Any]]:
     """The model's measured points, its normalised gaps at concurrency 1 (gap / median), and
-    its config.json. `TWIN` is the dense twin of the first model: the plugin records nothing
-    on a dense model, so its points carry the client's gaps only (steady runs)."""
-    from moe_reuse.predictor import model_from_hf_config
-
+    its config.json."""
     from .harness.load import pct, random_prompts, run_concurrent, run_concurrent_streamed
     from .harness.server import VllmServer
     from .harness.tiny_models import build_model
 
-    if name == TWIN:
-        from moe_reuse.predictor.quality import DEFAULT_Q
-
-        from .live.twin import build_dense_twin
-
-        path = build_dense_twin(build_model(MODELS[0], progress=say), DEFAULT_Q, say=say)
-    else:
-        path = build_model(name, progress=say)
+    path = build_model(name, progress=say)
     config = json.loads((path / "config.json").read_text())
     cfg = {"moe_reuse": {"flush_interval_s": 0.2, "window_s": 3600}}
-    out: list[dict[str, Any]] = []
+    out = []
     noise: list[float] = []
     with VllmServer(path, additional_config=cfg, max_num_seqs=max(c for c, _, _ in RUNS)).start(
             progress=say) as srv:
         run_concurrent(srv.url, [(p, 16) for p in random_prompts(8, 16, 512, seed=0)], 8)
         for c, tokens, rounds in RUNS:
-            if name == TWIN and tokens != STEADY_TOKENS:
-                continue
             before = srv.metrics_text()
             prompts = random_prompts(c, 16, 512, seed=c + tokens)
             gaps: list[float] = []
@@ -91,19 +75,14 @@ def _measure(name: str, say: Say) -> tuple[list[dict[str, Any]], list[float], di
                 res = run_concurrent_streamed(srv.url, [(p, tokens) for p in prompts], c)
                 gaps += [g for r in res for g in r["itl_seconds"]]
             time.sleep(0.5)  # two flush intervals
+            step_s, batch, ctx = _decode_step(before, srv.metrics_text())
             itl = pct(gaps, 50)
-            if name == TWIN:  # the batch the clients held, the context the MoE runs measured
-                step_s, batch, ctx = float("nan"), float(c), 16 + tokens / 2
-            else:
-                step_s, batch, ctx = _decode_step(before, srv.metrics_text())
-            out.append({"model": name, "layers": float(config["num_hidden_layers"]),
-                        "moe_layers": float(model_from_hf_config(config).num_moe_layers),
-                        "concurrency": float(c),
+            out.append({"layers": float(config["num_hidden_layers"]), "concurrency": float(c),
                         "output_tokens": float(tokens), "batch_tokens": batch,
                         "context_tokens": max(ctx, 1.0), "step_seconds": step_s,
                         "itl_p50_seconds": itl, "itl_p99_seconds": pct(gaps, 99),
                         "serving_gap_seconds": max(itl - step_s, 0.0)})
-            if c == 1 and name != TWIN:
+            if c == 1:
                 noise += [g / itl for g in gaps]
             say(f"{config['num_hidden_layers']} layers, concurrency {c}, {tokens} tokens: decode "
                 f"step {step_s * 1e3:.2f} ms at {batch:.1f} sequences, context {ctx:.0f}; "
@@ -111,19 +90,15 @@ def _measure(name: str, say: Say) -> tuple[list[dict[str, Any]], list[float], di
     return out, noise, config
 
 
-def _kernels(points: list[dict[str, Any]], configs: dict[str, Any], hw: Any) -> None:
-    """The predicted kernel time and KV bytes of every point, on the spec as it stands; the
-    twin's step is its client gap less the serving gap (`gap`: fixed, per sequence)."""
+def _kernels(points: list[dict[str, float]], configs: dict[float, Any], hw: Any) -> None:
+    """The predicted kernel time and KV bytes of every point, on the spec as it stands."""
     from moe_reuse.predictor import Partition, model_from_hf_config, step_time
 
     for p in points:
-        st = step_time(model_from_hf_config(configs[p["model"]]), hw, Partition(),
+        st = step_time(model_from_hf_config(configs[p["layers"]]), hw, Partition(),
                        p["batch_tokens"], p["context_tokens"])
         p["predicted_kernel_seconds"] = st.total_seconds - st.overhead_seconds
         p["kv_bytes"] = float(st.hbm_bytes.get("kv", 0.0))
-        if p["model"] == TWIN:
-            p["step_seconds"] = p["itl_p50_seconds"] - (
-                hw.serving_gap_seconds + hw.serving_gap_per_sequence_seconds * p["batch_tokens"])
         p["overhead_seconds"] = p["step_seconds"] - p["predicted_kernel_seconds"]
 
 
@@ -136,47 +111,45 @@ def engine_overhead(spec: dict[str, Any], *, say: Say = print) -> tuple[dict[str
     """({step_overhead_*, kv_path_bandwidth_*, serving_gap_*, step_jitter_ratios}, raw points).
 
     The time a step spends outside the predicted kernels is fitted as fixed + per layer x layers
-    + per MoE layer x MoE layers (the dense twin has none) + per sequence x sequences + per KV
-    byte x the KV bytes the step reads (the contexts differ between the runs, so the attention
-    kernel's own rate separates from per-request costs); the last term becomes the KV path's
-    bandwidth, and the other four are refitted with it."""
+    + per sequence x sequences + per KV byte x the KV bytes the step reads (the contexts differ
+    between the runs, so the attention kernel's own rate separates from per-request costs);
+    the last term becomes the KV path's bandwidth, and the other three are refitted with it."""
     from moe_reuse.predictor import hardware_from_dict
 
     base = {k: v for k, v in spec.items() if k != "notes"}
-    points: list[dict[str, Any]] = []
+    hw = hardware_from_dict(base)
+    points: list[dict[str, float]] = []
     noise: list[float] = []
-    configs: dict[str, Any] = {}
-    for name in (*MODELS, TWIN):
+    configs: dict[float, Any] = {}
+    for name in MODELS:
         pts, gaps, config = _measure(name, say)
         points += pts
         noise += gaps
-        configs[name] = config
-    # The gap between steps at a batch, from the MoE models' steady runs (where the clients held
-    # their concurrency; in the short ones requests arrive and leave every few steps and the
-    # client gaps include steps the API server had not fed yet).
-    steady = [p for p in points if p["output_tokens"] == STEADY_TOKENS and p["model"] != TWIN]
-    gap = _fit([[1.0, p["batch_tokens"]] for p in steady], [p["serving_gap_seconds"] for p in steady])
-    fit: dict[str, Any] = {"serving_gap_seconds": gap[0], "serving_gap_per_sequence_seconds": gap[1]}
-    hw = hardware_from_dict({**base, **fit})
+        configs[float(config["num_hidden_layers"])] = config
     _kernels(points, configs, hw)
-
-    def design(p: dict[str, Any], kv: bool) -> list[float]:
-        return [1.0, p["layers"], p["moe_layers"], p["batch_tokens"]] + ([p["kv_bytes"]] if kv else [])
-
-    per_byte = _fit([design(p, True) for p in points], [p["overhead_seconds"] for p in points])[4]
+    per_byte = _fit([[1.0, p["layers"], p["batch_tokens"], p["kv_bytes"]] for p in points],
+                    [p["overhead_seconds"] for p in points])[3]
+    fit: dict[str, Any] = {}
     if per_byte > 0:
         eff = hw.hbm_efficiency_ratio
         fit["kv_path_bandwidth_bytes_per_second"] = 1.0 / (eff * (1.0 / hw.kv_bytes_per_second
                                                                   + per_byte))
         hw = hardware_from_dict({**base, **fit})
         _kernels(points, configs, hw)
-    coef = _fit([design(p, False) for p in points], [p["overhead_seconds"] for p in points])
+    coef = _fit([[1.0, p["layers"], p["batch_tokens"]] for p in points],
+                [p["overhead_seconds"] for p in points])
+    # The gap between steps at a batch: from the long runs only, where the clients held their
+    # concurrency; in the short ones requests arrive and leave every few steps and the client
+    # gaps include steps the API server had not fed yet.
+    steady = [p for p in points if p["output_tokens"] == max(r[1] for r in RUNS)]
+    gap = _fit([[1.0, p["batch_tokens"]] for p in steady], [p["serving_gap_seconds"] for p in steady])
     fit.update({"step_overhead_seconds": coef[0],
                 "step_overhead_per_layer_seconds": coef[1],
-                "step_overhead_per_moe_layer_seconds": coef[2],
-                "step_overhead_per_token_seconds": coef[3],
+                "step_overhead_per_token_seconds": coef[2],
+                "serving_gap_seconds": gap[0],
+                "serving_gap_per_sequence_seconds": gap[1],
                 "step_jitter_ratios": jitter_ratios(noise)})
-    return fit, {"models": [*MODELS, TWIN], "points": points, "noise_gaps": len(noise)}
+    return fit, {"models": list(MODELS), "points": points, "noise_gaps": len(noise)}
 
 
 def jitter_ratios(normalised_gaps: list[float]) -> list[float]:

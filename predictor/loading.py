@@ -69,10 +69,6 @@ _HW_UNITS: dict[str, tuple[tuple[str, float], ...]] = {
         ("step_overhead_per_layer_seconds", 1.0),
         ("step_overhead_per_layer_us", 1e-6),
     ),
-    "step_overhead_per_moe_layer_seconds": (
-        ("step_overhead_per_moe_layer_seconds", 1.0),
-        ("step_overhead_per_moe_layer_us", 1e-6),
-    ),
     "step_overhead_per_token_seconds": (
         ("step_overhead_per_token_seconds", 1.0),
         ("step_overhead_per_token_us", 1e-6),

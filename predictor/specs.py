@@ -270,8 +270,7 @@ class HardwareSpec:
     - `compute_memory_overlap_ratio`: how far math hides weight streaming. A step takes
       max(C, M) + (1 - ratio) * min(C, M); 1 (default) is the paper's max(C, M).
     - `step_overhead_seconds` + `step_overhead_per_layer_seconds` x layers +
-      `step_overhead_per_moe_layer_seconds` x MoE layers (routing, top-k, the fused-MoE
-      dispatch, which a dense layer has not) + `step_overhead_per_token_seconds` x sequences: time per step outside the kernels (input
+      `step_overhead_per_token_seconds` x sequences: time per step outside the kernels (input
       preparation and sampling, per-layer op dispatch and kernel launches, per-request
       bookkeeping; a decode step has one token per sequence, a prefill chunk many); default 0.
     - `kv_path_bandwidth_bytes_per_second`: the rate at which the attention kernel reads the
@@ -304,7 +303,6 @@ class HardwareSpec:
     compute_memory_overlap_ratio: float = 1.0
     step_overhead_seconds: float = 0.0
     step_overhead_per_layer_seconds: float = 0.0
-    step_overhead_per_moe_layer_seconds: float = 0.0
     step_overhead_per_token_seconds: float = 0.0
     serving_gap_seconds: float = 0.0
     serving_gap_per_sequence_seconds: float = 0.0
@@ -333,7 +331,6 @@ class HardwareSpec:
         _check_float(self, "compute_memory_overlap_ratio", 0.0, strict=False, maximum=1.0)
         _check_float(self, "step_overhead_seconds", 0.0, strict=False)
         _check_float(self, "step_overhead_per_layer_seconds", 0.0, strict=False)
-        _check_float(self, "step_overhead_per_moe_layer_seconds", 0.0, strict=False)
         _check_float(self, "step_overhead_per_token_seconds", 0.0, strict=False)
         _check_float(self, "serving_gap_seconds", 0.0, strict=False)
         _check_float(self, "serving_gap_per_sequence_seconds", 0.0, strict=False)

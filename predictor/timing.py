@@ -333,7 +333,6 @@ def step_time(
     overhead = (
         hw.step_overhead_seconds
         + hw.step_overhead_per_layer_seconds * model.num_layers / pp
-        + hw.step_overhead_per_moe_layer_seconds * model.num_moe_layers / pp
         + hw.step_overhead_per_token_seconds * (batch if sequences is None else sequences) / p.dp
     )
     return StepTime(

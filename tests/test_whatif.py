@@ -333,41 +333,28 @@ def test_calibrate_recovers_the_overheads_and_kv_rate_it_was_given(monkeypatch):
     true = hardware_from_dict({**base, "kv_path_bandwidth_bytes_per_second": 3e9,
                                "step_overhead_seconds": 1e-3,
                                "step_overhead_per_layer_seconds": 150e-6,
-                               "step_overhead_per_moe_layer_seconds": 90e-6,
                                "step_overhead_per_token_seconds": 40e-6})
 
     def fake(name):
-        from moe_reuse.plugin.live.twin import twin_config
-        from moe_reuse.predictor.quality import DEFAULT_Q
-
-        if name == ce.TWIN:
-            config = twin_config(model_spec(ce.MODELS[0])["config"], DEFAULT_Q)[0]
-        else:
-            config = model_spec(name)["config"]
+        config = model_spec(name)["config"]
         model = model_from_hf_config(config)
         pts = []
         for c, tokens, _ in ce.RUNS:
-            if name == ce.TWIN and tokens != ce.STEADY_TOKENS:
-                continue
             ctx = 16 + tokens / 2
             st = step_time(model, true, Partition(), c, ctx)
-            gap = 1e-3 + 2e-5 * c
-            pts.append({"model": name, "layers": float(config["num_hidden_layers"]),
-                        "moe_layers": float(model.num_moe_layers), "concurrency": float(c),
+            pts.append({"layers": float(config["num_hidden_layers"]), "concurrency": float(c),
                         "output_tokens": float(tokens), "batch_tokens": float(c),
-                        "context_tokens": ctx,
-                        "step_seconds": float("nan") if name == ce.TWIN else st.total_seconds,
-                        "itl_p50_seconds": st.total_seconds + gap,
-                        "itl_p99_seconds": 0.0, "serving_gap_seconds": gap})
-        return pts, [] if name == ce.TWIN else [1.0] * 600, config
+                        "context_tokens": ctx, "step_seconds": st.total_seconds,
+                        "itl_p50_seconds": st.total_seconds + 1e-3 + 2e-5 * c,
+                        "itl_p99_seconds": 0.0, "serving_gap_seconds": 1e-3 + 2e-5 * c})
+        return pts, [1.0] * 600, config
 
     monkeypatch.setattr(ce, "_measure", lambda name, say: fake(name))
     fit, raw = ce.engine_overhead(base, say=lambda _m: None)
     assert fit["kv_path_bandwidth_bytes_per_second"] == pytest.approx(3e9, rel=0.05)
     assert fit["step_overhead_seconds"] == pytest.approx(1e-3, rel=0.05)
     assert fit["step_overhead_per_layer_seconds"] == pytest.approx(150e-6, rel=0.05)
-    assert fit["step_overhead_per_moe_layer_seconds"] == pytest.approx(90e-6, rel=0.05)
     assert fit["step_overhead_per_token_seconds"] == pytest.approx(40e-6, rel=0.05)
     assert fit["serving_gap_seconds"] == pytest.approx(1e-3)
     assert fit["serving_gap_per_sequence_seconds"] == pytest.approx(2e-5)
-    assert fit["step_jitter_ratios"] == [1.0] * 10 and len(raw["points"]) == 2 * len(ce.RUNS) + 2
+    assert fit["step_jitter_ratios"] == [1.0] * 10 and len(raw["points"]) == 2 * len(ce.RUNS)
