@@ -102,9 +102,23 @@ def _kernels(points: list[dict[str, float]], configs: dict[float, Any], hw: Any)
         p["overhead_seconds"] = p["step_seconds"] - p["predicted_kernel_seconds"]
 
 
-def _fit(rows: list[list[float]], y: list[float]) -> list[float]:
-    coef = np.linalg.lstsq(np.array(rows), np.array(y), rcond=None)[0]
-    return [float(x) for x in np.maximum(coef, 0.0)]  # no negative costs from noise
+def _fit(rows: list[list[float]], y: list[float], scale: list[float] | None = None) -> list[float]:
+    """Non-negative least squares (no negative cost from noise): a coefficient that comes out
+    negative is fixed at 0 and the others refitted. `scale`: each point's residual is taken
+    relative to it (a 2 ms step and a 10 ms one count alike, as the what-if is judged)."""
+    a, b = np.array(rows, dtype=float), np.array(y, dtype=float)
+    if scale is not None:
+        w = 1.0 / np.maximum(np.array(scale, dtype=float), 1e-9)
+        a, b = a * w[:, None], b * w
+    active = list(range(a.shape[1]))
+    coef = np.zeros(a.shape[1])
+    while active:
+        sol = np.linalg.lstsq(a[:, active], b, rcond=None)[0]
+        if (sol >= 0).all():
+            coef[active] = sol
+            break
+        active.pop(int(np.argmin(sol)))
+    return [float(x) for x in coef]
 
 
 def engine_overhead(spec: dict[str, Any], *, say: Say = print) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -127,8 +141,9 @@ def engine_overhead(spec: dict[str, Any], *, say: Say = print) -> tuple[dict[str
         noise += gaps
         configs[float(config["num_hidden_layers"])] = config
     _kernels(points, configs, hw)
+    steps = [p["step_seconds"] for p in points]
     per_byte = _fit([[1.0, p["layers"], p["batch_tokens"], p["kv_bytes"]] for p in points],
-                    [p["overhead_seconds"] for p in points])[3]
+                    [p["overhead_seconds"] for p in points], steps)[3]
     fit: dict[str, Any] = {}
     if per_byte > 0:
         eff = hw.hbm_efficiency_ratio
@@ -137,7 +152,7 @@ def engine_overhead(spec: dict[str, Any], *, say: Say = print) -> tuple[dict[str
         hw = hardware_from_dict({**base, **fit})
         _kernels(points, configs, hw)
     coef = _fit([[1.0, p["layers"], p["batch_tokens"]] for p in points],
-                [p["overhead_seconds"] for p in points])
+                [p["overhead_seconds"] for p in points], steps)
     # The gap between steps at a batch: from the long runs only, where the clients held their
     # concurrency; in the short ones requests arrive and leave every few steps and the client
     # gaps include steps the API server had not fed yet.
