@@ -28,7 +28,11 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
-from moe_reuse.plugin.harness.load import pct, random_prompts, run_concurrent_streamed
+from moe_reuse.plugin.harness.load import (
+    latency_percentiles,
+    random_prompts,
+    run_concurrent_streamed,
+)
 from moe_reuse.plugin.harness.server import VllmServer
 from moe_reuse.plugin.harness.tiny_models import build_model
 from moe_reuse.plugin.live.twin import build_dense_twin
@@ -86,12 +90,12 @@ def measure_levels(srv: VllmServer, levels: list[int], args: argparse.Namespace,
         res = run_concurrent_streamed(srv.url, [(p, args.output_len) for p in prompts], c,
                                       model=name, stagger_s=stagger if args.stagger else 0.0)
         wall = time.monotonic() - t0
-        itl = [g for r in res for g in r["itl_seconds"]]
-        ttft = [r["ttft_seconds"] for r in res if r["ttft_seconds"] is not None]
+        lat = latency_percentiles(res)
         toks = sum(r["completion_tokens"] for r in res)
-        rows.append({"concurrency": c, "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99),
-                     "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
-                     "tokens_per_second": toks / wall, "gaps": len(itl)})
+        rows.append({"concurrency": c, "itl_p50": lat["itl_p50_seconds"],
+                     "itl_p99": lat["itl_p99_seconds"], "ttft_p50": lat["ttft_p50_seconds"],
+                     "ttft_p99": lat["ttft_p99_seconds"], "tokens_per_second": toks / wall,
+                     "gaps": int(lat["itl_samples"])})
         say(f"c={c}: ITL p50 {rows[-1]['itl_p50'] * 1e3:.2f} ms p99 {rows[-1]['itl_p99'] * 1e3:.2f} ms")
     return rows
 

@@ -150,6 +150,7 @@ class RunReader:
         `enabled{reason=...} 0` must still reach the value files, so /metrics is never blind
         without saying so."""
         read = {f"e{n[1:]}" for n in status_names}  # snapshots this reader writes itself
+        self._bridged_status = {k: v for k, v in self._bridged_status.items() if k in listing}
         for name in listing:
             if not _SNAPSHOT_FILE.match(name) or name in read:
                 continue
