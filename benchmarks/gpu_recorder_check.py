@@ -33,6 +33,14 @@ Checks (all on the GPU; the script refuses to run without one, exit status 2):
 5. flush: `read_range` returns before its copy is done, the main stream finishes steps while a
    flush copy is still pending, replay throughput with the flusher thread copying continuously vs
    without, and the session's folded totals equal the eager reference exactly.
+6. (issue 18) step time: the session's flushed step durations (the ring's per-slot event pairs)
+   against the outer span of the same steps; collective time with the recorder's device clock
+   (stamps around the dispatch stand-in, inside the graph) against the op timed eagerly, and
+   folded by the session exactly; the overhead of the one-kernel hot path beside the torch-op
+   path; `--layers real` for the models' MoE layer counts.
+7. (issue 18) HBM bandwidth: NVML GPM (the plugin's `reader.gpm.GpmSampler`) over a window of
+   replays of the block plus a KV-like read, against the bytes the block had to read.
+Results and their reading: docs/gpu.md.
 
     python benchmarks/gpu_recorder_check.py --quick --out $OUT/gpu_recorder_check.json
     python benchmarks/gpu_recorder_check.py --out $OUT/gpu_recorder_check.json
@@ -56,6 +64,7 @@ import time
 import types
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from math import nan
 from pathlib import Path
 from typing import Any
 
@@ -99,13 +108,20 @@ class MoEShape:
     n_shared: int = 0
     routed_scaling: float = 1.0
     renormalize: bool = True
+    kv_width: int = 1024  # KV elements per token per layer (bf16): GQA K+V, or MLA's latent
+    moe_layers: int = 4  # the model's MoE layer count (--layers real)
+
+
 
 
 MODELS = {
-    "qwen3-235b": MoEShape("qwen3-235b", 4096, 128, 8, 1536, "softmax"),
+    "qwen3-235b": MoEShape("qwen3-235b", 4096, 128, 8, 1536, "softmax", kv_width=4 * 128 * 2,
+                           moe_layers=94),
+    "qwen3-30b-a3b": MoEShape("qwen3-30b-a3b", 2048, 128, 8, 768, "softmax", kv_width=4 * 128 * 2,
+                              moe_layers=48),
     "deepseek-v3": MoEShape(
         "deepseek-v3", 7168, 256, 8, 2048, "sigmoid_grouped", n_group=8, topk_group=4,
-        n_shared=1, routed_scaling=2.5,
+        n_shared=1, routed_scaling=2.5, kv_width=512 + 64, moe_layers=58,
     ),
 }
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -277,6 +293,8 @@ class MoELayer:
         self.ws2 = rand(h, si, scale=si**-0.5) if si else None
         # Dispatch stand-in bracket (layer 0 only): external events recorded inside the graph.
         self.dispatch_events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None
+        # the recorder's device clock around the dispatch stand-in (RoutingRing.comm_stamp)
+        self.stamp: Callable[[int, int], None] | None = None
         self.last_tok: torch.Tensor | None = None  # the dispatch op's index (kept for re-timing)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -311,7 +329,11 @@ class MoELayer:
         ev = self.dispatch_events
         if ev is not None:
             ev[0].record()
+        if self.stamp is not None:
+            self.stamp(1, -1)  # ALL_TO_ALL, before
         xs = x.index_select(0, tok)  # dispatch stand-in: hidden states into expert order
+        if self.stamp is not None:
+            self.stamp(1, 1)  # after
         if ev is not None:
             ev[1].record()
         self.last_tok = tok
@@ -350,6 +372,9 @@ class MoELayer:
 class MoEBlock:
     def __init__(self, layers: list[MoELayer]) -> None:
         self.layers = layers
+        # KV-like read (the bandwidth check): per layer, one [rows, kv_width] buffer read whole
+        # by a reduction, the bytes attention reads from the KV cache at decode
+        self.kv: list[torch.Tensor] | None = None
 
     def __call__(
         self, x: torch.Tensor, captures: list[Callable[[torch.Tensor], None]] | None
@@ -359,6 +384,9 @@ class MoEBlock:
         for i, layer in enumerate(self.layers):
             out, ids = layer(rms_norm(h), captures[i] if captures is not None else None)
             h = h + out
+            if self.kv is not None:
+                # reads every byte of the buffer once; x0 keeps the routing as without it
+                h = h + (self.kv[i % len(self.kv)].sum(0).mean() * 0).to(h.dtype)
             all_ids.append(ids)
         return h, all_ids
 
@@ -459,12 +487,18 @@ class ModelRun:
         self.max_b = max(args.batches)
         gen = torch.Generator(device=self.dev)
         gen.manual_seed(args.seed)
-        self.block = MoEBlock([
-            MoELayer(shape, ep=args.ep, max_tokens=self.max_b, device=self.dev,
-                     dtype=torch.bfloat16, generator=gen, impl=args.impl_resolved)
-            for _ in range(args.layers)
-        ])
-        L, E = args.layers, shape.num_experts
+        L = shape.moe_layers if args.layers == "real" else int(args.layers)
+        self.L = L
+        # Layer 0 has its own weights (its dispatch events are recorded once per graph); the
+        # others cycle through `--weight-sets` sets, so a 58-layer DeepSeek-V3 block fits one GPU.
+        # Each set is far larger than L2, so a repeated set is read from HBM again, as a distinct
+        # layer would be; routing differs per layer (it depends on the layer's input).
+        sets = [MoELayer(shape, ep=args.ep, max_tokens=self.max_b, device=self.dev,
+                         dtype=torch.bfloat16, generator=gen, impl=args.impl_resolved)
+                for _ in range(min(L, args.weight_sets + 1))]
+        self.block = MoEBlock([sets[0]] + [sets[1 + (i - 1) % (len(sets) - 1)]
+                                           for i in range(1, L)] if L > 1 else sets)
+        E = shape.num_experts
         self.published: collections.deque[dict[str, Any]] = collections.deque(maxlen=2)
         expert_bytes = 3 * shape.hidden * shape.intermediate * 2
         self.session = session_mod.RecorderSession(
@@ -476,6 +510,7 @@ class ModelRun:
             publish=self.published.append, flush_interval_s=args.flush_interval,
         )
         self.ring = self.session.ring
+        self.g_rec_torch: torch.cuda.CUDAGraph | None = None
         self.captures = [self.session.capture_fn(i) for i in range(L)]
         self.pool = torch.randn((args.inputs, self.max_b, shape.hidden), device=self.dev,
                                 generator=gen).to(torch.bfloat16)
@@ -494,6 +529,13 @@ class ModelRun:
         layer0 = self.block.layers[0]
         g_base, _ = capture_graph(lambda: self.block(x, None))
         g_rec, (_, ids_rec) = capture_graph(lambda: self.block(x, self.captures))
+        self.g_rec_torch = None
+        if self.ring.count_impl != "torch":  # the torch-op path, for the overhead comparison
+            impl, self.ring.count_impl = self.ring.count_impl, "torch"
+            try:
+                self.g_rec_torch, _ = capture_graph(lambda: self.block(x, self.captures))
+            finally:
+                self.ring.count_impl = impl
         try:
             ev = (new_timing_event(True), new_timing_event(True))
             step_ev = (new_timing_event(True), new_timing_event(True))
@@ -505,10 +547,13 @@ class ModelRun:
             assert step_ev is not None
             step_ev[0].record()
             layer0.dispatch_events = ev
+            if self.R.device_clock.available(self.dev):
+                layer0.stamp = self.ring.comm_stamp
             try:
                 out = self.block(x, self.captures)
             finally:
                 layer0.dispatch_events = None
+                layer0.stamp = None
             step_ev[1].record()
             return out
 
@@ -530,6 +575,7 @@ class ModelRun:
         if b in self.args.flush_batches:
             res["flush"] = self.check_flush(name, g_rec, ids_rec, b)
         del g_base, g_rec, g_time
+        self.g_rec_torch = None
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         return res
@@ -645,11 +691,15 @@ class ModelRun:
         tok: torch.Tensor, b: int,
     ) -> dict[str, Any]:
         outer = (new_timing_event(), new_timing_event())
-        in_step, out_step, in_disp, eager_disp = [], [], [], []
+        in_step, out_step, in_disp, eager_disp, stamp_ms = [], [], [], [], []
         error = None
+        ring = self.ring
+        stamping = self.R.device_clock.available(self.dev)
+        ring.comm_on_device = stamping  # begin_step zeroes the slot's collective time
         try:
             for i in range(self.args.timing_reps):
-                self.ring.begin_step(i % self.ring.layout.ring_steps, self._phase_cache[0])
+                slot = i % ring.layout.ring_steps
+                self.ring.begin_step(slot, self._phase_cache[0])
                 self._load_input(i, b)
                 torch.cuda._sleep(int(0.5 * self.cpm))  # GPU busy while the host launches
                 outer[0].record()
@@ -661,6 +711,8 @@ class ModelRun:
                 in_step.append(step_ev[0].elapsed_time(step_ev[1]))
                 in_disp.append(disp_ev[0].elapsed_time(disp_ev[1]))
                 out_step.append(outer[0].elapsed_time(outer[1]))
+                if stamping:
+                    stamp_ms.append(int(ring.comm_acc[slot, 1].item()) / 1e6)
             for _ in range(self.args.timing_reps):  # the dispatch op alone, eager, same shapes
                 torch.cuda._sleep(int(0.2 * self.cpm))
                 outer[0].record()
@@ -670,6 +722,8 @@ class ModelRun:
                 eager_disp.append(outer[0].elapsed_time(outer[1]))
         except Exception as exc:  # noqa: BLE001
             error = repr(exc)
+        session_comm = self.check_session_comm(g, b) if stamping and error is None else {}
+        ring.comm_on_device = False
         out = {"error": error, "in_graph_step_ms": med(in_step), "outer_step_ms": med(out_step),
                "in_graph_dispatch_ms": med(in_disp), "eager_dispatch_ms": med(eager_disp),
                "dispatch_note": "all-to-all stand-in: local dispatch permute (index_select of "
@@ -688,7 +742,42 @@ class ModelRun:
                           in_step_ms=out["in_graph_step_ms"], outer_step_ms=out["outer_step_ms"],
                           in_dispatch_ms=out["in_graph_dispatch_ms"],
                           eager_dispatch_ms=out["eager_dispatch_ms"])
+        # the recorder's device clock (collective time on CUDA, opt-in), same replays
+        d_in, d_eager = out["in_graph_dispatch_ms"], out["eager_dispatch_ms"]
+        st = med(stamp_ms)
+        stamp_ok = (stamping and error is None and len(stamp_ms) == len(in_disp)
+                    and all(0 < v <= e + 0.002 for v, e in zip(stamp_ms, in_disp))
+                    and st >= 0.5 * d_eager)
+        sess_ok = bool(session_comm) and abs(session_comm["ratio"] - 1) <= 1e-6
+        out.update(device_clock_dispatch_ms=st, device_clock_per_rep_ms=stamp_ms,
+                   device_clock_ok=stamp_ok, device_clock_session=session_comm)
+        self.report.check(f"{name} device-clock collective time in graph (stamps in ring)",
+                          stamp_ok and sess_ok, available=stamping, stamp_ms=st,
+                          in_graph_event_ms=d_in, eager_ms=d_eager,
+                          session_comm_ms=session_comm.get("comm_ms"),
+                          session_expected_ms=session_comm.get("expected_ms"))
         return out
+
+    def check_session_comm(self, g: torch.cuda.CUDAGraph, b: int) -> dict[str, Any]:
+        """The production path: session steps replaying the stamped graph; the flusher folds
+        the slots' collective time into totals.comm_s (all_to_all)."""
+        sess, ring = self.session, self.ring
+        torch.cuda.synchronize()
+        sess.flush()
+        c0 = float(sess.totals.comm_s[1])
+        per = []
+        k = min(12, ring.layout.ring_steps // 2)
+        for j in range(k):
+            bt = make_batch(self.rng, b)
+            self._session_step(g, j, b, bt)
+            torch.cuda.synchronize()
+            per.append(int(ring.comm_acc[(sess._steps_begun - 1) % ring.layout.ring_steps,
+                                         1].item()) / 1e6)
+        sess.flush()
+        got = (float(sess.totals.comm_s[1]) - c0) * 1e3
+        exp = sum(per)
+        return {"steps": k, "comm_ms": got, "expected_ms": exp,
+                "ratio": got / exp if exp > 0 else float("nan")}
 
     # -- 4. overhead --------------------------------------------------------------------------
     def check_overhead(
@@ -705,21 +794,26 @@ class ModelRun:
             e0.record()
             for j in range(n):
                 step = round_no * n + j
-                if kind == "rec":
+                if kind in ("rec", "rec_torch"):
                     nxt = ring._stage_events[ring._stage_next]  # diagnostic: back-pressure count
                     if nxt is not None and not nxt.query():
                         waits += 1
                     ring.begin_step(step % S, self._phase_cache[step % len(self._phase_cache)])
                 self._load_input(step, b)
-                (g_base if kind == "base" else g_rec).replay()
-                if kind == "rec":
+                graphs[kind].replay()
+                if kind in ("rec", "rec_torch"):
                     ring.end_step()
                     ring.mark_step_done()
             e1.record()
             e1.synchronize()
             return e0.elapsed_time(e1) / n
 
-        arms = ("base", "rec", "capture_only")  # capture_only: recording graph, idle sink
+        # capture_only: the recording graph with every row at the idle sink (no step protocol);
+        # rec_torch: the same recording through the torch-op path instead of the one kernel
+        graphs = {"base": g_base, "rec": g_rec, "capture_only": g_rec}
+        if self.g_rec_torch is not None:
+            graphs["rec_torch"] = self.g_rec_torch
+        arms = tuple(graphs)
         for k in arms:  # warm-up
             arm(k, 0)
         per: dict[str, list[float]] = {k: [] for k in arms}
@@ -731,8 +825,11 @@ class ModelRun:
         ratio = m["rec"] / m["base"]
         paired = med([a / c for a, c in zip(per["rec"], per["base"])])
         out = {"step_ms_median": m, "step_ms": per, "ratio_rec_over_base": ratio,
+               "count_impl": self.ring.count_impl,
+               "ratio_rec_torch_over_base": (m["rec_torch"] / m["base"] if "rec_torch" in m
+                                             else None),
                "paired_ratio_median": paired, "overhead_pct": 100 * (ratio - 1),
-               "in_graph_us_per_layer": 1e3 * (m["capture_only"] - m["base"]) / self.args.layers,
+               "in_graph_us_per_layer": 1e3 * (m["capture_only"] - m["base"]) / self.L,
                "protocol_us_per_step": 1e3 * (m["rec"] - m["capture_only"]),
                "stage_backpressure_waits": waits, "steps_per_round": n,
                "rounds": self.args.rounds}
@@ -741,7 +838,8 @@ class ModelRun:
         out["target_met"] = (ratio - 1) <= OVERHEAD_TARGET if target else None
         print(f"  overhead {name}: base {m['base']:.4f} ms, rec {m['rec']:.4f} ms, capture-only "
               f"{m['capture_only']:.4f} ms -> ratio {ratio:.5f} ({100 * (ratio - 1):+.3f}%), "
-              f"paired {paired:.5f}" + (f" [target <= 0.5%: "
+              f"paired {paired:.5f}, torch-op path {100 * (m.get('rec_torch', nan) / m['base'] - 1):+.3f}%"
+              + (f" [target <= 0.5%: "
               f"{'met' if out['target_met'] else 'MISSED'}]" if target else ""), flush=True)
         return out
 
@@ -749,13 +847,14 @@ class ModelRun:
     def check_flush(
         self, name: str, g: torch.cuda.CUDAGraph, ids: list[torch.Tensor], b: int
     ) -> dict[str, Any]:
-        ring, L, E = self.ring, self.args.layers, self.shape.num_experts
+        ring, L, E = self.ring, self.L, self.shape.num_experts
         S = ring.layout.ring_steps
         out: dict[str, Any] = {}
         sleep_ms = self.args.probe_sleep_ms
         n = min(8, S // 4)
         # (a) read_range returns before its copy is done (the copy waits on the last step).
-        host = torch.empty((L, S, 3, E), dtype=torch.int32, pin_memory=self.dev.type == "cuda")
+        host = torch.empty((L, S, 3, E + 1), dtype=torch.int32,
+                           pin_memory=self.dev.type == "cuda")
         for j in range(n):
             self._protocol_step(g, j, j, b)
         torch.cuda.synchronize()
@@ -798,8 +897,16 @@ class ModelRun:
         # read_range is called from a second thread, as the flusher does, so that a copy that
         # blocks its caller cannot stall the steps issued here.
         torch.cuda.synchronize()
+        t0, t1 = new_timing_event(), new_timing_event()
+        t0.record()
+        self._protocol_step(g, n, n, b)
+        t1.record()
+        t1.synchronize()
+        # the copy must still be pending after the 3 steps below: sleep well past them
+        side_ms = max(3 * sleep_ms, 2 * 3 * t0.elapsed_time(t1) + sleep_ms)
+        out["side_sleep_ms"] = side_ms
         with torch.cuda.stream(ring._side_stream()):
-            torch.cuda._sleep(int(3 * sleep_ms * self.cpm))
+            torch.cuda._sleep(int(side_ms * self.cpm))
         got: dict[str, Any] = {}
         th = threading.Thread(target=lambda: got.update(ev=ring.read_range(0, n, host[:, 2:2 + n])))
         th.start()
@@ -831,7 +938,7 @@ class ModelRun:
     def check_session(
         self, name: str, g: torch.cuda.CUDAGraph, ids: list[torch.Tensor], b: int
     ) -> dict[str, Any]:
-        sess, L, E = self.session, self.args.layers, self.shape.num_experts
+        sess, L, E = self.session, self.L, self.shape.num_experts
         sess.flush_interval_s = self.args.flush_interval  # flush continuously during this check
         if sess._thread is None:
             sess.start()
@@ -917,7 +1024,135 @@ class ModelRun:
                           ratio <= 1.01 and sess.enabled, ratio=ratio,
                           ring_ms=m["ring_no_flush"], session_ms=m["session_flushing"])
         out["throughput"] = out_tp
+        out["device_step_time"] = self.check_device_step_time(name, g, b, batches)
         sess.flush_interval_s = 1.0  # production default while the other checks run
+        return out
+
+    # -- 6. step time from device events (the session's flushed durations) --------------------
+    def check_device_step_time(self, name: str, g: torch.cuda.CUDAGraph, b: int,
+                               batches: list[Any]) -> dict[str, Any]:
+        """The session's step durations on CUDA come from the ring's per-slot event pairs
+        (begin_step .. mark_step_done, outside the graph); their sum must match the span of the
+        same steps timed outside (events around the whole run), while the host's own span of each
+        step (what the recorder used before) times only the launch when the GPU runs behind."""
+        sess = self.session
+        torch.cuda.synchronize()
+        sess.flush()
+        d0, n0 = float(sess.totals.duration_s.sum()), int(sess.totals.steps.sum())
+        e0, e1 = new_timing_event(), new_timing_event()
+        steps = min(24, self.ring.layout.ring_steps // 2)
+        host_ns = 0
+        torch.cuda._sleep(int(self.args.probe_sleep_ms * self.cpm))  # the host runs ahead
+        e0.record()
+        for j in range(steps):
+            t = time.perf_counter_ns()
+            self._session_step(g, j, b, batches[j % len(batches)])
+            host_ns += time.perf_counter_ns() - t
+        e1.record()
+        e1.synchronize()
+        sess.flush()
+        outer_ms = e0.elapsed_time(e1)
+        dev_ms = (float(sess.totals.duration_s.sum()) - d0) * 1e3
+        folded = int(sess.totals.steps.sum()) - n0
+        ratio = dev_ms / outer_ms if outer_ms > 0 else float("nan")
+        out = {"steps": steps, "steps_folded": folded, "outer_ms": outer_ms,
+               "device_event_sum_ms": dev_ms, "ratio_device_over_outer": ratio,
+               "host_span_sum_ms": host_ns / 1e6,
+               "host_ratio_over_outer": host_ns / 1e6 / outer_ms if outer_ms > 0 else None}
+        ok = folded == steps and 0.85 <= ratio <= 1.02
+        self.report.check(f"{name} session step time from device events = outer span", ok,
+                          steps=steps, folded=folded, outer_ms=outer_ms, device_ms=dev_ms,
+                          ratio=ratio, host_span_ms=host_ns / 1e6)
+        return out
+
+    # -- 7. HBM bandwidth measured by the GPU (NVML GPM) against the bytes the block reads -------
+    def check_gpm(self, b: int) -> dict[str, Any]:
+        """GPM's DRAM bandwidth over a window of graph replays of the block with a KV-like read,
+        against the bytes the block had to read in that window: router weights, the local experts
+        each step's routing touched, the shared expert, the KV buffer. Activations are not in the
+        model (listed apart); GPM counts reads and writes of the whole device."""
+        from moe_reuse.plugin.reader import gpm as gpm_mod
+
+        name = f"{self.shape.name} b={b}"
+        props = torch.cuda.get_device_properties(self.dev)
+        uuid = str(getattr(props, "uuid", "") or "") or None
+        sampler = gpm_mod.GpmSampler(uuid=uuid)
+        if sampler.reason == gpm_mod.DEVICE_NOT_FOUND and torch.cuda.device_count() == 1:
+            sampler = gpm_mod.GpmSampler(index=0)  # the one GPU (UUID forms differ by version)
+        out: dict[str, Any] = {"reason": sampler.reason, "detail": sampler.detail, "uuid": uuid,
+                               "nvml_peak_bytes_per_second": sampler.peak_bytes_per_second,
+                               "device_name": sampler.device_name}
+        if not sampler.available:
+            self.report.check(f"{name} GPM DRAM bandwidth vs bytes read", False,
+                              reason=sampler.reason, detail=sampler.detail)
+            return out
+        s, L = self.shape, self.L
+        rows = b * self.args.kv_context
+        self.block.kv = [torch.randn((rows, s.kv_width), device=self.dev).to(torch.bfloat16)
+                         for _ in range(min(L, 4))]  # layers cycle through them (>> L2 each)
+        try:
+            x = torch.zeros((b, s.hidden), device=self.dev, dtype=torch.bfloat16)
+            self.x = x
+            el = self.block.layers[0].local_experts
+            touched = []  # per pool input: local experts touched, summed over layers
+            for i in range(self.pool.shape[0]):
+                self._load_input(i, b)
+                _, ids = self.block(x, None)
+                touched.append(el * L if self.args.impl_resolved == "bmm"  # reads them all
+                               else sum(int(torch.unique(t % el).numel()) for t in ids))
+            expert_b = 3 * s.hidden * s.intermediate * 2
+            fixed = L * (s.num_experts * s.hidden * 2 + s.n_shared * expert_b
+                         + rows * s.kv_width * 2)
+            g, _ = capture_graph(lambda: self.block(x, None))
+            e0, e1 = new_timing_event(), new_timing_event()
+            e0.record()
+            for i in range(5):
+                self._load_input(i, b)
+                g.replay()
+            e1.record()
+            e1.synchronize()
+            step_ms = e0.elapsed_time(e1) / 5
+            n = int(min(4000, max(8, self.args.gpm_window_s * 1e3 / max(step_ms, 1e-3))))
+            torch.cuda.synchronize()
+            sampler.sample()  # prime: the window starts here
+            time.sleep(0.3)
+            idle = sampler.sample()
+            e0.record()
+            for i in range(n):
+                self._load_input(i, b)
+                g.replay()
+            e1.record()
+            e1.synchronize()
+            busy = sampler.sample()
+            busy_ms = e0.elapsed_time(e1)
+        finally:
+            self.block.kv = None
+        modelled = float(sum(fixed + touched[i % len(touched)] * expert_b for i in range(n)))
+        acts = n * L * b * s.top_k * (2 * s.hidden + 3 * s.intermediate) * 2  # every pair runs
+        sampler.close()
+        if busy is None:
+            self.report.check(f"{name} GPM DRAM bandwidth vs bytes read", False,
+                              reason=sampler.reason, detail=sampler.detail)
+            out.update(reason=sampler.reason, detail=sampler.detail)
+            return out
+        ratio = busy.bytes / modelled if modelled else float("nan")
+        out.update({
+            "steps": n, "step_ms": step_ms, "window_s": busy.window_seconds,
+            "busy_ms": busy_ms, "gpm_utilization": busy.utilization_ratio,
+            "gpm_bytes_per_second": busy.bytes_per_second, "gpm_bytes": busy.bytes,
+            "modelled_bytes": modelled, "modelled_bytes_per_second_wall":
+            modelled / busy.window_seconds, "modelled_bytes_per_second_busy":
+            modelled / (busy_ms / 1e3), "ratio_gpm_over_modelled": ratio,
+            "activation_bytes_estimate": acts, "kv_bytes_per_step": L * rows * s.kv_width * 2,
+            "expert_bytes_per_step_mean": expert_b * float(np.mean(touched)),
+            "idle_utilization": idle.utilization_ratio if idle is not None else None,
+        })
+        ok = 0.8 <= ratio <= 1.5
+        self.report.check(
+            f"{name} GPM DRAM bandwidth vs bytes read", ok, gpm_GBps=busy.bytes_per_second / 1e9,
+            modelled_GBps_wall=modelled / busy.window_seconds / 1e9, ratio=ratio,
+            gpm_util=busy.utilization_ratio, window_s=busy.window_seconds,
+            idle_util=out["idle_utilization"])
         return out
 
     def close(self) -> None:
@@ -961,7 +1196,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="batches 1, 64, 512 and fewer rounds")
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma list of {list(MODELS)}")
     ap.add_argument("--batches", default="", help="comma list (default 1..512, powers of 2)")
-    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--layers", default="4",
+                    help="MoE layers in the block, or 'real' (the model's MoE layer count)")
+    ap.add_argument("--weight-sets", type=int, default=8,
+                    help="distinct expert-weight sets the layers after the first cycle through")
     ap.add_argument("--ep", type=int, default=8, help="expert-parallel size modelled (see doc)")
     ap.add_argument("--impl", choices=("auto", "grouped_mm", "bmm"), default="auto")
     ap.add_argument("--replays", type=int, default=0, help="count-check replays per batch")
@@ -971,6 +1209,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--flush-interval", type=float, default=0.005,
                     help="flusher period in the flush checks (s); production default is 1.0")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gpm-batches", default="64,512",
+                    help="batches of the GPM bandwidth check (empty: none)")
+    ap.add_argument("--gpm-window-s", type=float, default=1.0)
+    ap.add_argument("--kv-context", type=int, default=2048,
+                    help="context tokens per sequence of the KV-like read (GPM check)")
     ap.add_argument("--out", default="gpu_recorder_check.json")
     args = ap.parse_args(argv)
     q = args.quick
@@ -987,6 +1230,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sync_chunks = 4 if q else 10
     args.session_steps = 30 if q else 90
     args.inputs = 16
+    args.gpm_batch_list = [int(v) for v in args.gpm_batches.split(",") if v.strip()]
     fb = [b for b in args.batches if b >= OVERHEAD_TARGET_MIN_BATCH]
     args.flush_batches = {min(fb), max(fb)} if fb else {max(args.batches)}
     return args
@@ -998,6 +1242,8 @@ def main(argv: list[str] | None = None) -> int:
         print(NO_CUDA_MESSAGE, file=sys.stderr)
         return 2
     dev = torch.device(args.device)
+    if dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
     torch.cuda.set_device(dev)
     return run_all(args, dev)
 
@@ -1011,24 +1257,34 @@ def run_all(args: argparse.Namespace, dev: torch.device) -> int:
         args.impl_resolved = args.impl
     props = torch.cuda.get_device_properties(dev)
     summary: dict[str, Any] = {
-        "issue": 6, "quick": args.quick,
+        "issue": 18, "quick": args.quick,
         "env": {"torch": torch.__version__, "cuda": torch.version.cuda, "gpu": props.name,
                 "capability": f"{props.major}.{props.minor}", "sms": props.multi_processor_count,
                 "python": platform.python_version()},
         "config": {"layers": args.layers, "ep": args.ep, "batches": list(args.batches),
                    "impl": args.impl_resolved, "impl_selftest": impl_info,
                    "replays": args.replays, "rounds": args.rounds,
-                   "steps_per_round": args.steps_per_round},
+                   "steps_per_round": args.steps_per_round, "weight_sets": args.weight_sets,
+                   "moe_layers": {m: (MODELS[m].moe_layers if args.layers == "real"
+                                      else int(args.layers)) for m in args.model_list}},
         "models": {},
     }
     print(f"GPU {props.name} torch {torch.__version__}; expert compute: {args.impl_resolved}; "
           f"layers {args.layers}, ep {args.ep}, batches {list(args.batches)}", flush=True)
     t_start = time.time()
+
+    def save() -> None:  # after every batch: a run cut short still leaves its results
+        summary["checks"] = report.checks
+        summary["wall_s"] = time.time() - t_start
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(summary, indent=1, default=str))
+
     for model in args.model_list:
         run = ModelRun(args, MODELS[model], report)
+        summary["models"][model] = run.results
         try:
             for b in args.batches:
-                print(f"== {model} batch {b}", flush=True)
+                print(f"== {model} batch {b} (+{time.time() - t_start:.0f} s)", flush=True)
                 try:
                     run.results["batches"][str(b)] = run.run_batch(b)
                 except Exception as exc:  # noqa: BLE001 - a crash is a failed check, reported
@@ -1036,6 +1292,19 @@ def run_all(args: argparse.Namespace, dev: torch.device) -> int:
                     run.results["batches"][str(b)] = {"crash": repr(exc)}
                     torch.cuda.synchronize()
                     torch.cuda.empty_cache()
+                save()
+            gpm: dict[str, Any] = {}
+            for b in [v for v in args.gpm_batch_list if v <= run.max_b]:
+                print(f"== {model} GPM bandwidth, batch {b}", flush=True)
+                try:
+                    gpm[str(b)] = run.check_gpm(b)
+                except Exception as exc:  # noqa: BLE001
+                    report.check(f"{model} b={b} GPM run", False, error=repr(exc))
+                    gpm[str(b)] = {"crash": repr(exc)}
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()
+                run.results["gpm"] = gpm
+                save()
         finally:
             run.close()
         summary["models"][model] = run.results
@@ -1048,6 +1317,10 @@ def run_all(args: argparse.Namespace, dev: torch.device) -> int:
             o = r.get("overhead")
             if o:
                 overhead.append({"model": model, "batch": int(b), "ratio": o["ratio_rec_over_base"],
+                                 "count_impl": o.get("count_impl"),
+                                 "ratio_torch_ops": o.get("ratio_rec_torch_over_base"),
+                                 "in_graph_us_per_layer": o.get("in_graph_us_per_layer"),
+                                 "protocol_us_per_step": o.get("protocol_us_per_step"),
                                  "overhead_pct": o["overhead_pct"], "target_met": o["target_met"]})
     summary["overhead_table"] = overhead
     summary["checks"] = report.checks
@@ -1059,7 +1332,11 @@ def run_all(args: argparse.Namespace, dev: torch.device) -> int:
     print("\noverhead (recording / baseline, median step time of the MoE block):")
     for o in overhead:
         flag = "" if o["target_met"] is None else (" ok" if o["target_met"] else " MISSED")
-        print(f"  {o['model']:12s} b={o['batch']:4d}  {o['overhead_pct']:+.3f}%{flag}")
+        rt = o["ratio_torch_ops"]
+        print(f"  {o['model']:14s} b={o['batch']:4d}  {o['overhead_pct']:+.3f}%{flag}"
+              f"  ({o['count_impl']}; torch ops {100 * (rt - 1) if rt else nan:+.3f}%; in graph "
+              f"{o['in_graph_us_per_layer']:.2f} us/layer, protocol "
+              f"{o['protocol_us_per_step']:.1f} us/step)")
     failed = [c["name"] for c in report.checks if not c["ok"]]
     print(f"\n{len(report.checks) - len(failed)}/{len(report.checks)} checks passed; "
           f"overhead target {'met' if summary['overhead_target_met'] else 'MISSED'}; "

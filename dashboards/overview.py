@@ -323,6 +323,69 @@ def hbm_bandwidth_achieved_vs_peak(cfg: Config) -> timeseries.Panel:
     )
 
 
+def hbm_bandwidth_measured_vs_modelled(cfg: Config) -> timeseries.Panel:
+    s = q.dashboard_scope(cfg)
+    return (
+        _timeseries(
+            "HBM bandwidth: measured (GPM) vs modelled",
+            "`measured`: the HBM traffic the GPU itself counted (NVML GPU performance monitoring, "
+            "Hopper and newer: reads and writes of the whole device, other processes included) "
+            "over wall time; `modelled`: the bytes the byte model says the steps had to read, "
+            "over the same wall time. Measured at or above modelled is expected. No measured "
+            "series where the GPU is not measured: see 'HBM measurement'.",
+            "Bps",
+            w=12,
+        )
+        .with_target(target(q.hbm_measured_bandwidth(s), "measured r{{rank}}", "A"))
+        .with_target(target(q.hbm_modelled_bandwidth(s), "modelled r{{rank}}", "B"))
+    )
+
+
+def hbm_modelled_share(cfg: Config) -> stat.Panel:
+    s = q.dashboard_scope(cfg)
+    return (
+        stat.Panel()
+        .title("HBM traffic the byte model explains")
+        .description(
+            "Modelled HBM reads / measured HBM traffic (GPM), over wall time. Near 100% the "
+            "byte model accounts for what the memory system moved; well below, something it "
+            "does not model moves bytes (writes, activations, other processes on the GPU). Empty "
+            "where the GPU is not measured."
+        )
+        .unit("percentunit")
+        .decimals(0)
+        .datasource(DATASOURCE)
+        .with_target(target(q.hbm_modelled_over_measured(s), "r{{rank}}"))
+        .reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"]))
+        .graph_mode(BigValueGraphMode.AREA)
+        .color_mode(BigValueColorMode.NONE)
+        .height(8)
+        .span(6)
+    )
+
+
+def hbm_measurement(cfg: Config) -> stat.Panel:
+    s = q.dashboard_scope(cfg)
+    return (
+        stat.Panel()
+        .title("HBM measurement")
+        .description(
+            "Whether each rank's GPU measures its HBM bandwidth, and why not: gpm (measuring), "
+            "nvml_missing (pip install nvidia-ml-py), nvml_failed, device_not_found, "
+            "gpm_unsupported (pre-Hopper, or GPM disabled), not_cuda (not an NVIDIA GPU). "
+            "docs/metrics.md has each reason's fix."
+        )
+        .unit("none")
+        .datasource(DATASOURCE)
+        .with_target(target(q.hbm_measurement(s), "r{{rank}}: {{reason}}", instant=True))
+        .text_mode(BigValueTextMode.NAME)
+        .color_mode(BigValueColorMode.NONE)
+        .graph_mode(BigValueGraphMode.NONE)
+        .height(8)
+        .span(6)
+    )
+
+
 def hbm_bytes_per_step(cfg: Config) -> timeseries.Panel:
     s = q.dashboard_scope(cfg)
     return (
@@ -532,6 +595,9 @@ def overview(cfg: Config) -> dashboard.Dashboard:
                 hbm_bandwidth_achieved_vs_peak(cfg),
                 hbm_bytes_per_step(cfg),
                 moe_comm_share_of_step_time(cfg),
+                hbm_bandwidth_measured_vs_modelled(cfg),
+                hbm_modelled_share(cfg),
+                hbm_measurement(cfg),
             ],
         ),
         (

@@ -23,6 +23,7 @@ REC_DECODE_BATCH_TOKENS = "model_rank:moe_reuse_decode_batch_tokens"
 REC_DECODE_TOKENS_RATE = "model_rank:moe_reuse_decode_tokens"
 REC_TOKENS_RATE = "model_rank:moe_reuse_tokens"
 REC_HBM_ACHIEVED = "model_rank:moe_reuse_hbm_achieved_bytes_per_second"
+REC_HBM_MEASURED = "model_rank:moe_reuse_hbm_measured_bytes_per_second"
 REC_MOE_COMM_SHARE = "model_rank:moe_reuse_moe_comm_time_ratio"
 # Cluster level: one series per model across every node, target and rank (see cluster_*).
 REC_CLUSTER_TOKENS_RATE = "model_phase:moe_reuse_tokens"
@@ -190,6 +191,32 @@ def hbm_achieved_bandwidth(s: Scope) -> str:
 def hbm_peak_bandwidth(s: Scope) -> str:
     """Hardware spec peak HBM bandwidth."""
     return f"moe_reuse_hbm_peak_bytes_per_second{s.sel()}"
+
+
+def hbm_measured_bandwidth(s: Scope) -> str:
+    """HBM bandwidth as the GPU measured it (NVML GPM: reads and writes of the whole device,
+    other processes included) over wall time. No series where the rank is not measured
+    (`moe_reuse_hbm_measurement_info` says why)."""
+    return (
+        f"{s.rate('moe_reuse_hbm_measured_bytes_total')}\n"
+        f"/\n{s.rate('moe_reuse_hbm_measured_seconds_total')}"
+    )
+
+
+def hbm_modelled_bandwidth(s: Scope) -> str:
+    """The byte model's HBM reads over wall time (not step time: the measured figure's base)."""
+    return f"sum without (component) ({s.rate('moe_reuse_hbm_read_bytes_total')})"
+
+
+def hbm_modelled_over_measured(s: Scope) -> str:
+    """Share of the device's measured HBM traffic that the byte model's reads account for (1:
+    all of it; writes, other processes and what the model leaves out keep it below 1)."""
+    return f"({hbm_modelled_bandwidth(s)})\n/\n({hbm_measured_bandwidth(s)})"
+
+
+def hbm_measurement(s: Scope) -> str:
+    """Whether HBM bandwidth is measured, and why not (one series per rank, `reason`)."""
+    return f"moe_reuse_hbm_measurement_info{s.sel()} == 1"
 
 
 def hbm_bytes_per_step_by_component(s: Scope) -> str:

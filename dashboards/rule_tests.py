@@ -109,6 +109,13 @@ def _recording_tests(cfg: Config) -> dict[str, Any]:
         _series("moe_reuse_moe_comm_seconds_total", {**a, "op": "all_reduce"}, "0+6x30"),
         _series("moe_reuse_moe_comm_info", {**a, "mode": "tp_all_reduce"}, "1x30"),
         _series("moe_reuse_moe_comm_info", {**_labels(B), "mode": "none"}, "1x30"),
+        # a measures its GPU (GPM), b does not: b's info series only, no counters
+        _series("moe_reuse_hbm_measured_bytes_total", a, "0+9e9x30"),
+        _series("moe_reuse_hbm_measured_seconds_total", a, "0+60x30"),
+        _series("moe_reuse_hbm_measurement_info", {**a, "source": "gpm", "reason": "gpm"},
+                "1x30"),
+        _series("moe_reuse_hbm_measurement_info",
+                {**_labels(B), "source": "gpm", "reason": "not_cuda"}, "1x30"),
     ]
 
     def expect(name: str, samples: list[tuple[dict[str, str], float]]) -> dict[str, Any]:
@@ -135,6 +142,8 @@ def _recording_tests(cfg: Config) -> dict[str, Any]:
             expect(q.REC_TOKENS_RATE, [(a, 102.0)]),
             # 9e9 bytes per minute over 60 s of steps per minute.
             expect(q.REC_HBM_ACHIEVED, [(a, 1.5e8)]),
+            # 9e9 bytes measured per 60 s of wall time; b is not measured: no sample, not 0.
+            expect(q.REC_HBM_MEASURED, [(a, 1.5e8)]),
             # 6 s of all-reduce per 60 s of steps; target b has no collective: 0, not absent.
             expect(q.REC_MOE_COMM_SHARE, [(a, 0.1), (_labels(B), 0.0)]),
         ],

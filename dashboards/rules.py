@@ -54,6 +54,7 @@ def recording_rules(cfg: Config) -> list[dict[str, str]]:
         (q.REC_DECODE_TOKENS_RATE, q.decode_tokens_rate(s)),
         (q.REC_TOKENS_RATE, q.tokens_rate(s)),
         (q.REC_HBM_ACHIEVED, q.hbm_achieved_bandwidth(s)),
+        (q.REC_HBM_MEASURED, q.hbm_measured_bandwidth(s)),
         (q.REC_MOE_COMM_SHARE, q.moe_comm_share(s)),
         (q.REC_CLUSTER_TOKENS_RATE, q.cluster_tokens_rate(s)),
         (q.REC_CLUSTER_DECODE_TOKENS_PER_EXPERT, q.cluster_decode_tokens_per_expert(s)),

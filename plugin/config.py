@@ -56,6 +56,9 @@ class PluginConfig:
     advisor_ep_sizes: str = "8,16,32,64"
     """EP sizes the EPLB advisor evaluates as what-ifs on any server (comma-separated integers,
     2 to 1024; empty: only the served EP deployment): vLLM's contiguous placement vs its EPLB."""
+    cuda_comm_timing: str = "off"
+    """MoE collective time on CUDA: `off`, or `device` (the GPU's clock, inside CUDA graphs;
+    exact with --enforce-eager, may block vLLM's all-reduce fusion when compiled: docs/gpu.md)."""
     advisor_redundant_experts: int = 32
     """Redundant experts the advisor gives vLLM's EPLB policy for the what-ifs (rounded up per EP
     size until experts + redundant divides by it, as vLLM requires)."""
@@ -126,6 +129,9 @@ def _check_string(key: str, value: str) -> str:
     """Syntax of the string keys (no file access: files are checked in config_checks)."""
     if key == "advisor_ep_sizes":
         parse_ep_sizes(value)
+    if key == "cuda_comm_timing" and value not in ("off", "device"):
+        raise ConfigError(f'moe_reuse.cuda_comm_timing: {_show(value)} is not a mode; accepted: '
+                          '"off" (the default) or "device" (time collectives with the GPU clock)')
     if key == "hardware" and not value.strip():
         raise ConfigError(
             'moe_reuse.hardware: empty; use "auto", a preset name or a path to a hardware JSON file'

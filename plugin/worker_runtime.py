@@ -225,9 +225,12 @@ def _bind(worker: Any, cfg: PluginConfig, labels: dict[str, str],
                        ABLATE_ENV, ablate)
     if ablate != "capture":
         runners.wrap_steps(runner, _Steps(session, worker, seam_facts))
-        info["comm_timing"] = comm.install(facts.comm_mode, facts.device, session.add_comm_ns)
+        stamp = (session.ring.comm_stamp if cfg.cuda_comm_timing == "device"
+                 and session.ring.enable_device_comm() else None)
+        info["comm_timing"] = comm.install(facts.comm_mode, facts.device, session.add_comm_ns,
+                                           stamp=stamp)
     if not ablate:
-        publish_facts(session, cfg, worker)
+        publish_facts(session, cfg, worker, facts.device)
     if ablate in ("", "copy"):
         session.start()
     logger.info(
@@ -238,16 +241,19 @@ def _bind(worker: Any, cfg: PluginConfig, labels: dict[str, str],
     return session
 
 
-def publish_facts(session: RecorderSession, cfg: PluginConfig, worker: Any) -> None:
+def publish_facts(session: RecorderSession, cfg: PluginConfig, worker: Any,
+                  device: str = "cpu") -> None:
     """The deployment, as plain data for the reader's live comparison (read through the seam
     once here), and hooks for the facts that come later: the KV capacity once vLLM sized the
-    cache, the EP placement whenever EPLB moves experts."""
+    cache, the EP placement whenever EPLB moves experts. `device` (the model's, e.g. "cuda:0")
+    is published with its GPU UUID, which the reader's HBM measurement opens in NVML."""
     from .vllm import eplb as eplb_seam
     from .vllm import facts as f
 
     extra = session.status_extra
     extra["options"] = _options(cfg)
     extra["config"] = cfg.to_dict()
+    extra["device"] = f.device_identity(device)
     try:
         weight, kv = f.served_dtypes(worker)
         tp, ep, dp, pp = f.parallel_sizes(worker)

@@ -102,6 +102,10 @@ PARSE_CASES: list[tuple[Any, str]] = [
     ({"otlp_endpoint": "http://collector:port/v1/metrics"},
      'moe_reuse.otlp_endpoint: "http://collector:port/v1/metrics" is not an http(s) URL; expected '
      'e.g. "http://collector:4318/v1/metrics", or "" to disable OpenTelemetry'),
+    ({"cuda_comm_timing": "events"},
+     'moe_reuse.cuda_comm_timing: "events" is not a mode; accepted: "off" (the default) or '
+     '"device" (time collectives with the GPU clock)'),
+    ({"cuda_comm_timing": True}, "moe_reuse.cuda_comm_timing: expected a string, got true"),
 ]
 
 

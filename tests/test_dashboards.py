@@ -167,4 +167,6 @@ def test_cardinality() -> None:
         for r in group["rules"]:
             assert "moe_reuse_expert_tokens_total" not in r["expr"]
             assert "expert)" not in r["expr"]
-    assert len(_exprs()) <= 40
+    # 38 before the measured HBM bandwidth (GPM), which added measured vs modelled, the share
+    # the byte model explains, and why a rank is not measured
+    assert len(_exprs()) <= 42

@@ -142,6 +142,7 @@ def _add_rank(f: _Families, snap: dict[str, Any], options: dict[str, Any]) -> No
                     [*BASE_LABELS, "component"])
     for i, comp in enumerate(COMPONENTS):
         hbm.add_metric(base + [comp], float(t["hbm_bytes"][i]))
+    _add_hbm_measured(f, base, snap.get("hbm_measured"))
     mode = snap.get("comm_mode", "none")
     f.gauge("moe_comm_info", "Which collective the MoE layers use here (none: no series).",
             [*BASE_LABELS, "mode"]).add_metric(base + [mode], 1)
@@ -156,6 +157,46 @@ def _add_rank(f: _Families, snap: dict[str, Any], options: dict[str, Any]) -> No
         g = f.gauge(name, spec["doc"], [*BASE_LABELS, *spec["labels"]])
         for labels, value in spec["samples"]:
             g.add_metric(base + [str(x) for x in labels], float(value))
+
+
+HBM_MEASUREMENT_DOC = (
+    "Whether this rank's HBM bandwidth is measured by the GPU (1, always present): reason gpm "
+    "(measuring), nvml_missing (pip install nvidia-ml-py), nvml_failed, device_not_found, "
+    "gpm_unsupported (pre-Hopper or GPM disabled), not_cuda (not an NVIDIA GPU). PromQL: "
+    'moe_reuse_hbm_measurement_info{reason!="gpm"} == 1')
+
+
+def _add_hbm_measured(f: _Families, base: list[str], m: dict[str, Any] | None) -> None:
+    """HBM traffic as the GPU measured it (NVML GPM, `reader.gpm.HbmMeter`), beside the byte
+    model's `hbm_read_bytes_total`. The info series is always there (for every rank a reader
+    reads); the counters and the peak only while measuring, never as zeros.
+
+    Intended PromQL (per model, engine, rank):
+    - measured bandwidth: rate(moe_reuse_hbm_measured_bytes_total[5m])
+      / rate(moe_reuse_hbm_measured_seconds_total[5m])
+    - modelled over wall time: sum without (component) (rate(moe_reuse_hbm_read_bytes_total[5m]))
+    - their ratio (modelled / measured, 1 = the byte model explains all the device's traffic;
+      GPM counts reads and writes of the whole device, other processes included, so below 1 is
+      expected): the second over the first
+    - measured against NVML's peak: the first / moe_reuse_hbm_measured_peak_bytes_per_second
+    """
+    if not m:
+        return  # an in-process session, or a snapshot older than the measurement
+    reason = str(m.get("reason") or "nvml_failed")
+    f.gauge("hbm_measurement_info", HBM_MEASUREMENT_DOC, [*BASE_LABELS, "source", "reason"]
+            ).add_metric(base + [str(m.get("source") or "gpm"), reason], 1)
+    if reason != "gpm":
+        return
+    f.counter("hbm_measured_bytes", "Bytes the GPU moved to and from HBM (NVML GPM DRAM "
+              "bandwidth utilisation x NVML's peak x window seconds; reads and writes of the whole "
+              "device, other processes included). PromQL: rate(moe_reuse_hbm_measured_bytes_total"
+              "[5m]) / rate(moe_reuse_hbm_measured_seconds_total[5m])", BASE_LABELS
+              ).add_metric(base, float(m.get("bytes", 0.0)))
+    f.counter("hbm_measured_seconds", "Wall time the measured HBM bytes cover (GPM windows).",
+              BASE_LABELS).add_metric(base, float(m.get("seconds", 0.0)))
+    f.gauge("hbm_measured_peak_bytes_per_second", "The device's theoretical HBM bandwidth as "
+            "NVML gives it (memory bus width x max memory clock x 2), the base of GPM's "
+            "utilisation.", BASE_LABELS).add_metric(base, float(m.get("peak_bytes_per_second", 0)))
 
 
 LAYER_FAMILIES = (
@@ -190,8 +231,9 @@ def rank_series(snap: dict[str, Any], expert_cap: int = 0) -> int:
     n_layers = len(snap.get("layer_ids", ()))
     gauges = sum(len(g.get("samples", ())) for g in snap.get("gauges", {}).values())
     per_layer = 3 * len(PHASES) if expert_cap else 2 * len(PHASES) + 1
+    measured = 4 if snap.get("hbm_measured") else 0
     return len(PHASES) * (len(HIST_BOUNDS) + 3) + per_layer * n_layers + gauges + \
-        len(COMPONENTS) + 24 + expert_cap
+        len(COMPONENTS) + 24 + measured + expert_cap
 
 
 def _per_expert(f: _Families, base: list[str], layers: list[str], et: np.ndarray, cap: int) -> None:

@@ -11,17 +11,24 @@ and degraded parts (live_window, live_advisor, otlp_push, reader), merged with t
 snapshot it exports. A fault in the live comparison is handled by the live package (counted,
 degraded, withdrawn); a fault in the fold marks this rank's reading broken (`errors{stage=
 "reader"}`, enabled{reason="fault"}) without touching the worker or any other rank.
+
+The reader (`RunReader`) also measures the rank's GPU here: `start_hbm` opens an `HbmMeter` on the
+device the worker published (NVML GPM, `reader.gpm`) and `measure_hbm`, called on every poll,
+samples it at most once per live window. In-process sessions never start one: NVML is never
+touched from a vLLM worker.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from ..recorder.aggregate import ByteModel, Totals, fold_block
+from .gpm import HbmMeter
 
 logger = logging.getLogger("vllm.moe_reuse")
 
@@ -57,6 +64,7 @@ class RankReader:
         self.broken = False
         self.status: dict[str, Any] = {}
         self.bytes_model: ByteModel
+        self.hbm: HbmMeter | None = None  # measured HBM traffic (start_hbm; the reader only)
         self.update_status(status)
 
     def update_status(self, status: dict[str, Any]) -> None:
@@ -65,6 +73,28 @@ class RankReader:
         for k, v in status.get("info", {}).items():
             if k != "hardware" or "hardware" not in self.info:
                 self.info[k] = v
+
+    # ---- measured HBM bandwidth (NVML GPM) -----------------------------------------------------
+    def start_hbm(self, *, nvml: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
+        """Open the measurement of this rank's device (once; never raises). Sampled every
+        `window_s` of the worker's config, the live window's length, so the measured and the
+        live figures cover windows of the same size."""
+        if self.hbm is not None:
+            return
+        try:
+            window_s = float((self.status.get("config") or {}).get("window_s") or 30.0)
+        except (TypeError, ValueError):
+            window_s = 30.0
+        self.hbm = HbmMeter(self.status.get("device"), interval_s=window_s, nvml=nvml, clock=clock)
+
+    def measure_hbm(self) -> bool:
+        """Close a measured window when one is due; True when the snapshot should be rewritten."""
+        return self.hbm.tick() if self.hbm is not None else False
+
+    def close(self) -> None:
+        """Give back what the reader holds for this rank (NVML's samples and init)."""
+        if self.hbm is not None:
+            self.hbm.close()
 
     # ---- folding -----------------------------------------------------------------------------
     def add_block(self, counts: np.ndarray, meta: dict[str, np.ndarray], missed: int = 0) -> None:
@@ -97,6 +127,7 @@ class RankReader:
                                            dtype=np.int64)
         gauges = dict(st.get("gauges", {}))
         gauges.update(self.gauges)
+        extra = {"hbm_measured": self.hbm.snapshot()} if self.hbm is not None else {}
         return {
             "version": 1,
             "time": float(st.get("time", time.time())),
@@ -113,4 +144,5 @@ class RankReader:
             "options": dict(st.get("options", {})),
             "totals": totals,
             "gauges": gauges,
+            **extra,
         }

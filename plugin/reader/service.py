@@ -3,7 +3,10 @@
 Workers only count and copy (`recorder.rawstream`); this thread does the rest, off the engine's
 processes: for each rank it finds (`w<engine>-r<rank>.npz`, the worker's status, refreshed every
 flush), it maps the rank's raw ring, folds new steps into totals, runs the live comparison, the
-EP advisor and the OTLP push (`RankReader` + `live.attach`), and writes the rank's snapshot
+EP advisor and the OTLP push (`RankReader` + `live.attach`), samples the rank's GPU's measured
+HBM bandwidth once per live window (`reader.gpm`, NVML GPM: here, never in the worker; on every
+poll, so idle time is measured too and the measurement does not depend on the live comparison
+being up), and writes the rank's snapshot
 (`e<engine>-r<rank>.npz`), which the API server's collector and `moe-reuse exporter` serve. In
 Prometheus multiprocess mode it also writes the value files.
 
@@ -56,10 +59,12 @@ class RunReader:
     """Every rank of one run directory (one vLLM server's processes on this host)."""
 
     def __init__(self, directory: Path, bridge: Any = None,
-                 attach_live: Callable[[RankReader, dict[str, Any]], None] | None = None) -> None:
+                 attach_live: Callable[[RankReader, dict[str, Any]], None] | None = None, *,
+                 nvml: Any = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.directory = directory
         self.bridge = bridge
         self.attach_live = attach_live
+        self.nvml, self.clock = nvml, clock  # the HBM measurement's (a stand-in in tests)
         self.ranks: dict[str, _Rank] = {}
         self._lock_fd: int | None = None
         self._next_try = 0.0
@@ -97,6 +102,7 @@ class RunReader:
         for r in self.ranks.values():
             if r.raw is not None:
                 r.raw.close()
+            r.reader.close()
         self.ranks.clear()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -129,6 +135,7 @@ class RunReader:
                 gone = self.ranks.pop(key)
                 if gone.raw is not None:
                     gone.raw.close()
+                gone.reader.close()
                 lab = gone.reader.labels
                 with contextlib.suppress(OSError):
                     os.unlink(f"e{lab['engine']}-r{lab['rank']}.npz", dir_fd=dfd)
@@ -178,6 +185,7 @@ class RunReader:
             if rank is not None and status.get("pid") != rank.reader.status.get("pid"):
                 if rank.raw is not None:  # a new worker for this rank: new ring, new counters
                     rank.raw.close()
+                rank.reader.close()
                 rank = None
             if rank is None:
                 rank = self._new_rank(dfd, status, st.st_mtime)
@@ -193,18 +201,26 @@ class RunReader:
             if folded or missed:
                 rank.reader.add_block(counts, meta, missed)
                 rank.dirty = True
+        if rank.reader.measure_hbm():
+            rank.dirty = True
         if rank.dirty:
             self._publish(rank)
         return folded
 
     def _new_rank(self, dfd: int, status: dict[str, Any], mtime: float) -> _Rank:
         reader = RankReader(status)
+        reader.start_hbm(nvml=self.nvml, clock=self.clock)
         raw = None
         raw_file = status.get("raw")
         if raw_file:
-            raw = RawReader(dfd, str(raw_file))
+            try:
+                raw = RawReader(dfd, str(raw_file))
+            except Exception:
+                reader.close()
+                raise
             if (raw.layers, raw.columns) != (len(reader.layer_ids), reader.num_experts + 1):
                 raw.close()
+                reader.close()
                 raise ValueError(f"{raw_file}: ring shape {raw.layers} x {raw.columns} does not "
                                  "match the worker's status")
             self._resume(dfd, reader, raw, status)
@@ -236,6 +252,8 @@ class RunReader:
                 setattr(reader.totals, key, int(value))
         raw.cursor = min(int(pos["cursor"]), raw.written())
         reader.missed_steps = int(pos.get("missed", 0))
+        if reader.hbm is not None:
+            reader.hbm.restore(prev.get("hbm_measured"))
         logger.info("moe_reuse: resumed rank %s of %s at step %d", lab.get("rank"),
                     self.directory, raw.cursor)
 

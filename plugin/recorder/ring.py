@@ -22,9 +22,12 @@ Python per token, nothing that breaks torch.compile or CUDA-graph capture.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+
+from . import count_kernel, device_clock
 
 PREFILL, DECODE, PAD = 0, 1, 2
 NUM_PHASES = 3
@@ -90,29 +93,64 @@ class RoutingRing:
         self._ones = torch.ones(lay.max_tokens * lay.top_k, dtype=torch.int32, device=self.device)
         idle = lay.idle_slot * lay.slot_stride + PAD * lay.columns
         self._idle_base = idle
-        self.tok_base = torch.full((lay.max_tokens,), idle, dtype=torch.int64, device=self.device)
+        # one element more than tokens: tok_base[max_tokens] holds the step's ring slot on the
+        # device (the idle slot between steps), where device_clock's stamps find it
+        self.tok_base = torch.full((lay.max_tokens + 1,), idle, dtype=torch.int64,
+                                   device=self.device)
+        self.tok_base[lay.max_tokens] = lay.idle_slot
         pin = self.device.type == "cuda"
-        self._idle_host = torch.full((lay.max_tokens,), idle, dtype=torch.int64, pin_memory=pin)
+        self._idle_host = torch.full((lay.max_tokens + 1,), idle, dtype=torch.int64,
+                                     pin_memory=pin)
+        self._idle_host[lay.max_tokens] = lay.idle_slot
         # Staging buffers for tok_base, round-robin so a non-blocking H2D copy never reads a host
         # buffer that is being refilled (an event guards each one on CUDA).
         self._stage = [
-            torch.empty((lay.max_tokens,), dtype=torch.int64, pin_memory=pin) for _ in range(4)
+            torch.empty((lay.max_tokens + 1,), dtype=torch.int64, pin_memory=pin)
+            for _ in range(4)
         ]
         self._stage_np = [t.numpy() for t in self._stage]
         self._stage_events: list[torch.cuda.Event | None] = [None] * 4
         self._stage_next = 0
         self._copy_events: dict[int, torch.cuda.Event] = {}
+        # Device step time (CUDA): a timing-event pair per ring slot, made once here and recorded
+        # on the stream by begin_step and mark_step_done, which run between forwards (outside any
+        # captured graph). Host clocks would time the launch, not the step, on an async GPU
+        # stream; the flusher reads the pair once the slot's copy is done (never the step thread).
+        self.device_timing = self.device.type == "cuda"
+        self._timing: list[tuple[Any, Any]] = (
+            [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+             for _ in range(lay.ring_steps)] if self.device_timing else [])
+        self._timing_slot = -1
+        self.count_impl = "triton" if count_kernel.available(self.device) else "torch"
+        # Collective time on the device (opt-in, CUDA): device_clock adds -t / +t around each
+        # collective into comm_acc[slot, op]; zeroed at begin_step, copied with the counts.
+        self.comm_ops = 2
+        self.comm_acc = torch.zeros((lay.ring_steps + 1, self.comm_ops), dtype=torch.int64,
+                                    device=self.device)
+        self._comm_host = torch.zeros((lay.ring_steps, self.comm_ops), dtype=torch.int64,
+                                      pin_memory=pin)
+        self.comm_on_device = False  # enable_device_comm()
 
     # ---- hot path: inside the forward -------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes held by the ring's tensors (device counters, token map, host staging)."""
-        tensors = [self.counts, self._ones, self.tok_base, self._idle_host, *self._stage]
+        tensors = [self.counts, self._ones, self.tok_base, self._idle_host, *self._stage,
+                   self.comm_acc, self._comm_host]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def capture(self, layer_slot: int, topk_ids: torch.Tensor) -> None:
-        """Count one MoE layer's routing. Tensor ops only (traced by Dynamo, captured by graphs)."""
+        """Count one MoE layer's routing. Tensor ops only (traced by Dynamo, captured by graphs).
+
+        On CUDA one Triton kernel (`count_kernel`); elsewhere three torch ops: ids out of range
+        go to column E (clamp to [-1, E], then -1 mod E+1 = E), the token's row is added, and
+        an `index_add_` counts."""
         E = self.layout.num_experts
-        ids = torch.where((topk_ids >= 0) & (topk_ids < E), topk_ids, E)
+        if self.count_impl == "triton" and not torch.compiler.is_compiling():
+            # traced by Dynamo (a model-level routing source), the torch ops below are fused by
+            # Inductor instead; inside vLLM's opaque MoE op this runs eagerly and launches once
+            count_kernel.count_pairs(self._layer_flat[layer_slot], self.tok_base, topk_ids, E)
+            return
+        ids = topk_ids.clamp(-1, E).remainder(E + 1)
         idx = self.tok_base[: topk_ids.shape[0]].unsqueeze(1) + ids
         flat = idx.reshape(-1)
         self._layer_flat[layer_slot].index_add_(0, flat, self._ones[: flat.shape[0]])
@@ -141,6 +179,7 @@ class RoutingRing:
         host = self._stage_np[i]
         host[:n] = rows
         host[n:] = base + PAD * lay.columns  # padded rows
+        host[lay.max_tokens] = ring_slot  # the slot, for the device clock's stamps
         if self.device.type == "cuda":
             copy_done = self._copy_events.pop(ring_slot, None)
             if copy_done is not None:  # the flusher's D2H copy of this slot must finish first
@@ -149,11 +188,16 @@ class RoutingRing:
             self._slot_views_np[ring_slot][...] = 0
         else:
             self._slot_views[ring_slot].zero_()
+        if self.comm_on_device:
+            self.comm_acc[ring_slot].zero_()
         self.tok_base.copy_(self._stage[i], non_blocking=True)
         if self.device.type == "cuda":
             ev = torch.cuda.Event()
-            ev.record()
+            ev.record(torch.cuda.current_stream(self.device))
             self._stage_events[i] = ev
+        if self._timing:
+            self._timing[ring_slot][0].record(self._stream())
+            self._timing_slot = ring_slot
 
     def begin_requests(self, ring_slot: int, is_decode: np.ndarray,
                        num_scheduled: np.ndarray) -> None:
@@ -169,6 +213,23 @@ class RoutingRing:
         """Point every row back at the idle sink, so dummy forwards between steps count nothing."""
         self.tok_base.copy_(self._idle_host, non_blocking=True)
 
+    # ---- collective time on the device (CUDA, opt-in) -----------------------------------------
+    def enable_device_comm(self) -> bool:
+        """Time collectives with the GPU's clock (`device_clock`); False where it cannot."""
+        self.comm_on_device = device_clock.available(self.device)
+        return self.comm_on_device
+
+    def comm_stamp(self, op: int, sign: int) -> None:
+        """Inside the forward, around collective `op`: sign -1 before it, +1 after it."""
+        device_clock.stamp(self.comm_acc, self.tok_base, self.layout.max_tokens, op, sign)
+
+    def device_comm_ns(self, start: int, stop: int) -> np.ndarray | None:
+        """Collective ns of ring slots [start, stop) as the flush copied them (after its event);
+        None when collectives are not timed on the device."""
+        if not self.comm_on_device:
+            return None
+        return device_clock.paired(self._comm_host[start:stop].numpy())
+
     def note_copied(self, ring_slots: list[int], event: torch.cuda.Event) -> None:
         for s in ring_slots:
             self._copy_events[s] = event
@@ -183,17 +244,33 @@ class RoutingRing:
         src = self.counts[:, start:stop]
         if self.device.type != "cuda":
             out.copy_(src)
+            if self.comm_on_device:
+                self._comm_host[start:stop].copy_(self.comm_acc[start:stop])
             return None
         stream = self._side_stream()
-        stream.wait_event(self._last_step_event)
+        if self._last_step_event is not None:
+            stream.wait_event(self._last_step_event)
+        else:  # no step finished yet: after everything queued so far
+            stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
-            out.copy_(src, non_blocking=True)
+            if out.is_contiguous():
+                out.copy_(src, non_blocking=True)
+            else:
+                # One copy per layer: `out[l]` and `counts[l, start:stop]` are each contiguous.
+                # A strided pinned destination makes torch stage through a pageable buffer, a
+                # copy that blocks its caller until the stream reaches it (measured on an H200:
+                # the flusher held for the whole queued step, and the engine's next steps behind
+                # it; benchmarks/gpu_recorder_check.py, "read_range is non-blocking").
+                for layer in range(src.shape[0]):
+                    out[layer].copy_(src[layer], non_blocking=True)
+            if self.comm_on_device:
+                self._comm_host[start:stop].copy_(self.comm_acc[start:stop], non_blocking=True)
             ev = torch.cuda.Event()
             ev.record(stream)
         return ev
 
     _side: torch.cuda.Stream | None = None
-    _last_step_event: torch.cuda.Event
+    _last_step_event: torch.cuda.Event | None = None
 
     def _side_stream(self) -> torch.cuda.Stream:
         if self._side is None:
@@ -204,5 +281,29 @@ class RoutingRing:
         """Record an event after the step's work so the flusher's copy can be ordered after it."""
         if self.device.type == "cuda":
             ev = torch.cuda.Event()
-            ev.record()
+            ev.record(torch.cuda.current_stream(self.device))
             self._last_step_event = ev
+        if self._timing_slot >= 0:
+            self._timing[self._timing_slot][1].record(self._stream())
+            self._timing_slot = -1
+
+    def _stream(self) -> Any:
+        """The ring's device's current stream (events go there even if another device is
+        current), None off CUDA."""
+        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+
+    def device_durations_ns(self, start: int, stop: int) -> np.ndarray | None:
+        """Device time of ring slots [start, stop) from their event pairs: begin_step to
+        mark_step_done as the stream ran them, in ns; -1 where a pair is not complete. None when
+        the ring does not time on the device (CPU). Flusher thread, after the slots' copy."""
+        if not self._timing:
+            return None
+        out = np.full(stop - start, -1, dtype=np.int64)
+        for j, slot in enumerate(range(start, stop)):
+            a, b = self._timing[slot]
+            try:
+                if b.query():
+                    out[j] = int(a.elapsed_time(b) * 1e6)
+            except RuntimeError:  # a pair never recorded (a dropped or aborted step)
+                continue
+        return out

@@ -304,6 +304,13 @@ class RecorderSession:
             self._read = done
             return
         for a, b in ranges:
+            dev_ns = self.ring.device_durations_ns(a, b)
+            if dev_ns is not None:  # CUDA: the step as the stream ran it, not the host's span
+                seg = self.meta.duration_ns[a:b]
+                seg[dev_ns >= 0] = dev_ns[dev_ns >= 0]
+            comm_ns = self.ring.device_comm_ns(a, b)
+            if comm_ns is not None:  # CUDA, opt-in: collectives timed by the GPU's clock
+                self.meta.comm_ns[a:b] = comm_ns
             self.meta.derive(a, b, self.bytes_model)
         meta_parts = [self.meta.take(a, b) for a, b in ranges]
         meta = {k: np.concatenate([p[k] for p in meta_parts]) for k in meta_parts[0]}

