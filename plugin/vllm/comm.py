@@ -74,7 +74,11 @@ def time_tp_all_reduce(add_ns: AddNs) -> None:
     moe_runner.tensor_model_parallel_all_reduce = timed  # type: ignore[assignment]
 
 
-def time_ep_all_to_all(add_ns: AddNs) -> bool:
+Around = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _wrap_all2all(around: Around) -> bool:
+    """Wrap the EP all2all manager's `dispatch` and `combine` (False: no manager here)."""
     from vllm.distributed.parallel_state import get_ep_group
 
     manager = getattr(get_ep_group().device_communicator, "all2all_manager", None)
@@ -82,17 +86,22 @@ def time_ep_all_to_all(add_ns: AddNs) -> bool:
         return False
     for name in ("dispatch", "combine"):
         fn = getattr(manager, name, None)
-        if fn is None:
-            continue
+        if fn is not None:
+            setattr(manager, name, around(fn))
+    return True
 
-        def timed(*a: Any, _fn: Any = fn, **k: Any) -> Any:
+
+def time_ep_all_to_all(add_ns: AddNs) -> bool:
+    def around(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*a: Any, **k: Any) -> Any:
             t0 = time.perf_counter_ns()
-            out = _fn(*a, **k)
+            out = fn(*a, **k)
             add_ns(ALL_TO_ALL, time.perf_counter_ns() - t0)
             return out
 
-        setattr(manager, name, timed)
-    return True
+        return timed
+
+    return _wrap_all2all(around)
 
 
 Stamp = Callable[[int, int], None]
@@ -114,24 +123,16 @@ def time_tp_all_reduce_on_device(stamp: Stamp) -> None:
 
 
 def time_ep_all_to_all_on_device(stamp: Stamp) -> bool:
-    from vllm.distributed.parallel_state import get_ep_group
-
-    manager = getattr(get_ep_group().device_communicator, "all2all_manager", None)
-    if manager is None:
-        return False
-    for name in ("dispatch", "combine"):
-        fn = getattr(manager, name, None)
-        if fn is None:
-            continue
-
-        def stamped(*a: Any, _fn: Any = fn, **k: Any) -> Any:
+    def around(fn: Callable[..., Any]) -> Callable[..., Any]:
+        def stamped(*a: Any, **k: Any) -> Any:
             stamp(ALL_TO_ALL, -1)
-            out = _fn(*a, **k)
+            out = fn(*a, **k)
             stamp(ALL_TO_ALL, 1)
             return out
 
-        setattr(manager, name, stamped)
-    return True
+        return stamped
+
+    return _wrap_all2all(around)
 
 
 def install(mode: str, device: str, add_ns: AddNs, stamp: Stamp | None = None) -> str:
