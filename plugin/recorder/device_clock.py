@@ -40,7 +40,9 @@ if triton is not None:
 
 
 def available(device: torch.device) -> bool:
-    return triton is not None and device.type == "cuda"
+    """NVIDIA GPUs with Triton (the clock is PTX: not on ROCm, whose torch.cuda is HIP)."""
+    return (triton is not None and device.type == "cuda"
+            and not getattr(torch.version, "hip", None))
 
 
 def stamp(acc: torch.Tensor, tok_base: torch.Tensor, slot_at: int, col: int, sign: int) -> None:
