@@ -47,7 +47,6 @@ def _session(host_step_ns: int) -> tuple[RecorderSession, list[float]]:
     )
     clock = [0.0]
     ring = s.ring
-    ring.device_timing = True
     ring._timing = [(FakeEvent(clock), FakeEvent(clock)) for _ in range(ring.layout.ring_steps)]
     return s, clock
 
@@ -98,7 +97,7 @@ def test_an_incomplete_pair_keeps_the_host_span() -> None:
 
 def test_cpu_ring_times_nothing_on_the_device() -> None:
     s, _ = _session(host_step_ns=1_000)
-    s.ring.device_timing, s.ring._timing = False, []
+    s.ring._timing = []
     assert s.ring.device_durations_ns(0, 4) is None
 
 

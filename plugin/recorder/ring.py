@@ -116,10 +116,9 @@ class RoutingRing:
         # on the stream by begin_step and mark_step_done, which run between forwards (outside any
         # captured graph). Host clocks would time the launch, not the step, on an async GPU
         # stream; the flusher reads the pair once the slot's copy is done (never the step thread).
-        self.device_timing = self.device.type == "cuda"
         self._timing: list[tuple[Any, Any]] = (
             [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-             for _ in range(lay.ring_steps)] if self.device_timing else [])
+             for _ in range(lay.ring_steps)] if self.device.type == "cuda" else [])
         self._timing_slot = -1
         self.count_impl = "triton" if count_kernel.available(self.device) else "torch"
         # Collective time on the device (opt-in, CUDA): device_clock adds -t / +t around each

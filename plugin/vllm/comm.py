@@ -42,7 +42,7 @@ def timing_supported(device: str) -> bool:
     return not device.startswith("cuda")
 
 
-def time_tp_all_reduce(add_ns: AddNs) -> None:
+def time_tp_all_reduce(add_ns: AddNs) -> bool:
     from torch.library import Library
     from vllm.distributed.parallel_state import get_tp_group
     from vllm.model_executor.layers.fused_moe.runner import moe_runner
@@ -72,6 +72,7 @@ def time_tp_all_reduce(add_ns: AddNs) -> None:
         return torch.ops.moe_reuse.timed_all_reduce(x)
 
     moe_runner.tensor_model_parallel_all_reduce = timed  # type: ignore[assignment]
+    return True
 
 
 Around = Callable[[Callable[..., Any]], Callable[..., Any]]
@@ -107,7 +108,7 @@ def time_ep_all_to_all(add_ns: AddNs) -> bool:
 Stamp = Callable[[int, int], None]
 
 
-def time_tp_all_reduce_on_device(stamp: Stamp) -> None:
+def time_tp_all_reduce_on_device(stamp: Stamp) -> bool:
     """Bracket vLLM's own all-reduce (kept as is, in the graph) with the device clock's stamps."""
     from vllm.model_executor.layers.fused_moe.runner import moe_runner
 
@@ -120,6 +121,7 @@ def time_tp_all_reduce_on_device(stamp: Stamp) -> None:
         return out
 
     moe_runner.tensor_model_parallel_all_reduce = stamped  # type: ignore[assignment]
+    return True
 
 
 def time_ep_all_to_all_on_device(stamp: Stamp) -> bool:
@@ -140,18 +142,15 @@ def install(mode: str, device: str, add_ns: AddNs, stamp: Stamp | None = None) -
     `stamp` given) or "off" (see module doc)."""
     if mode == "none":
         return "off"
-    if not timing_supported(device):
-        if stamp is None:
-            return "off"
-        if mode == "tp_all_reduce":
-            time_tp_all_reduce_on_device(stamp)
-            return "device"
-        if mode == "ep_all_to_all":
-            return "device" if time_ep_all_to_all_on_device(stamp) else "off"
+    wrap: dict[str, Callable[[], bool]]
+    if timing_supported(device):
+        kind = "host"
+        wrap = {"tp_all_reduce": lambda: time_tp_all_reduce(add_ns),
+                "ep_all_to_all": lambda: time_ep_all_to_all(add_ns)}
+    elif stamp is not None:
+        kind, clock = "device", stamp
+        wrap = {"tp_all_reduce": lambda: time_tp_all_reduce_on_device(clock),
+                "ep_all_to_all": lambda: time_ep_all_to_all_on_device(clock)}
+    else:
         return "off"
-    if mode == "tp_all_reduce":
-        time_tp_all_reduce(add_ns)
-        return "host"
-    if mode == "ep_all_to_all":
-        return "host" if time_ep_all_to_all(add_ns) else "off"
-    return "off"
+    return kind if mode in wrap and wrap[mode]() else "off"
