@@ -123,7 +123,7 @@ class RoutingRing:
         self.count_impl = "triton" if count_kernel.available(self.device) else "torch"
         # Collective time on the device (opt-in, CUDA): device_clock adds -t / +t around each
         # collective into comm_acc[slot, op]; zeroed at begin_step, copied with the counts.
-        self.comm_ops = 2
+        self.comm_ops = 2  # aggregate.COMM_OPS (all_reduce, all_to_all); aggregate imports this
         self.comm_acc = torch.zeros((lay.ring_steps + 1, self.comm_ops), dtype=torch.int64,
                                     device=self.device)
         self._comm_host = torch.zeros((lay.ring_steps, self.comm_ops), dtype=torch.int64,
@@ -192,7 +192,7 @@ class RoutingRing:
         self.tok_base.copy_(self._stage[i], non_blocking=True)
         if self.device.type == "cuda":
             ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.device))
+            ev.record(self._stream())
             self._stage_events[i] = ev
         if self._timing:
             self._timing[ring_slot][0].record(self._stream())
@@ -280,7 +280,7 @@ class RoutingRing:
         """Record an event after the step's work so the flusher's copy can be ordered after it."""
         if self.device.type == "cuda":
             ev = torch.cuda.Event()
-            ev.record(torch.cuda.current_stream(self.device))
+            ev.record(self._stream())
             self._last_step_event = ev
         if self._timing_slot >= 0:
             self._timing[self._timing_slot][1].record(self._stream())
