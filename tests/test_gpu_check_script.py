@@ -144,10 +144,13 @@ def test_reference_counts_phases_padding_and_layers() -> None:
 
 
 def test_reference_counts_agree_with_the_ring_on_cpu() -> None:
-    """Same protocol as the GPU count check, on the CPU ring: a logic test of the reference."""
+    """Same protocol as the GPU count check, on the CPU ring: a logic test of the reference.
+    (On CPU the flusher's read zeroes a slot for its next use, so each step is read, as the
+    session does, before its slot comes round again.)"""
     rng = np.random.default_rng(0)
     L, E, K, B = 3, 16, 4, 24
     ring = RoutingRing(RingLayout(L, E, K, max_tokens=32, ring_steps=4))
+    out = torch.zeros((L, 1, 3, E + 1), dtype=torch.int32)
     for step in range(6):
         phases = G.make_batch(rng, int(rng.integers(1, B + 1)))[3]
         ids = [torch.from_numpy(rng.integers(0, E, (B, K))) for _ in range(L)]
@@ -156,6 +159,9 @@ def test_reference_counts_agree_with_the_ring_on_cpu() -> None:
             ring.capture(layer, t)
         ring.end_step()
         assert torch.equal(ring.counts[:, step % 4].long(), G.reference_counts(ids, phases, E))
+        ring.read_range(step % 4, step % 4 + 1, out)
+        assert torch.equal(out[:, 0].long(), G.reference_counts(ids, phases, E))
+        assert not ring.counts[:, step % 4].any()  # free again, and zero
 
 
 def test_make_batch_matches_the_session_s_phase_derivation() -> None:

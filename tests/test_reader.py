@@ -98,6 +98,63 @@ def test_the_reader_derives_what_in_process_folding_derives(tmp_path: Path) -> N
     run.close()
 
 
+def _exposition(snap: dict) -> str:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from moe_reuse.plugin.exporters.prometheus import snapshot_families
+
+    class _C:
+        def collect(self) -> list:
+            return snapshot_families([snap])
+
+    reg = CollectorRegistry()
+    reg.register(_C())  # type: ignore[arg-type]
+    return generate_latest(reg).decode()
+
+
+def test_a_scan_in_the_reader_s_process_takes_the_snapshot_it_wrote_from_memory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The collector beside the reader (vLLM's API server) neither reads nor decodes the files
+    that reader wrote, and renders exactly what decoding them renders; a file replaced since by
+    another process is decoded."""
+    worker = _worker_session(tmp_path)
+    _drive([worker], steps=11, seed=5)
+    run = RunReader(tmp_path)
+    assert run.poll() == 11
+    decode = snap_io.decode
+    with monkeypatch.context() as m:
+        m.setattr(snap_io, "decode", lambda *a, **k: pytest.fail("decoded a file written here"))
+        mem = snap_io.scan_snapshots(tmp_path).ranks[0].snapshot
+    snap_io.WRITTEN_HERE.clear()
+    disk = snap_io.scan_snapshots(tmp_path).ranks[0].snapshot
+    assert mem is not disk and mem["totals"]["tokens"].sum() > 0
+    assert _exposition(mem) == _exposition(disk)
+    _drive([worker], steps=4, seed=6)
+    assert run.poll() == 4  # written (and remembered) again
+    other = {**disk, "labels": {**disk["labels"], "model": "other"}}
+    snap_io.write_snapshot(tmp_path / "e0-r3.npz", other)  # as another process would: not ours
+    decoded: list[int] = []
+    monkeypatch.setattr(snap_io, "decode", lambda *a, **k: decoded.append(1) or decode(*a, **k))
+    assert snap_io.scan_snapshots(tmp_path).ranks[0].snapshot["labels"]["model"] == "other"
+    assert decoded == [1]
+    run.close()
+
+
+def test_the_memory_of_written_snapshots_keeps_one_per_path_and_is_bounded(tmp_path: Path) -> None:
+    memo = snap_io._WrittenHere(cap=2)
+    sts = {}
+    for name in ("a", "b", "a", "c"):
+        (tmp_path / name).write_bytes(name.encode() * 3)
+        sts[name] = (tmp_path / name).stat()
+        memo.remember(tmp_path / name, sts[name], {"name": name})
+    assert memo.recall(sts["a"]) == {"name": "a"} and memo.recall(sts["c"]) == {"name": "c"}
+    assert memo.recall(sts["b"]) is None  # the oldest path, past the cap
+    (tmp_path / "a").write_bytes(b"changed")  # same inode, another size and mtime
+    assert memo.recall((tmp_path / "a").stat()) is None
+    memo.forget(tmp_path / "c")
+    assert memo.recall(sts["c"]) is None
+
+
 def test_a_second_reader_takes_over_where_the_first_left(tmp_path: Path) -> None:
     worker, local = _worker_session(tmp_path), _local_session()
     first, second = RunReader(tmp_path), RunReader(tmp_path)
@@ -117,10 +174,12 @@ def test_a_worker_that_leaves_takes_its_snapshot_along(tmp_path: Path) -> None:
     _drive([worker], steps=3, seed=1)
     run = RunReader(tmp_path)
     run.poll()
-    assert (tmp_path / "e0-r3.npz").exists()
+    st = (tmp_path / "e0-r3.npz").stat()
+    assert snap_io.WRITTEN_HERE.recall(st) is not None
     (tmp_path / rawstream.status_name("0", "3")).unlink()
     run.poll()
     assert not (tmp_path / "e0-r3.npz").exists() and run.ranks == {}
+    assert snap_io.WRITTEN_HERE.recall(st) is None  # nor kept in memory
     run.close()
 
 

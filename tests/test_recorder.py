@@ -63,13 +63,13 @@ def test_capture_is_traceable_by_torch_compile_without_graph_breaks() -> None:
         ring.capture(1, ids1)
 
     compiled = torch.compile(forward, fullgraph=True, dynamic=True)
-    for n in (3, 5, 9):
-        ring.begin_step(1, np.full(n, DECODE, dtype=np.int8))
+    for slot, n in enumerate((3, 5, 9)):  # one slot each: on CPU the flusher's read frees one
+        ring.begin_step(slot, np.full(n, DECODE, dtype=np.int8))
         ids = torch.randint(0, E, (n, K))
         compiled(ids, ids)
         ring.end_step()
-        assert ring.counts[0, 1, DECODE].sum().item() == n * K
-        assert ring.counts[1, 1, DECODE].tolist() == torch.bincount(
+        assert ring.counts[0, slot, DECODE].sum().item() == n * K
+        assert ring.counts[1, slot, DECODE].tolist() == torch.bincount(
             ids.flatten(), minlength=E + 1).tolist()
 
 

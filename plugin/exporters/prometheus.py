@@ -199,6 +199,7 @@ def _add_hbm_measured(f: _Families, base: list[str], m: dict[str, Any] | None) -
             "utilisation.", BASE_LABELS).add_metric(base, float(m.get("peak_bytes_per_second", 0)))
 
 
+_PREFILL, _DECODE = PHASES.index("prefill"), PHASES.index("decode")
 LAYER_FAMILIES = (
     ("expert_assignments", "assignments", "Routed (token, expert) assignments per MoE layer."),
     ("experts_touched", "touched", "Sum over steps of distinct experts touched."),
@@ -211,17 +212,26 @@ def _add_layers(f: _Families, base: list[str], layers: list[str], t: dict[str, A
     """The per-(layer, phase) counters: most of a rank's series, so built as samples directly
     (one label dict per (layer, phase), shared by the families) rather than add_metric.
 
-    `max_expert_tokens` has its prefill phase only with `detail` (per_expert_series): the load
-    imbalance that matters for reuse is decode's, and a 61-layer rank saves 61 series a scrape."""
-    fams = [(f.counter(name, doc, [*BASE_LABELS, "layer", "phase"]), t[key].tolist(),
-             detail or key != "max_load") for name, key, doc in LAYER_FAMILIES]
+    Without `detail` (per_expert_series), prefill's `experts_touched` is one series per rank
+    summed over layers (`layer=""`, which Prometheus stores as no layer label) and prefill's
+    `max_expert_tokens` is not exported: a prefill chunk touches nearly every expert, the reuse
+    that matters is decode's, and a 61-layer rank exports 245 per-layer series instead of 366
+    (about 310 in all instead of 430; prometheus_client's render is linear in samples:
+    benchmarks/bench_scrape.py). The rank
+    total keeps prefill's routed-expert bytes reconcilable (`hbm_read_bytes_total` over
+    `experts_touched_total` is the bytes per expert read, both phases)."""
     head = dict(zip(BASE_LABELS, base))
-    for li, layer in enumerate(layers):
-        for pi, ph in enumerate(PHASES):
-            labels = {**head, "layer": layer, "phase": ph}
-            for fam, values, every_phase in fams:
-                if every_phase or ph == "decode":
-                    fam.samples.append(Sample(fam.name + "_total", labels, float(values[li][pi])))
+    labels = [[{**head, "layer": layer, "phase": ph} for ph in PHASES] for layer in layers]
+    rows = range(len(layers))
+    for name, key, doc in LAYER_FAMILIES:
+        fam = f.counter(name, doc, [*BASE_LABELS, "layer", "phase"])
+        total, values = fam.name + "_total", t[key].tolist()
+        phases = range(len(PHASES)) if detail or key == "assignments" else (_DECODE,)
+        fam.samples.extend([Sample(total, labels[li][pi], float(values[li][pi]))
+                            for li in rows for pi in phases])
+        if key == "touched" and not detail and layers:
+            fam.samples.append(Sample(total, {**head, "layer": "", "phase": "prefill"},
+                                      float(t[key][:, _PREFILL].sum())))
 
 
 def rank_series(snap: dict[str, Any], expert_cap: int = 0) -> int:
@@ -230,10 +240,10 @@ def rank_series(snap: dict[str, Any], expert_cap: int = 0) -> int:
         return 4 + len(snap.get("errors", {}))
     n_layers = len(snap.get("layer_ids", ()))
     gauges = sum(len(g.get("samples", ())) for g in snap.get("gauges", {}).values())
-    per_layer = 3 * len(PHASES) if expert_cap else 2 * len(PHASES) + 1
+    per_layer = 3 * len(PHASES) if expert_cap else len(PHASES) + 2
     measured = 4 if snap.get("hbm_measured") else 0
     return len(PHASES) * (len(HIST_BOUNDS) + 3) + per_layer * n_layers + gauges + \
-        len(COMPONENTS) + 24 + measured + expert_cap
+        len(COMPONENTS) + 25 + measured + expert_cap
 
 
 def _per_expert(f: _Families, base: list[str], layers: list[str], et: np.ndarray, cap: int) -> None:
@@ -279,7 +289,7 @@ def frontend_families(f: _Families, frontend: Any, snapshots: list[dict[str, Any
 
 EXPERT_SERIES_PER_SCRAPE = 1000
 """Per-expert series one scrape carries over all ranks. prometheus_client renders about 20 us per
-sample on a 2-core host, and the plugin's other series are already about 430 per rank of a
+sample on a 2-core host, and the plugin's other series are already about 310 per rank of a
 61-layer model, so when several ranks export per-expert series each rank's cap becomes
 min(max_expert_series, this / ranks), never below the one `expert="other"` series per layer and
 phase that keeps the sum exact (benchmarks/bench_scrape.py measures a scrape)."""
@@ -302,7 +312,7 @@ def _expert_caps(snapshots: list[dict[str, Any]]) -> dict[int, int]:
 SERIES_PER_SCRAPE = 4500
 """Samples one scrape carries over all ranks (per-expert ones included): about 55 ms of rendering
 on a 2-core host, which with the scan's 20 ms budget keeps a scrape of /metrics under 100 ms
-whatever the snapshot directory holds. An 8-rank, 61-layer node needs about 2,950 (plus the
+whatever the snapshot directory holds. An 8-rank, 61-layer node needs about 2,470 (plus the
 per-expert budget above). Ranks past it, in (engine, rank) order, export only their status
 (info, enabled, errors, snapshot age), counted in snapshot_refused_total{reason="over_budget"}."""
 

@@ -103,6 +103,7 @@ class RunReader:
             if r.raw is not None:
                 r.raw.close()
             r.reader.close()
+            snap_io.WRITTEN_HERE.forget(self._snapshot_path(r.reader))
         self.ranks.clear()
         if self._lock_fd is not None:
             os.close(self._lock_fd)
@@ -136,9 +137,10 @@ class RunReader:
                 if gone.raw is not None:
                     gone.raw.close()
                 gone.reader.close()
-                lab = gone.reader.labels
+                path = self._snapshot_path(gone.reader)
+                snap_io.WRITTEN_HERE.forget(path)
                 with contextlib.suppress(OSError):
-                    os.unlink(f"e{lab['engine']}-r{lab['rank']}.npz", dir_fd=dfd)
+                    os.unlink(path.name, dir_fd=dfd)
             for name in names:
                 try:
                     folded += self._poll_rank(dfd, name)
@@ -257,14 +259,17 @@ class RunReader:
         logger.info("moe_reuse: resumed rank %s of %s at step %d", lab.get("rank"),
                     self.directory, raw.cursor)
 
+    def _snapshot_path(self, reader: RankReader) -> Path:
+        return snap_io.snapshot_path(self.directory, reader.labels["engine"],
+                                     reader.labels["rank"])
+
     def _publish(self, rank: _Rank) -> None:
         reader = rank.reader
         snap = reader.snapshot()
         snap["raw"] = {"cursor": rank.raw.cursor if rank.raw is not None else 0,
                        "missed": reader.missed_steps}
-        lab = reader.labels
-        path = self.directory / f"e{lab['engine']}-r{lab['rank']}.npz"
-        if snap_io.publish_counted(lambda s: snap_io.write_snapshot(path, s), lambda: snap,
+        path = self._snapshot_path(reader)
+        if snap_io.publish_counted(lambda s: snap_io.write_snapshot(path, s, remember=True), lambda: snap,
                                    reader.errors, reader.degraded):
             rank.dirty = False
         if self.bridge is not None:

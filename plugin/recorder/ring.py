@@ -85,11 +85,15 @@ class RoutingRing:
         )
         # One contiguous flat view per layer: index_add_ needs a 1-D destination.
         self._layer_flat = [self.counts[i].view(-1) for i in range(lay.num_layers)]
-        self._slot_views = [self.counts[:, s] for s in range(lay.ring_steps)]  # zeroed per step
-        # On CPU a slot is zeroed through numpy: torch's zero_ of a strided 61 x 3 x 257 view is an
+        # A slot is zero when its step begins. On CUDA begin_step zeroes it (a kernel on the
+        # step's stream, ordered after the flusher's copy of its last use). On CPU the "device"
+        # is the host, so zeroing is a memory pass (188 KB, ~14 us, for a 61 x 256 model) that
+        # would sit on every step's critical path: there the flusher zeroes the slots it has
+        # just copied instead (`read_range`, before the session frees them), and every slot
+        # starts zero. Through numpy: torch's zero_ of a strided 61 x 3 x 257 view is an
         # intra-op parallel region, which waits milliseconds for a pool thread on a busy host.
-        self._slot_views_np = ([v.numpy() for v in self._slot_views]
-                               if self.counts.device.type == "cpu" else None)
+        self._slot_views = [self.counts[:, s] for s in range(lay.ring_steps)]
+        self._counts_np = self.counts.numpy() if self.counts.device.type == "cpu" else None
         self._ones = torch.ones(lay.max_tokens * lay.top_k, dtype=torch.int32, device=self.device)
         idle = lay.idle_slot * lay.slot_stride + PAD * lay.columns
         self._idle_base = idle
@@ -183,10 +187,8 @@ class RoutingRing:
             copy_done = self._copy_events.pop(ring_slot, None)
             if copy_done is not None:  # the flusher's D2H copy of this slot must finish first
                 torch.cuda.current_stream(self.device).wait_event(copy_done)
-        if self._slot_views_np is not None:
-            self._slot_views_np[ring_slot][...] = 0
-        else:
-            self._slot_views[ring_slot].zero_()
+        if self._counts_np is None:
+            self._slot_views[ring_slot].zero_()  # CPU: zeroed by the flusher after its copy
         if self.comm_on_device:
             self.comm_acc[ring_slot].zero_()
         self.tok_base.copy_(self._stage[i], non_blocking=True)
@@ -239,10 +241,13 @@ class RoutingRing:
         Called by the flusher thread. On CUDA the copy runs on a side stream, ordered after the
         last finished step's event, and the returned event marks its completion; the step thread
         never waits for it (begin_step orders the slot's next zeroing after it on the device).
+        On CPU the copied slots are zeroed here, off the step's critical path.
         """
         src = self.counts[:, start:stop]
         if self.device.type != "cuda":
             out.copy_(src)
+            if self._counts_np is not None:
+                self._counts_np[:, start:stop] = 0  # CPU: free slots are zero (see __init__)
             if self.comm_on_device:
                 self._comm_host[start:stop].copy_(self.comm_acc[start:stop])
             return None
