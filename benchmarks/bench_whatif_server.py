@@ -33,7 +33,7 @@ from moe_reuse.plugin.harness.load import (
     random_prompts,
     run_concurrent_streamed,
 )
-from moe_reuse.plugin.harness.server import VllmServer
+from moe_reuse.plugin.harness.server import VllmServer, metric_value
 from moe_reuse.plugin.harness.tiny_models import build_model
 from moe_reuse.plugin.live.twin import build_dense_twin
 from moe_reuse.predictor import (
@@ -86,35 +86,65 @@ def measure_levels(srv: VllmServer, levels: list[int], args: argparse.Namespace,
         # at least --min-gaps inter-token gaps per level: a P99 needs a hundred above it
         waves = max(args.waves, math.ceil(args.min_gaps / (c * max(args.output_len - 1, 1))))
         prompts = random_prompts(c * waves, args.prompt_len, vocab, seed=100 + i)
+        before = srv.metrics_text()
         t0 = time.monotonic()
         res = run_concurrent_streamed(srv.url, [(p, args.output_len) for p in prompts], c,
                                       model=name, stagger_s=stagger if args.stagger else 0.0)
         wall = time.monotonic() - t0
+        batch = engine_batch(before, srv.metrics_text(), len(prompts) * args.prompt_len)
         lat = latency_percentiles(res)
         toks = sum(r["completion_tokens"] for r in res)
         rows.append({"concurrency": c, "itl_p50": lat["itl_p50_seconds"],
                      "itl_p99": lat["itl_p99_seconds"], "ttft_p50": lat["ttft_p50_seconds"],
                      "ttft_p99": lat["ttft_p99_seconds"], "tokens_per_second": toks / wall,
-                     "gaps": int(lat["itl_samples"])})
-        say(f"c={c}: ITL p50 {rows[-1]['itl_p50'] * 1e3:.2f} ms p99 {rows[-1]['itl_p99'] * 1e3:.2f} ms")
+                     "gaps": int(lat["itl_samples"]), "engine_batch": batch})
+        say(f"c={c}: ITL p50 {rows[-1]['itl_p50'] * 1e3:.2f} ms p99 {rows[-1]['itl_p99'] * 1e3:.2f} ms,"
+            f" {batch:.1f} sequences a step")
     return rows
 
 
-def compare(rows: list[dict[str, Any]], pred: dict[str, Any], side: str) -> list[dict[str, Any]]:
-    """Measured against predicted per level, printed; the rows with their errors."""
+def engine_batch(before: str, after: str, prompt_tokens: int) -> float:
+    """Sequences the engine really decoded per step over a level: vLLM's own tokens-per-step
+    histogram (`vllm:iteration_tokens_total`) less the prompt tokens the client sent. On a
+    2-core host the client's threads, the API server and the engine share the cores, and the
+    engine may run fewer sequences than the clients hold open (the what-if's batch is the
+    concurrency, as on a GPU server whose API server keeps up)."""
+    def d(name: str) -> float:
+        return metric_value(after, name) - metric_value(before, name)
+
+    steps = d("vllm:iteration_tokens_total_count")
+    return (d("vllm:iteration_tokens_total_sum") - prompt_tokens) / steps if steps > 0 else 0.0
+
+
+def compare(rows: list[dict[str, Any]], pred: dict[str, Any], side: str,
+            at_batch: dict[int, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """Measured against predicted per level, printed; the rows with their errors. `at_batch`:
+    the what-if's levels by concurrency, asked at each level's measured engine batch (a
+    diagnostic column: how much of an error is the batch this host could not form)."""
     print(f"{side}:")
     print(f"{'conc':>5} | {'ITL p50 ms meas/pred':>22} {'err':>6} | {'ITL p99 ms meas/pred':>22} {'err':>6} | "
-          f"{'TTFT p50 ms meas/pred':>23} | {'TTFT p99 ms meas/pred':>23} | batch")
+          f"{'TTFT p50 ms meas/pred':>23} | {'TTFT p99 ms meas/pred':>23} | batch pred/engine | "
+          f"at engine batch: p50 err, p99 err")
     table = []
     for row, lv in zip(rows, pred["levels"], strict=True):
         m = lv[side]
         e50 = m["itl_p50_seconds"] / row["itl_p50"] - 1
         e99 = m["itl_p99_seconds"] / row["itl_p99"] - 1
-        table.append({**row, "pred": m, "err_p50": e50, "err_p99": e99})
+        extra: dict[str, Any] = {}
+        tail = ""
+        b = max(1, round(row.get("engine_batch", 0.0)))
+        if at_batch and b in at_batch:
+            mb = at_batch[b][side]
+            extra = {"pred_at_engine_batch": mb,
+                     "err_p50_at_engine_batch": mb["itl_p50_seconds"] / row["itl_p50"] - 1,
+                     "err_p99_at_engine_batch": mb["itl_p99_seconds"] / row["itl_p99"] - 1}
+            tail = f"{extra['err_p50_at_engine_batch']:>+6.0%} {extra['err_p99_at_engine_batch']:>+6.0%}"
+        table.append({**row, "pred": m, "err_p50": e50, "err_p99": e99, **extra})
         print(f"{row['concurrency']:>5} | {row['itl_p50'] * 1e3:>10.2f} / {m['itl_p50_seconds'] * 1e3:>9.2f} {e50:>+6.0%} | "
               f"{row['itl_p99'] * 1e3:>10.2f} / {m['itl_p99_seconds'] * 1e3:>9.2f} {e99:>+6.0%} | "
               f"{row['ttft_p50'] * 1e3:>10.1f} / {m['ttft_p50_seconds'] * 1e3:>10.1f} | "
-              f"{row['ttft_p99'] * 1e3:>10.1f} / {m['ttft_p99_seconds'] * 1e3:>10.1f} | {m['batch']}")
+              f"{row['ttft_p99'] * 1e3:>10.1f} / {m['ttft_p99_seconds'] * 1e3:>10.1f} | "
+              f"{m['batch']:>5} / {row.get('engine_batch', 0.0):>6.1f} | {tail}")
     ok50 = all(abs(t["err_p50"]) <= 0.25 for t in table)
     ok99 = all(abs(t["err_p99"]) <= 0.35 for t in table)
     print(f"{side}: P50 within 25% at every level: {ok50}; P99 within 35%: {ok99}; "
@@ -157,18 +187,23 @@ def main(argv: list[str] | None = None) -> int:
         kv = kv_check(srv, model_dir, args.hardware_file, kv_gib)
         say(f"KV capacity: server {kv['server_tokens']} tokens, predictor {kv['predictor_tokens']}")
         rows = measure_levels(srv, levels, args, vocab)
-        argv2 = ["whatif", "--from-server", srv.url, "--hardware", args.hardware_file,
-                 "--concurrency", args.levels,
-                 "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len),
-                 "--max-num-seqs", str(max(levels)), "--json"]
-        if budget:
-            argv2 += ["--max-num-batched-tokens", str(budget)]
-        buf = io.StringIO()
-        with redirect_stdout(buf):
-            code = predictor_main(argv2)
-        if code:
-            raise SystemExit(f"whatif failed ({code})")
-        pred = json.loads(buf.getvalue())
+        def whatif(conc: list[int]) -> dict[str, Any]:
+            argv2 = ["whatif", "--from-server", srv.url, "--hardware", args.hardware_file,
+                     "--concurrency", ",".join(str(c) for c in conc),
+                     "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len),
+                     "--max-num-seqs", str(max(levels)), "--json"]
+            if budget:
+                argv2 += ["--max-num-batched-tokens", str(budget)]
+            buf = io.StringIO()
+            with redirect_stdout(buf):
+                code = predictor_main(argv2)
+            if code:
+                raise SystemExit(f"whatif failed ({code})")
+            return json.loads(buf.getvalue())
+
+        pred = whatif(levels)
+        # every batch up to the top level, for the diagnostic column (pure arithmetic)
+        at_batch = {lv["concurrency"]: lv for lv in whatif(list(range(1, max(levels) + 1)))["levels"]}
     dense_rows: list[dict[str, Any]] = []
     if args.dense:
         twin_dir = build_dense_twin(model_dir, DEFAULT_Q, say=say)
@@ -177,12 +212,12 @@ def main(argv: list[str] | None = None) -> int:
             dense_rows = measure_levels(srv, levels, args, vocab)
     print(f"KV capacity (tokens): server num_gpu_blocks x block_size = {kv['server_tokens']}, "
           f"predictor = {kv['predictor_tokens']}")
-    table = compare(rows, pred, "moe")
-    dense_table = compare(dense_rows, pred, "dense") if dense_rows else []
+    table = compare(rows, pred, "moe", at_batch)
+    dense_table = compare(dense_rows, pred, "dense", at_batch) if dense_rows else []
     if args.out:
         Path(args.out).write_text(json.dumps({"kv": kv, "levels": table, "dense": dense_table,
                                               "whatif": pred, "max_num_batched_tokens": budget},
-                                             indent=2))
+                                             indent=2, default=float))
     return 0
 
 
