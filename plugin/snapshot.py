@@ -38,10 +38,10 @@ import threading
 import time
 import uuid
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -425,12 +425,9 @@ def is_stale(snap: dict[str, Any], age_s: float, flush_interval_s: float | None 
     return age_s > max(STALE_AFTER_S, 5 * float(flush or _MAX_FLUSH_INTERVAL_S))
 
 
-def read_trusted(dfd: int, name: str, max_bytes: int = MAX_SNAPSHOT_BYTES,
-                 known: Callable[[os.stat_result], Any] | None = None
-                 ) -> tuple[Any, os.stat_result]:
-    """A file of ours in a checked directory: regular, not a symlink, at most `max_bytes`.
-    `known(stat)`, if given and not None for this file, is returned in place of its bytes
-    (checked as ours first, never read)."""
+@contextlib.contextmanager
+def _open_ours(dfd: int, name: str) -> Iterator[tuple[BinaryIO, os.stat_result]]:
+    """A file of ours in a checked directory, open: regular, not a symlink, our owner."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
     except FileNotFoundError:
@@ -443,24 +440,34 @@ def read_trusted(dfd: int, name: str, max_bytes: int = MAX_SNAPSHOT_BYTES,
         raise SnapshotRefused("not_a_regular_file", f"{name} is not a regular file")
     with os.fdopen(fd, "rb") as f:
         _check_ours(st, name)
-        hit = known(st) if known is not None else None
-        if hit is not None:
-            return hit, st
-        if st.st_size > max_bytes:
-            raise SnapshotRefused("too_large", f"{name} has {st.st_size} bytes, over the "
-                                               f"{max_bytes}-byte cap")
-        data = f.read(max_bytes + 1)
+        yield f, st
+
+
+def _read_capped(f: BinaryIO, st: os.stat_result, name: str, max_bytes: int) -> bytes:
+    if st.st_size > max_bytes:
+        raise SnapshotRefused("too_large", f"{name} has {st.st_size} bytes, over the "
+                                           f"{max_bytes}-byte cap")
+    data = f.read(max_bytes + 1)
     if len(data) > max_bytes:
         raise SnapshotRefused("too_large", f"{name} grew over the {max_bytes}-byte cap")
-    return data, st
+    return data
+
+
+def read_trusted(dfd: int, name: str, max_bytes: int = MAX_SNAPSHOT_BYTES
+                 ) -> tuple[bytes, os.stat_result]:
+    """A file of ours in a checked directory: regular, not a symlink, at most `max_bytes`."""
+    with _open_ours(dfd, name) as (f, st):
+        return _read_capped(f, st, name, max_bytes), st
 
 
 def _read_rank(dfd: int, name: str, max_bytes: int) -> tuple[dict[str, Any], os.stat_result, int]:
     """(snapshot, stat, bytes read) of one rank file: from memory when this process wrote it
-    (`WRITTEN_HERE`, checked after the same trusted open and fstat), else read and decoded."""
-    data, st = read_trusted(dfd, name, max_bytes, WRITTEN_HERE.recall)
-    if isinstance(data, dict):
-        return data, st, 0
+    (`WRITTEN_HERE`, after the same trusted open and fstat), else read and decoded."""
+    with _open_ours(dfd, name) as (f, st):
+        known = WRITTEN_HERE.recall(st)
+        if known is not None:
+            return known, st, 0
+        data = _read_capped(f, st, name, max_bytes)
     return decode(data, max_bytes), st, len(data)
 
 

@@ -217,9 +217,9 @@ def _add_layers(f: _Families, base: list[str], layers: list[str], t: dict[str, A
     `max_expert_tokens` is not exported: a prefill chunk touches nearly every expert, the reuse
     that matters is decode's, and a 61-layer rank exports 245 per-layer series instead of 366
     (about 310 in all instead of 430; prometheus_client's render is linear in samples:
-    benchmarks/bench_scrape.py). The rank
-    total keeps prefill's routed-expert bytes reconcilable (`hbm_read_bytes_total` over
-    `experts_touched_total` is the bytes per expert read, both phases)."""
+    benchmarks/bench_scrape.py). The rank total keeps prefill's routed-expert bytes
+    reconcilable (`hbm_read_bytes_total` over `experts_touched_total` is the bytes per expert
+    read, both phases)."""
     head = dict(zip(BASE_LABELS, base))
     labels = [[{**head, "layer": layer, "phase": ph} for ph in PHASES] for layer in layers]
     rows = range(len(layers))

@@ -269,8 +269,10 @@ class RunReader:
         snap["raw"] = {"cursor": rank.raw.cursor if rank.raw is not None else 0,
                        "missed": reader.missed_steps}
         path = self._snapshot_path(reader)
-        if snap_io.publish_counted(lambda s: snap_io.write_snapshot(path, s, remember=True), lambda: snap,
-                                   reader.errors, reader.degraded):
+        def write(s: dict[str, Any]) -> None:  # remembered: this process's collector reads it
+            snap_io.write_snapshot(path, s, remember=True)
+
+        if snap_io.publish_counted(write, lambda: snap, reader.errors, reader.degraded):
             rank.dirty = False
         if self.bridge is not None:
             try:
