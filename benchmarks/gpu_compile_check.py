@@ -65,6 +65,7 @@ def run_mode(dev: torch.device, mode: str | None, steps: int, E: int = 64, K: in
             ref = reference_counts(ids, phases, E)
             if not torch.equal(ring.counts[:, slot].to("cpu", torch.int64), ref):
                 mismatched += 1
+            ring.clear_slot(slot)  # read here, not flushed: free it as the flusher would
     except Exception as exc:  # noqa: BLE001 - reported
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     impl = ring.count_impl if mode == "eager" else "traced: torch ops, fused by Inductor"

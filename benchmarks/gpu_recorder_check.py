@@ -593,6 +593,7 @@ class ModelRun:
     ) -> dict[str, Any]:
         ring, E = self.ring, self.shape.num_experts
         S = ring.layout.ring_steps
+        self._free_all_slots()  # the last batch's direct-protocol checks left counts behind
         idle_before = ring.counts[:, ring.layout.idle_slot].clone()
         steps, mismatched, step_no = self.args.replays, 0, 0
         first_bad: dict[str, Any] | None = None
@@ -610,8 +611,11 @@ class ModelRun:
                 ring.mark_step_done()
                 hist.append([t.clone() for t in ids])  # D2D, after the replay on the same stream
                 phases_list.append(phases)
+            # the flusher's read: copy the slots, then zero them for their next use
+            host = torch.empty((self.L, chunk, 3, E + 1), dtype=torch.int32, pin_memory=True)
+            ring.read_range(0, chunk, host).synchronize()  # after the last step's event
             torch.cuda.synchronize()
-            got = ring.counts[:, :chunk].to("cpu", torch.int64)  # [L, chunk, 3, E + 1]
+            got = host.to(torch.int64)  # [L, chunk, 3, E + 1]
             for j in range(chunk):
                 ref = reference_counts(hist[j], phases_list[j], E)
                 if not torch.equal(got[:, j], ref):
@@ -695,7 +699,7 @@ class ModelRun:
         error = None
         ring = self.ring
         stamping = self.R.device_clock.available(self.dev)
-        ring.comm_on_device = stamping  # begin_step zeroes the slot's collective time
+        ring.comm_on_device = stamping  # clear_slot zeroes the slot's collective time
         try:
             for i in range(self.args.timing_reps):
                 slot = i % ring.layout.ring_steps
@@ -713,6 +717,7 @@ class ModelRun:
                 out_step.append(outer[0].elapsed_time(outer[1]))
                 if stamping:
                     stamp_ms.append(int(ring.comm_acc[slot, 1].item()) / 1e6)
+                ring.clear_slot(slot)  # read here, not flushed: free it as the flusher would
             for _ in range(self.args.timing_reps):  # the dispatch op alone, eager, same shapes
                 torch.cuda._sleep(int(0.2 * self.cpm))
                 outer[0].record()
@@ -758,21 +763,34 @@ class ModelRun:
                           session_expected_ms=session_comm.get("expected_ms"))
         return out
 
+    def _free_all_slots(self) -> None:
+        """Before a check through the session: the checks that drive the ring's protocol
+        directly (no flusher) leave counts in slots the session will take, which its flusher
+        would zero after copying them; start from free, zero slots, as in a server."""
+        torch.cuda.synchronize()
+        self.session.flush()
+        S = self.ring.layout.ring_steps
+        self.ring.counts[:, :S].zero_()
+        self.ring.comm_acc[:S].zero_()
+        torch.cuda.synchronize()
+
     def check_session_comm(self, g: torch.cuda.CUDAGraph, b: int) -> dict[str, Any]:
         """The production path: session steps replaying the stamped graph; the flusher folds
         the slots' collective time into totals.comm_s (all_to_all)."""
         sess, ring = self.session, self.ring
-        torch.cuda.synchronize()
-        sess.flush()
+        self._free_all_slots()
         c0 = float(sess.totals.comm_s[1])
         per = []
         k = min(12, ring.layout.ring_steps // 2)
-        for j in range(k):
-            bt = make_batch(self.rng, b)
-            self._session_step(g, j, b, bt)
-            torch.cuda.synchronize()
-            per.append(int(ring.comm_acc[(sess._steps_begun - 1) % ring.layout.ring_steps,
-                                         1].item()) / 1e6)
+        # the expected side reads each slot on the device before any flush: the flusher thread
+        # (if running) waits on the session's lock, as a flush zeroes the slots it has copied
+        with sess._lock:
+            for j in range(k):
+                bt = make_batch(self.rng, b)
+                self._session_step(g, j, b, bt)
+                torch.cuda.synchronize()
+                per.append(int(ring.comm_acc[(sess._steps_begun - 1) % ring.layout.ring_steps,
+                                             1].item()) / 1e6)
         sess.flush()
         got = (float(sess.totals.comm_s[1]) - c0) * 1e3
         exp = sum(per)
@@ -884,6 +902,10 @@ class ModelRun:
                 e.record(side)
             return e
 
+        for j in range(n):  # read_range zeroed the slots it copied: the same steps again
+            self._protocol_step(g, j, j, b)
+        torch.cuda.synchronize()
+        expected = ring.counts[:, :n].cpu()
         host.zero_()
         dt2, pending2, same2 = probe(per_layer)
         out["read_range_per_layer_copies"] = {"host_ms": dt2, "copy_pending_at_return": pending2,
@@ -942,8 +964,7 @@ class ModelRun:
         sess.flush_interval_s = self.args.flush_interval  # flush continuously during this check
         if sess._thread is None:
             sess.start()
-        torch.cuda.synchronize()
-        sess.flush()
+        self._free_all_slots()
         before = sess.totals.expert_tokens.copy()
         dropped0 = sess.totals.dropped_steps
         ref = torch.zeros((L, 3, E + 1), dtype=torch.int64)

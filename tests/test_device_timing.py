@@ -106,7 +106,7 @@ def test_cpu_ring_times_nothing_on_the_device() -> None:
 
 def test_device_clock_stamps_sum_per_step_and_reach_the_totals(monkeypatch) -> None:  # noqa: ANN001
     """The stamps add -t before and +t after each collective into acc[slot from tok_base, op];
-    begin_step zeroes the slot, the flush copies it with the counts and the session folds it into
+    the flush copies the slot with the counts, zeroes it, and the session folds it into
     comm_s. A stand-in stamp (the real one is a PTX kernel) does the same arithmetic on the CPU."""
     from moe_reuse.plugin.recorder import device_clock
 

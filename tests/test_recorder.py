@@ -126,6 +126,23 @@ def test_ring_wraps_and_never_overwrites_unread_steps() -> None:
     assert t["steps"][0] == 7 and t["assignments"][0, 1] == 7 * K
 
 
+def test_a_step_prepared_but_never_finished_leaves_nothing_in_the_next_step() -> None:
+    """Free slots are zeroed by the flush, after its copy; a step whose forward counted into its
+    slot but never reached `step_finished` is not flushed, and the next step takes the same slot.
+    Its counts must not carry over (conservation: only finished steps' tokens are counted)."""
+    s, pub = _session(ring_steps=4)
+    s.step_started()
+    s.step_prepared(np.array([3]), np.array([False]), np.array([0]))
+    for layer in range(L):
+        s.capture_fn(layer)(torch.tensor([[5, 6]] * 3))  # abandoned: no step_finished
+    _step(s, [1], [4], [1], [torch.tensor([[0, 1]])] * L)
+    s.flush()
+    t = pub[-1]["totals"]
+    assert t["tokens"].tolist() == [0, 1]
+    assert t["assignments"].tolist() == [[0, K]] * L
+    assert not s.ring.counts[:, :4].any()  # the flush zeroed what it copied
+
+
 def test_fault_disables_counts_and_logs_once(caplog: pytest.LogCaptureFixture) -> None:
     s, pub = _session(inject_fault_after_steps=2)
     one = [torch.tensor([[0, 1]])] * L

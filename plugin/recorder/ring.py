@@ -85,14 +85,15 @@ class RoutingRing:
         )
         # One contiguous flat view per layer: index_add_ needs a 1-D destination.
         self._layer_flat = [self.counts[i].view(-1) for i in range(lay.num_layers)]
-        # A slot is zero when its step begins. On CUDA begin_step zeroes it (a kernel on the
-        # step's stream, ordered after the flusher's copy of its last use). On CPU the "device"
-        # is the host, so zeroing is a memory pass (188 KB, ~14 us, for a 61 x 256 model) that
-        # would sit on every step's critical path: there the flusher zeroes the slots it has
-        # just copied instead (`read_range`, before the session frees them), and every slot
-        # starts zero. Through numpy: torch's zero_ of a strided 61 x 3 x 257 view is an
-        # intra-op parallel region, which waits milliseconds for a pool thread on a busy host.
-        self._slot_views = [self.counts[:, s] for s in range(lay.ring_steps)]
+        # A slot is zero when its step begins: the flusher zeroes the slots it has just copied
+        # (`read_range`), before the session frees them, so no step pays for it. On CUDA that is
+        # a kernel on the flusher's side stream after its copy, which the slot's next
+        # begin_step waits for (the copy's event); it was a kernel on the step's stream. On CPU
+        # the "device" is the host, and zeroing (188 KB, ~14 us, for a 61 x 256 model) would
+        # sit on every step's critical path. On CPU through numpy: torch's zero_ of a strided
+        # 61 x 3 x 257 view is an intra-op parallel region, which waits milliseconds for a pool
+        # thread on a busy host. A step prepared but never finished leaves its slot dirty for
+        # the next step, which clears it first (`clear_slot`, a path that normal steps never take).
         self._counts_np = self.counts.numpy() if self.counts.device.type == "cpu" else None
         self._ones = torch.ones(lay.max_tokens * lay.top_k, dtype=torch.int32, device=self.device)
         idle = lay.idle_slot * lay.slot_stride + PAD * lay.columns
@@ -183,22 +184,23 @@ class RoutingRing:
         host[:n] = rows
         host[n:] = base + PAD * lay.columns  # padded rows
         host[lay.max_tokens] = ring_slot  # the slot, for the device clock's stamps
+        stream = None
         if self.device.type == "cuda":
+            stream = self._step_stream = torch.cuda.current_stream(self.device)
             copy_done = self._copy_events.pop(ring_slot, None)
             if copy_done is not None:  # the flusher's D2H copy of this slot must finish first
-                torch.cuda.current_stream(self.device).wait_event(copy_done)
-        if self._counts_np is None:
-            self._slot_views[ring_slot].zero_()  # CPU: zeroed by the flusher after its copy
-        if self.comm_on_device:
-            self.comm_acc[ring_slot].zero_()
+                stream.wait_event(copy_done)
         self.tok_base.copy_(self._stage[i], non_blocking=True)
-        if self.device.type == "cuda":
-            ev = torch.cuda.Event()
-            ev.record(self._stream())
-            self._stage_events[i] = ev
         if self._timing:
-            self._timing[ring_slot][0].record(self._stream())
+            # The slot's begin event, after the copy, also guards staging buffer i (a record
+            # of it S steps later marks a later point: waiting on that is still safe). One
+            # record per step, on events made once: the host cost of the protocol on a GPU
+            # worker is mostly these CUDA calls (benchmarks/bench_step_protocol.py --device cuda).
+            begin = self._timing[ring_slot][0]
+            begin.record(stream)
             self._timing_slot = ring_slot
+            if stream is not None:
+                self._stage_events[i] = begin
 
     def begin_requests(self, ring_slot: int, is_decode: np.ndarray,
                        num_scheduled: np.ndarray) -> None:
@@ -240,16 +242,15 @@ class RoutingRing:
 
         Called by the flusher thread. On CUDA the copy runs on a side stream, ordered after the
         last finished step's event, and the returned event marks its completion; the step thread
-        never waits for it (begin_step orders the slot's next zeroing after it on the device).
-        On CPU the copied slots are zeroed here, off the step's critical path.
+        never waits for it (the slot's next begin_step orders its step after it on the device).
+        Either way the copied slots are zeroed here (after the copy), off the step's critical path.
         """
         src = self.counts[:, start:stop]
         if self.device.type != "cuda":
             out.copy_(src)
-            if self._counts_np is not None:
-                self._counts_np[:, start:stop] = 0  # CPU: free slots are zero (see __init__)
             if self.comm_on_device:
                 self._comm_host[start:stop].copy_(self.comm_acc[start:stop])
+            self._zero(start, stop)
             return None
         stream = self._side_stream()
         if self._last_step_event is not None:
@@ -269,12 +270,28 @@ class RoutingRing:
                     out[layer].copy_(src[layer], non_blocking=True)
             if self.comm_on_device:
                 self._comm_host[start:stop].copy_(self.comm_acc[start:stop], non_blocking=True)
+            self._zero(start, stop)  # after the copies, on the same stream; before the event
             ev = torch.cuda.Event()
             ev.record(stream)
         return ev
 
+    def _zero(self, start: int, stop: int) -> None:
+        """Free slots are zero (see __init__): the flusher's pass over what it has copied."""
+        if self._counts_np is not None:
+            self._counts_np[:, start:stop] = 0
+        else:
+            self.counts[:, start:stop].zero_()
+        if self.comm_on_device:
+            self.comm_acc[start:stop].zero_()
+
+    def clear_slot(self, ring_slot: int) -> None:
+        """Zero a slot the last step left dirty (prepared, never finished) before it is reused;
+        on CUDA a kernel on the step's stream, ahead of the step's forward."""
+        self._zero(ring_slot, ring_slot + 1)
+
     _side: torch.cuda.Stream | None = None
     _last_step_event: torch.cuda.Event | None = None
+    _step_stream: Any = None  # the stream of the step in progress (CUDA), taken once per step
 
     def _side_stream(self) -> torch.cuda.Stream:
         if self._side is None:
@@ -282,14 +299,20 @@ class RoutingRing:
         return self._side
 
     def mark_step_done(self) -> None:
-        """Record an event after the step's work so the flusher's copy can be ordered after it."""
-        if self.device.type == "cuda":
+        """Record an event after the step's work so the flusher's copy can be ordered after it:
+        the slot's end-timing event (made once), which the flusher also reads the step's device
+        time from."""
+        slot, self._timing_slot = self._timing_slot, -1
+        stream = self._step_stream if slot >= 0 else self._stream()
+        if slot >= 0:
+            end = self._timing[slot][1]
+            end.record(stream)
+            if stream is not None:
+                self._last_step_event = end
+        elif stream is not None:  # a step begun without timing events (not on CUDA rings)
             ev = torch.cuda.Event()
-            ev.record(self._stream())
+            ev.record(stream)
             self._last_step_event = ev
-        if self._timing_slot >= 0:
-            self._timing[self._timing_slot][1].record(self._stream())
-            self._timing_slot = -1
 
     def _stream(self) -> Any:
         """The ring's device's current stream (events go there even if another device is

@@ -172,6 +172,8 @@ class RecorderSession:
                 self._recording = False
                 return
             slot = self._steps_begun % lay.ring_steps
+            if self._recording:  # the last step was prepared but never finished: its counts
+                self.ring.clear_slot(slot)  # are in this slot, which no flush will zero
             self.ring.begin_requests(slot, is_decode, num_scheduled)
             # raw copies; the per-phase figures are derived by the flusher (StepMeta.derive)
             self.meta.record(slot, num_scheduled, is_decode, num_computed, scheduled_total,
