@@ -107,11 +107,15 @@ class RoutingRing:
         self._idle_host = torch.full((lay.max_tokens + 1,), idle, dtype=torch.int64,
                                      pin_memory=pin)
         self._idle_host[lay.max_tokens] = lay.idle_slot
-        # Staging buffers for tok_base, round-robin so a non-blocking H2D copy never reads a host
-        # buffer that is being refilled (an event guards each one on CUDA).
+        # On CPU the host writes tok_base itself: the forward reads it after begin_step, on the
+        # same thread, so a staging buffer and a copy (two 73 KB passes a step for a token map of
+        # 9,216 rows) would buy nothing. Elsewhere staging buffers, round-robin so a non-blocking
+        # H2D copy never reads a host buffer that is being refilled (an event guards each one).
+        self._tok_np = self.tok_base.numpy() if self.device.type == "cpu" else None
+        self._idle_np = self._idle_host.numpy()
         self._stage = [
             torch.empty((lay.max_tokens + 1,), dtype=torch.int64, pin_memory=pin)
-            for _ in range(4)
+            for _ in range(4 if self._tok_np is None else 0)
         ]
         self._stage_np = [t.numpy() for t in self._stage]
         self._stage_events: list[torch.cuda.Event | None] = [None] * 4
@@ -175,12 +179,16 @@ class RoutingRing:
         n = int(rows.shape[0])
         if n > lay.max_tokens:
             raise ValueError(f"step has {n} tokens, ring was sized for {lay.max_tokens}")
-        i = self._stage_next
-        self._stage_next = (i + 1) % len(self._stage)
-        event = self._stage_events[i]
-        if event is not None:
-            event.synchronize()  # only blocks if the device is 4 steps behind the host
-        host = self._stage_np[i]
+        i = -1
+        if self._tok_np is not None:  # CPU: written in place (see __init__)
+            host = self._tok_np
+        else:
+            i = self._stage_next
+            self._stage_next = (i + 1) % len(self._stage)
+            event = self._stage_events[i]
+            if event is not None:
+                event.synchronize()  # only blocks if the device is 4 steps behind the host
+            host = self._stage_np[i]
         host[:n] = rows
         host[n:] = base + PAD * lay.columns  # padded rows
         host[lay.max_tokens] = ring_slot  # the slot, for the device clock's stamps
@@ -190,7 +198,8 @@ class RoutingRing:
             copy_done = self._copy_events.pop(ring_slot, None)
             if copy_done is not None:  # the flusher's D2H copy of this slot must finish first
                 stream.wait_event(copy_done)
-        self.tok_base.copy_(self._stage[i], non_blocking=True)
+        if i >= 0:
+            self.tok_base.copy_(self._stage[i], non_blocking=True)
         if self._timing:
             # The slot's begin event, after the copy, also guards staging buffer i (a record
             # of it S steps later marks a later point: waiting on that is still safe). One
@@ -214,7 +223,10 @@ class RoutingRing:
 
     def end_step(self) -> None:
         """Point every row back at the idle sink, so dummy forwards between steps count nothing."""
-        self.tok_base.copy_(self._idle_host, non_blocking=True)
+        if self._tok_np is not None:
+            np.copyto(self._tok_np, self._idle_np)
+        else:
+            self.tok_base.copy_(self._idle_host, non_blocking=True)
 
     # ---- collective time on the device (CUDA, opt-in) -----------------------------------------
     def enable_device_comm(self) -> bool:
