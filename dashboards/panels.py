@@ -1,10 +1,14 @@
-"""Small helpers shared by the dashboards: datasource reference, targets, template variables."""
+"""Small helpers shared by the dashboards: datasource reference, targets, template variables, and
+the threshold, legend and time-series defaults every row uses (one look across rows)."""
 
 from __future__ import annotations
 
-from grafana_foundation_sdk.builders import dashboard, prometheus
+from grafana_foundation_sdk.builders import common, dashboard, prometheus, timeseries
+from grafana_foundation_sdk.models.common import LegendDisplayMode, LegendPlacement
 from grafana_foundation_sdk.models.dashboard import (
     DataSourceRef,
+    Threshold,
+    ThresholdsMode,
     VariableOption,
     VariableRefresh,
     VariableSort,
@@ -67,3 +71,35 @@ def template_variables() -> list[dashboard.DatasourceVariable | dashboard.QueryV
             'label_values(moe_reuse_info{model=~"$model", engine=~"$engine"}, rank)',
         ),
     ]
+
+
+def thresholds(*steps: tuple[float | None, str]) -> dashboard.ThresholdsConfig:
+    return (
+        dashboard.ThresholdsConfig()
+        .mode(ThresholdsMode.ABSOLUTE)
+        .steps([Threshold(value=v, color=c) for v, c in steps])
+    )
+
+
+def legend() -> common.VizLegendOptions:
+    return (
+        common.VizLegendOptions()
+        .display_mode(LegendDisplayMode.LIST)
+        .placement(LegendPlacement.BOTTOM)
+        .show_legend(True)
+    )
+
+
+def timeseries_panel(
+    title: str, description: str, unit: str, h: int = 8, w: int = 8
+) -> timeseries.Panel:
+    return (
+        timeseries.Panel()
+        .title(title)
+        .description(description)
+        .unit(unit)
+        .datasource(DATASOURCE)
+        .legend(legend())
+        .height(h)
+        .span(w)
+    )

@@ -22,6 +22,7 @@ from moe_reuse.plugin.recorder import rawstream
 from moe_reuse.plugin.recorder.aggregate import ByteModel
 from moe_reuse.plugin.recorder.ring import RingLayout
 from moe_reuse.plugin.recorder.session import RecorderSession
+from moe_reuse.plugin.snapshot import scan as snap_scan
 
 L, E, K = 3, 8, 2
 BM = ByteModel((100, 200, 300), shared_expert_bytes=7, dense_ffn_bytes=11, attention_bytes=13,
@@ -123,7 +124,7 @@ def test_a_scan_in_the_reader_s_process_takes_the_snapshot_it_wrote_from_memory(
     assert run.poll() == 11
     decode = snap_io.decode
     with monkeypatch.context() as m:
-        m.setattr(snap_io, "decode", lambda *a, **k: pytest.fail("decoded a file written here"))
+        m.setattr(snap_scan, "decode", lambda *a, **k: pytest.fail("decoded a file written here"))
         mem = snap_io.scan_snapshots(tmp_path).ranks[0].snapshot
     snap_io.WRITTEN_HERE.clear()
     disk = snap_io.scan_snapshots(tmp_path).ranks[0].snapshot
@@ -134,7 +135,7 @@ def test_a_scan_in_the_reader_s_process_takes_the_snapshot_it_wrote_from_memory(
     other = {**disk, "labels": {**disk["labels"], "model": "other"}}
     snap_io.write_snapshot(tmp_path / "e0-r3.npz", other)  # as another process would: not ours
     decoded: list[int] = []
-    monkeypatch.setattr(snap_io, "decode", lambda *a, **k: decoded.append(1) or decode(*a, **k))
+    monkeypatch.setattr(snap_scan, "decode", lambda *a, **k: decoded.append(1) or decode(*a, **k))
     assert snap_io.scan_snapshots(tmp_path).ranks[0].snapshot["labels"]["model"] == "other"
     assert decoded == [1]
     run.close()

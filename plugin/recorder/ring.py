@@ -321,7 +321,7 @@ class RoutingRing:
             end.record(stream)
             if stream is not None:
                 self._last_step_event = end
-        elif stream is not None:  # a step begun without timing events (not on CUDA rings)
+        elif stream is not None:  # no step begun (a probe of the flush): an event of its own
             ev = torch.cuda.Event()
             ev.record(stream)
             self._last_step_event = ev

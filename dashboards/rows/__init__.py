@@ -1,0 +1,1 @@
+"""The overview dashboard's rows, one module each: one function per panel, named after it."""
