@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import_recorder()
     from moe_reuse.plugin import snapshot as snap_io
-    from moe_reuse.plugin.exporters.prometheus import snapshot_families
+    from moe_reuse.plugin.exporters.families import snapshot_families
     from moe_reuse.plugin.reader.service import RunReader
     from moe_reuse.plugin.recorder import rawstream
     from moe_reuse.plugin.recorder.aggregate import ByteModel

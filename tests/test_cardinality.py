@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from moe_reuse.plugin.config import ConfigError, parse_config
 from moe_reuse.plugin.config_checks import validate_for_model
-from moe_reuse.plugin.exporters.prometheus import EXPERT_SERIES_PER_SCRAPE, snapshot_families
+from moe_reuse.plugin.exporters.families import EXPERT_SERIES_PER_SCRAPE, snapshot_families
 from moe_reuse.plugin.metrics_text import samples
 from moe_reuse.plugin.recorder.aggregate import PHASES, ByteModel
 from moe_reuse.plugin.recorder.ring import RingLayout

@@ -8,7 +8,7 @@ import pytest
 import tomllib
 
 from moe_reuse.plugin import compat
-from moe_reuse.plugin.exporters.prometheus import snapshot_families
+from moe_reuse.plugin.exporters.families import snapshot_families
 from moe_reuse.plugin.frontend import FrontendState
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"

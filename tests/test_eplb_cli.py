@@ -14,7 +14,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from moe_reuse.plugin.config import PluginConfig
-from moe_reuse.plugin.exporters.prometheus import snapshot_families
+from moe_reuse.plugin.exporters.families import snapshot_families
 from moe_reuse.plugin.harness.tiny_models import model_spec
 from moe_reuse.plugin.live.advisor import window_advice
 from moe_reuse.plugin.live.eplb_cli import add_subcommands, local_view, render, server_view

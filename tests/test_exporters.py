@@ -13,13 +13,13 @@ import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 
 from moe_reuse.plugin.exporters import prometheus
-from moe_reuse.plugin.exporters.prometheus import (
+from moe_reuse.plugin.exporters.families import (
     EXPERT_SERIES_PER_SCRAPE,
     SERIES_PER_SCRAPE,
-    SnapshotCollector,
     rank_series,
     snapshot_families,
 )
+from moe_reuse.plugin.exporters.prometheus import SnapshotCollector
 from moe_reuse.plugin.recorder.aggregate import ByteModel
 from moe_reuse.plugin.recorder.ring import RingLayout
 from moe_reuse.plugin.recorder.session import RecorderSession

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from moe_reuse.plugin import snapshot as snap_io
-from moe_reuse.plugin.exporters.prometheus import rank_series, snapshot_families
+from moe_reuse.plugin.exporters.families import rank_series, snapshot_families
 from moe_reuse.plugin.live.otel import families_to_points
 from moe_reuse.plugin.reader import gpm
 from moe_reuse.plugin.reader.gpm import GpmSampler, HbmMeter, normalise_uuid

@@ -102,7 +102,7 @@ def test_the_reader_derives_what_in_process_folding_derives(tmp_path: Path) -> N
 def _exposition(snap: dict) -> str:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from moe_reuse.plugin.exporters.prometheus import snapshot_families
+    from moe_reuse.plugin.exporters.families import snapshot_families
 
     class _C:
         def collect(self) -> list:

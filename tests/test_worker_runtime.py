@@ -13,7 +13,7 @@ import pytest
 pytest.importorskip("vllm")
 
 from moe_reuse.plugin import faults, worker_runtime  # noqa: E402
-from moe_reuse.plugin.exporters.prometheus import snapshot_families  # noqa: E402
+from moe_reuse.plugin.exporters.families import snapshot_families  # noqa: E402
 from moe_reuse.plugin.snapshot import scan_snapshots  # noqa: E402
 from moe_reuse.plugin.vllm import facts as seam_facts  # noqa: E402
 

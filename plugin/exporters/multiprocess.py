@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, valu
 from prometheus_client.core import Metric
 
 from ..recorder.aggregate import HIST_BOUNDS
-from .prometheus import snapshot_families
+from .families import snapshot_families
 
 
 def multiprocess_mode() -> bool:

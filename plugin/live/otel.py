@@ -7,7 +7,7 @@ recorder's flusher hands over once per flushed block, so the OTel export thread 
 live counters.
 
 The same families as /metrics, built by the same pure function
-(`exporters.prometheus.snapshot_families`): counters become ObservableCounters (monotonic,
+(`exporters.families.snapshot_families`): counters become ObservableCounters (monotonic,
 cumulative; the name without `_total`, which a collector's Prometheus exporter adds back),
 gauges ObservableGauges with the same name and labels. The one histogram
 (`moe_reuse_expert_batch_tokens`) is not pushed: OTel has no observable histogram; its sum and
@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ..exporters.prometheus import snapshot_families
+from ..exporters.families import snapshot_families
 
 SERVICE_NAME = "vllm-moe-reuse"
 

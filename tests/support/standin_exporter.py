@@ -31,7 +31,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from moe_reuse.plugin.exporters.prometheus import reader_families, snapshot_families
+from moe_reuse.plugin.exporters.families import reader_families, snapshot_families
 from moe_reuse.plugin.live.advisor import advisor_gauges
 from moe_reuse.plugin.live.window import window_gauges
 from moe_reuse.plugin.recorder.aggregate import COMPONENTS, HIST_BOUNDS, KINDS, Totals
