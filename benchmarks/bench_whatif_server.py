@@ -43,8 +43,8 @@ from moe_reuse.predictor import (
     model_from_hf_config,
 )
 from moe_reuse.predictor.cli import main as predictor_main
+from moe_reuse.predictor.deployment import DEFAULT_ACCOUNTING
 from moe_reuse.predictor.quality import DEFAULT_Q
-from moe_reuse.predictor.specs import DEFAULT_ACCOUNTING
 
 
 def say(msg: str) -> None:

@@ -5,6 +5,7 @@ breakdowns out, no vLLM or torch import and no I/O outside `loading`. Importing 
 does no work. See docs/predictor.md for the accounting and the reproduction of the paper.
 """
 
+from .deployment import DEFAULT_ACCOUNTING, PAPER_ACCOUNTING, PROFILES, Accounting, Partition
 from .errors import SpecError
 from .hf_config import model_from_hf_config
 from .loading import (
@@ -37,15 +38,7 @@ from .sizes import (
     total_params,
     weight_bytes_breakdown,
 )
-from .specs import (
-    DEFAULT_ACCOUNTING,
-    PAPER_ACCOUNTING,
-    PROFILES,
-    Accounting,
-    HardwareSpec,
-    ModelSpec,
-    Partition,
-)
+from .specs import HardwareSpec, ModelSpec
 from .timing import StepTime, step_time
 
 __all__ = [

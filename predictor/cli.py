@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import fields, replace
 from typing import Any
 
+from .deployment import PROFILES, Accounting
 from .errors import SpecError
 from .loading import (
     list_hardware_presets,
@@ -28,7 +29,6 @@ from .loading import (
 from .quality import DEFAULT_Q
 from .search import CaseResult, evaluate_case
 from .sizes import active_params, kv_bytes_per_token, total_params
-from .specs import PROFILES, Accounting
 from .sweep import AXES, ROW_KEYS, format_tokens, plot_sweep, sweep, sweep_rows
 
 PROG = "moe-reuse"

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from .deployment import DEFAULT_ACCOUNTING, Accounting, Partition
 from .errors import SpecError
 from .sizes import (
     attention_output_width,
@@ -32,7 +33,7 @@ from .sizes import (
     kv_bytes_per_token_per_layer,
     weight_bytes_breakdown,
 )
-from .specs import DEFAULT_ACCOUNTING, Accounting, HardwareSpec, ModelSpec, Partition, dtype_bytes
+from .specs import HardwareSpec, ModelSpec, dtype_bytes
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .deployment import DEFAULT_ACCOUNTING, Accounting, Partition
 from .errors import SpecError
 from .memory import MemoryBreakdown, memory_breakdown
 from .quality import DEFAULT_Q, dense_twin, qs_verdict
-from .specs import DEFAULT_ACCOUNTING, Accounting, HardwareSpec, ModelSpec, Partition
+from .specs import HardwareSpec, ModelSpec
 from .timing import StepTime, step_time
 
 

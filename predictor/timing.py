@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from . import comm
+from .deployment import DEFAULT_ACCOUNTING, Accounting, Partition
 from .errors import SpecError
 from .memory import layout
 from .reuse import expected_distinct_experts, reuse_from_counts
@@ -35,7 +36,7 @@ from .sizes import (
     shared_params_per_moe_layer,
     weight_bytes_breakdown,
 )
-from .specs import DEFAULT_ACCOUNTING, Accounting, HardwareSpec, ModelSpec, Partition, dtype_bytes
+from .specs import HardwareSpec, ModelSpec, dtype_bytes
 
 COMPUTE_PARTS = ("projections", "attention", "dense_ffn", "shared_ffn", "routed_ffn", "lm_head")
 HBM_PARTS = ("projections", "kv", "dense_ffn", "shared_ffn", "routed_ffn", "lm_head")

@@ -38,19 +38,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from .deployment import DEFAULT_ACCOUNTING, Accounting, Partition
 from .errors import SpecError
 from .memory import memory_breakdown
 from .quality import DEFAULT_Q, dense_twin
 from .reuse import expected_distinct_experts
 from .search import search_partitions
-from .specs import (
-    DEFAULT_ACCOUNTING,
-    JITTER_QUANTILES,
-    Accounting,
-    HardwareSpec,
-    ModelSpec,
-    Partition,
-)
+from .specs import JITTER_QUANTILES, HardwareSpec, ModelSpec
 from .timing import step_time
 
 
