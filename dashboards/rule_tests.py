@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from . import queries as q
+from . import rule_queries as rq
 from .config import Config
 from .rules import alerts
 
@@ -120,10 +120,10 @@ def _recording_tests(cfg: Config) -> dict[str, Any]:
 
     def expect(name: str, samples: list[tuple[dict[str, str], float]]) -> dict[str, Any]:
         return {
-            "expr": q.rec(name, cfg),
+            "expr": rq.rec(name, cfg),
             "eval_time": "10m",
             "exp_samples": [
-                {"labels": _sel(q.rec(name, cfg), lbl), "value": v} for lbl, v in samples
+                {"labels": _sel(rq.rec(name, cfg), lbl), "value": v} for lbl, v in samples
             ],
         }
 
@@ -132,20 +132,20 @@ def _recording_tests(cfg: Config) -> dict[str, Any]:
         "input_series": series,
         "promql_expr_test": [
             # (120 + 240) assignments / (60 + 60) touched per minute; prefill left out.
-            expect(q.REC_DECODE_TOKENS_PER_EXPERT, [(a, 3.0)]),
-            expect(q.REC_LAYER_DECODE_TOKENS_PER_EXPERT, [({**a, **l0}, 2.0), ({**a, **l1}, 4.0)]),
+            expect(rq.REC_DECODE_TOKENS_PER_EXPERT, [(a, 3.0)]),
+            expect(rq.REC_LAYER_DECODE_TOKENS_PER_EXPERT, [({**a, **l0}, 2.0), ({**a, **l1}, 4.0)]),
             # layer 0: (180 / 60 decode+mixed steps) / (120 / 60) = 1.5; layer 1: 8 / 4 = 2.
-            expect(q.REC_LAYER_LOAD_IMBALANCE, [({**a, **l0}, 1.5), ({**a, **l1}, 2.0)]),
+            expect(rq.REC_LAYER_LOAD_IMBALANCE, [({**a, **l0}, 1.5), ({**a, **l1}, 2.0)]),
             # 120 decode tokens over 60 decode+mixed steps.
-            expect(q.REC_DECODE_BATCH_TOKENS, [(a, 2.0)]),
-            expect(q.REC_DECODE_TOKENS_RATE, [(a, 2.0)]),
-            expect(q.REC_TOKENS_RATE, [(a, 102.0)]),
+            expect(rq.REC_DECODE_BATCH_TOKENS, [(a, 2.0)]),
+            expect(rq.REC_DECODE_TOKENS_RATE, [(a, 2.0)]),
+            expect(rq.REC_TOKENS_RATE, [(a, 102.0)]),
             # 9e9 bytes per minute over 60 s of steps per minute.
-            expect(q.REC_HBM_ACHIEVED, [(a, 1.5e8)]),
+            expect(rq.REC_HBM_ACHIEVED, [(a, 1.5e8)]),
             # 9e9 bytes measured per 60 s of wall time; b is not measured: no sample, not 0.
-            expect(q.REC_HBM_MEASURED, [(a, 1.5e8)]),
+            expect(rq.REC_HBM_MEASURED, [(a, 1.5e8)]),
             # 6 s of all-reduce per 60 s of steps; target b has no collective: 0, not absent.
-            expect(q.REC_MOE_COMM_SHARE, [(a, 0.1), (_labels(B), 0.0)]),
+            expect(rq.REC_MOE_COMM_SHARE, [(a, 0.1), (_labels(B), 0.0)]),
         ],
     }
 
@@ -435,8 +435,8 @@ def _cluster_tests(cfg: Config) -> dict[str, Any]:
         ]
 
     def expect(name: str, samples: list[tuple[dict[str, str], float]]) -> dict[str, Any]:
-        return {"expr": q.rec(name, cfg), "eval_time": "10m",
-                "exp_samples": [{"labels": _sel(q.rec(name, cfg), lbl), "value": v}
+        return {"expr": rq.rec(name, cfg), "eval_time": "10m",
+                "exp_samples": [{"labels": _sel(rq.rec(name, cfg), lbl), "value": v}
                                 for lbl, v in samples]}
 
     return {
@@ -444,12 +444,12 @@ def _cluster_tests(cfg: Config) -> dict[str, Any]:
         "input_series": series,
         "promql_expr_test": [
             # engine 0 once (120/min), engine 1 (60/min): 3 decode tokens/s; prefill 5x.
-            expect(q.REC_CLUSTER_TOKENS_RATE, [({"model": "m", **DEC}, 3.0),
+            expect(rq.REC_CLUSTER_TOKENS_RATE, [({"model": "m", **DEC}, 3.0),
                                                ({"model": "m", **PRE}, 15.0)]),
             # (240 + 240) assignments / (120 + 120) touched a minute; engine 0 counted once.
-            expect(q.REC_CLUSTER_DECODE_TOKENS_PER_EXPERT, [({"model": "m"}, 2.0)]),
+            expect(rq.REC_CLUSTER_DECODE_TOKENS_PER_EXPERT, [({"model": "m"}, 2.0)]),
             # every rank's bytes: (6e9 + 6e9 + 3e9) a minute.
-            expect(q.REC_CLUSTER_HBM_READ_RATE, [({"model": "m"}, 2.5e8)]),
+            expect(rq.REC_CLUSTER_HBM_READ_RATE, [({"model": "m"}, 2.5e8)]),
         ],
     }
 

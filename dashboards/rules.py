@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from . import queries as q
+from . import rule_queries as rq
 from .config import Config
 
 RECORDING_GROUP = "moe-reuse.rules"
@@ -47,20 +48,20 @@ def recording_rules(cfg: Config) -> list[dict[str, str]]:
     """`level:metric:operations` series the alerts and heavy panels build on."""
     s = q.rules_scope(cfg)
     pairs = [
-        (q.REC_DECODE_TOKENS_PER_EXPERT, q.decode_tokens_per_expert(s)),
-        (q.REC_LAYER_DECODE_TOKENS_PER_EXPERT, q.layer_decode_tokens_per_expert(s)),
-        (q.REC_LAYER_LOAD_IMBALANCE, q.layer_load_imbalance(s)),
-        (q.REC_DECODE_BATCH_TOKENS, q.decode_batch_tokens(s)),
-        (q.REC_DECODE_TOKENS_RATE, q.decode_tokens_rate(s)),
-        (q.REC_TOKENS_RATE, q.tokens_rate(s)),
-        (q.REC_HBM_ACHIEVED, q.hbm_achieved_bandwidth(s)),
-        (q.REC_HBM_MEASURED, q.hbm_measured_bandwidth(s)),
-        (q.REC_MOE_COMM_SHARE, q.moe_comm_share(s)),
-        (q.REC_CLUSTER_TOKENS_RATE, q.cluster_tokens_rate(s)),
-        (q.REC_CLUSTER_DECODE_TOKENS_PER_EXPERT, q.cluster_decode_tokens_per_expert(s)),
-        (q.REC_CLUSTER_HBM_READ_RATE, q.cluster_hbm_read_rate(s)),
+        (rq.REC_DECODE_TOKENS_PER_EXPERT, q.decode_tokens_per_expert(s)),
+        (rq.REC_LAYER_DECODE_TOKENS_PER_EXPERT, q.layer_decode_tokens_per_expert(s)),
+        (rq.REC_LAYER_LOAD_IMBALANCE, q.layer_load_imbalance(s)),
+        (rq.REC_DECODE_BATCH_TOKENS, q.decode_batch_tokens(s)),
+        (rq.REC_DECODE_TOKENS_RATE, q.decode_tokens_rate(s)),
+        (rq.REC_TOKENS_RATE, q.tokens_rate(s)),
+        (rq.REC_HBM_ACHIEVED, q.hbm_achieved_bandwidth(s)),
+        (rq.REC_HBM_MEASURED, q.hbm_measured_bandwidth(s)),
+        (rq.REC_MOE_COMM_SHARE, q.moe_comm_share(s)),
+        (rq.REC_CLUSTER_TOKENS_RATE, rq.cluster_tokens_rate(s)),
+        (rq.REC_CLUSTER_DECODE_TOKENS_PER_EXPERT, rq.cluster_decode_tokens_per_expert(s)),
+        (rq.REC_CLUSTER_HBM_READ_RATE, rq.cluster_hbm_read_rate(s)),
     ]
-    return [{"record": q.rec(name, cfg), "expr": expr} for name, expr in pairs]
+    return [{"record": rq.rec(name, cfg), "expr": expr} for name, expr in pairs]
 
 
 VALUE2 = '{{ printf "%.2f" $value }}'
@@ -73,7 +74,7 @@ def alerts(cfg: Config) -> list[Alert]:
     return [
         Alert(
             "MoeReuseCollapse",
-            q.alert_reuse_collapse(cfg),
+            rq.alert_reuse_collapse(cfg),
             cfg.reuse_collapse_for,
             cfg.reuse_collapse_severity,
             "MoE expert reuse collapsed far below the hardware ridge point.",
@@ -85,7 +86,7 @@ def alerts(cfg: Config) -> list[Alert]:
         ),
         Alert(
             "MoeReuseDenseSpeedupHigh",
-            q.alert_dense_speedup_high(cfg),
+            rq.alert_dense_speedup_high(cfg),
             cfg.dense_speedup_for,
             cfg.dense_speedup_severity,
             "A quality-matched dense model would decode this workload much faster.",
@@ -95,7 +96,7 @@ def alerts(cfg: Config) -> list[Alert]:
         ),
         Alert(
             "MoeReuseDeadExperts",
-            q.alert_dead_experts(cfg),
+            rq.alert_dead_experts(cfg),
             cfg.dead_experts_for,
             cfg.dead_experts_severity,
             "Experts receive no tokens at all: the router may have collapsed.",
@@ -105,7 +106,7 @@ def alerts(cfg: Config) -> list[Alert]:
         ),
         Alert(
             "MoeReuseLoadImbalance",
-            q.alert_load_imbalance(cfg),
+            rq.alert_load_imbalance(cfg),
             cfg.load_imbalance_for,
             cfg.load_imbalance_severity,
             "Decode load across experts is badly imbalanced.",
@@ -116,7 +117,7 @@ def alerts(cfg: Config) -> list[Alert]:
         ),
         Alert(
             "MoeReuseRoutingDrift",
-            q.alert_routing_drift(cfg),
+            rq.alert_routing_drift(cfg),
             cfg.routing_drift_for,
             cfg.routing_drift_severity,
             "Expert routing drifted away from its saved baseline.",
@@ -126,7 +127,7 @@ def alerts(cfg: Config) -> list[Alert]:
         ),
         Alert(
             "MoeReusePredictorDiverging",
-            q.alert_predictor_diverging(cfg),
+            rq.alert_predictor_diverging(cfg),
             cfg.model_error_for,
             cfg.model_error_severity,
             "The reuse predictor disagrees with the measurement.",
@@ -137,7 +138,7 @@ def alerts(cfg: Config) -> list[Alert]:
         ),
         Alert(
             "MoeReusePluginDisabled",
-            q.alert_plugin_disabled(cfg),
+            rq.alert_plugin_disabled(cfg),
             cfg.plugin_disabled_for,
             cfg.plugin_disabled_severity,
             "The MoE reuse plugin disabled itself.",
@@ -148,7 +149,7 @@ def alerts(cfg: Config) -> list[Alert]:
         ),
         Alert(
             "MoeReuseRankStale",
-            q.alert_rank_stale(cfg),
+            rq.alert_rank_stale(cfg),
             cfg.rank_stale_for,
             cfg.rank_stale_severity,
             "A rank stopped publishing its MoE reuse snapshot.",
@@ -157,7 +158,7 @@ def alerts(cfg: Config) -> list[Alert]:
         ),
         Alert(
             "MoeReuseCountingMismatch",
-            q.alert_counting_mismatch(cfg),
+            rq.alert_counting_mismatch(cfg),
             "",
             cfg.selfcheck_severity,
             "The recorder's counts disagree with vLLM's scheduler.",
@@ -167,7 +168,7 @@ def alerts(cfg: Config) -> list[Alert]:
         ),
         Alert(
             "MoeReusePluginErrors",
-            q.alert_plugin_errors(cfg),
+            rq.alert_plugin_errors(cfg),
             "",
             cfg.plugin_errors_severity,
             "The MoE reuse plugin caught runtime errors.",
@@ -176,7 +177,7 @@ def alerts(cfg: Config) -> list[Alert]:
         ),
         Alert(
             "MoeReuseRebalanceWouldHelp",
-            q.alert_rebalance_would_help(cfg),
+            rq.alert_rebalance_would_help(cfg),
             cfg.eplb_help_for,
             cfg.eplb_help_severity,
             "Rebalancing the experts across EP ranks would speed up decode.",
@@ -187,7 +188,7 @@ def alerts(cfg: Config) -> list[Alert]:
         ),
         Alert(
             "MoeReuseEplbCostsMore",
-            q.alert_eplb_costs_more(cfg),
+            rq.alert_eplb_costs_more(cfg),
             cfg.eplb_cost_for,
             cfg.eplb_cost_severity,
             "EPLB is on and its replicas cost more than the balance they buy.",
@@ -226,7 +227,7 @@ def _str_representer(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
 _Dumper.add_representer(str, _str_representer)
 
 GENERATED_HEADER = (
-    "# Generated by `python -m moe_reuse.dashboards.generate` from dashboards/{rules,queries,config}.py.\n"
+    "# Generated by `python -m moe_reuse.dashboards.generate` from dashboards/{rules,rule_queries,queries,config}.py.\n"
     "# Do not edit: change the Python and regenerate (CI fails when this file is stale).\n"
 )
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from moe_reuse.dashboards import queries as q
+from moe_reuse.dashboards import rule_queries as rq
 from moe_reuse.dashboards.config import DEFAULT
 from moe_reuse.dashboards.generate import REPO_ROOT, RULE_TESTS_PATH, RULES_PATH
 from moe_reuse.dashboards.rule_tests import tests_file as promtool_tests
@@ -139,9 +139,9 @@ def test_runbook_anchors_exist_in_docs() -> None:
 
 
 def test_collapse_threshold_is_tied_to_the_ridge_point() -> None:
-    expr = q.alert_reuse_collapse(replace(DEFAULT, reuse_collapse_ridge_fraction=0.25))
+    expr = rq.alert_reuse_collapse(replace(DEFAULT, reuse_collapse_ridge_fraction=0.25))
     assert "0.25 * moe_reuse_ridge_point_tokens" in expr
-    assert q.rec(q.REC_DECODE_TOKENS_PER_EXPERT, DEFAULT) in expr
+    assert rq.rec(rq.REC_DECODE_TOKENS_PER_EXPERT, DEFAULT) in expr
 
 
 def test_thresholds_come_from_the_config() -> None:
