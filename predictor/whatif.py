@@ -42,9 +42,10 @@ from .deployment import DEFAULT_ACCOUNTING, Accounting, Partition
 from .errors import SpecError
 from .memory import memory_breakdown
 from .quality import DEFAULT_Q, dense_twin
+from .quantiles import mix_quantile, poisson_quantile
 from .reuse import expected_distinct_experts
 from .search import search_partitions
-from .specs import JITTER_QUANTILES, HardwareSpec, ModelSpec
+from .specs import HardwareSpec, ModelSpec
 from .timing import step_time
 
 
@@ -165,21 +166,6 @@ class WhatIfResult:
         }
 
 
-def _poisson_quantile(mean: float, q: float) -> int:
-    """Smallest n with P(X <= n) >= q for X ~ Poisson(mean)."""
-    if mean <= 0:
-        return 0
-    term = math.exp(-mean) if mean < 700 else 0.0
-    if term == 0.0:  # normal approximation for large means
-        return int(math.ceil(mean + 2.326 * math.sqrt(mean)))
-    total, n = term, 0
-    while total < q and n < 100000:
-        n += 1
-        term *= mean / n
-        total += term
-    return n
-
-
 def _step(
     dep: Deployment,
     hw: HardwareSpec,
@@ -195,44 +181,6 @@ def _step(
         dep.model, hw, dep.partition, tokens, context, acc, distinct_experts_per_layer=distinct,
         sequences=sequences,
     ).total_seconds
-
-
-def _jitter_cdf(ratios: Sequence[float], r: float) -> float:
-    """P(noise ratio <= r), piecewise linear between the measured quantiles."""
-    if r < ratios[0]:
-        return 0.0
-    if r >= ratios[-1]:
-        return 1.0
-    for i in range(len(ratios) - 1):
-        a, b = ratios[i], ratios[i + 1]
-        if a <= r < b:
-            qa, qb = JITTER_QUANTILES[i], JITTER_QUANTILES[i + 1]
-            return qa + (qb - qa) * (r - a) / (b - a)
-    return 1.0
-
-
-def mix_quantile(q: float, mixed_share: float, decode_s: float, mixed_s: float,
-                 ratios: Sequence[float]) -> float:
-    """The q-quantile of inter-token gaps: decode-only periods with probability 1 - share,
-    mixed ones otherwise, each times the host's noise (`ratios`; none: a two-point mix)."""
-    if not ratios:  # exactly one of the two step kinds
-        low, high = sorted((decode_s, mixed_s))
-        share_low = 1.0 - mixed_share if decode_s <= mixed_s else mixed_share
-        return low if share_low >= q else high
-
-    def cdf(x: float) -> float:
-        return ((1.0 - mixed_share) * _jitter_cdf(ratios, x / decode_s)
-                + mixed_share * _jitter_cdf(ratios, x / mixed_s))
-
-    lo = min(decode_s, mixed_s) * ratios[0]
-    hi = max(decode_s, mixed_s) * ratios[-1]
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if cdf(mid) < q:
-            lo = mid
-        else:
-            hi = mid
-    return hi
 
 
 def evaluate_level(
@@ -280,7 +228,7 @@ def evaluate_level(
     cycle = o * mean + chunks * p_m  # one request's life in the batch
     queue = (concurrency - b) * cycle / b
     ttft50 = queue + chunks * p_m + mean / 2
-    ahead = max(_poisson_quantile(arrivals, 0.99) - 1, 0)
+    ahead = max(poisson_quantile(arrivals, 0.99) - 1, 0)
     ttft99 = queue + math.ceil((ahead * p + p) / budget) * p_m + mean
     return LevelResult(
         concurrency=concurrency,
