@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
 from moe_reuse.plugin.exporters import prometheus
@@ -63,6 +64,44 @@ def test_encode_decode_roundtrip_without_pickle() -> None:
     assert back["labels"] == snap["labels"]
     for k, v in snap["totals"].items():
         assert np.array_equal(back["totals"][k], v), k
+
+
+def _with_shape(shape: object) -> bytes:
+    """A snapshot file whose header gives its one array `shape` (the JSON padded to its length)."""
+    import io
+    import json
+    import zipfile
+
+    good = encode({"labels": {"rank": "1"}, "totals": {"x": np.zeros((20, 20), np.int64)}})
+    with zipfile.ZipFile(io.BytesIO(good)) as zf:
+        raw, blob = zf.read("header.npy"), zf.read("blob.npy")
+    start = raw.index(b'\n{"') + 1  # the JSON after the npy header
+    head = json.loads(raw[start:].decode())
+    head["arrays"][0][2] = shape
+    text = json.dumps(head).encode()
+    assert len(text) <= len(raw) - start
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as out:
+        out.writestr("header.npy", raw[:start] + text.ljust(len(raw) - start))
+        out.writestr("blob.npy", blob)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("shape", [[-1, 2], [2.0, 2], ["2"], [True], "22", None])
+def test_a_header_with_a_bad_array_shape_is_a_corrupt_file_and_the_rest_still_read(
+        shape: object, tmp_path: Path) -> None:
+    """The header is the file's JSON: a shape that is not a list of non-negative ints is a
+    corrupt snapshot (counted by the scan), never an exception out of it (which would drop every
+    rank's series from that scrape) or a wrong view."""
+    with pytest.raises(ValueError, match="bad shape"):
+        decode(_with_shape(shape))
+    write_snapshot(tmp_path / "e0-r0.npz", _snap())
+    bad = tmp_path / "e0-r1.npz"
+    bad.write_bytes(_with_shape(shape))
+    bad.chmod(0o600)
+    result = scan_snapshots(tmp_path)
+    assert [r.snapshot["labels"]["rank"] for r in result.ranks] == ["0"]
+    assert dict(result.refused) == {"corrupt": 1}
 
 
 def test_names_units_and_counters() -> None:
