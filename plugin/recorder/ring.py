@@ -118,7 +118,7 @@ class RoutingRing:
             for _ in range(4 if self._tok_np is None else 0)
         ]
         self._stage_np = [t.numpy() for t in self._stage]
-        self._stage_events: list[torch.cuda.Event | None] = [None] * 4
+        self._stage_events: list[torch.cuda.Event | None] = [None] * len(self._stage)
         self._stage_next = 0
         self._copy_events: dict[int, torch.cuda.Event] = {}
         # Device step time (CUDA): a timing-event pair per ring slot, made once here and recorded
