@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import os
 import statistics
 import tempfile
@@ -134,6 +135,9 @@ def main() -> None:
              ("8 ranks, default, in-process", 8, False, 0, True),
              ("8 ranks + 200 junk files", 8, True, 200, False),
              ("512 ranks, per-expert off", 512, False, 0, False)]
+    # the render is prometheus_client's, and its cost depends on the version (0.22 added UTF-8
+    # name escaping per label: text renders about twice as slowly as 0.21's)
+    print(f"prometheus_client {importlib.metadata.version('prometheus_client')}")
     print(f"{'case':29s} {'collector ms':>12s} {'render ms':>10s} {'om render ms':>12s} "
           f"{'scrape ms':>10s} {'max ms':>7s} {'bytes':>9s}")
     for name, ranks, pe, n_junk, here in cases:

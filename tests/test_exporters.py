@@ -104,6 +104,106 @@ def test_a_header_with_a_bad_array_shape_is_a_corrupt_file_and_the_rest_still_re
     assert dict(result.refused) == {"corrupt": 1}
 
 
+def _zip(members: dict[str, bytes]) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as out:
+        for name, data in members.items():
+            out.writestr(name, data)
+    return buf.getvalue()
+
+
+def _members(data: bytes) -> dict[str, bytes]:
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as zf:
+        return {n: zf.read(n) for n in zf.namelist()}
+
+
+def _with_header(header: object) -> bytes:
+    """A snapshot file whose JSON header is `header` (its npy framing intact)."""
+    import json
+
+    m = _members(encode(_snap()))
+    raw = m["header.npy"]
+    start = raw.index(b"\n{") + 1
+    return _zip({"header.npy": raw[:start] + json.dumps(header).encode(), "blob.npy": m["blob.npy"]})
+
+
+def _past_the_end() -> bytes:
+    """The central directory gives the blob more bytes than the file holds."""
+    data = bytearray(_zip(_members(encode(_snap()))))
+    at = data.index(b"PK\x01\x02")  # central directory entries, in the order written
+    while bytes(data[at + 46:at + 46 + int.from_bytes(data[at + 28:at + 30], "little")]) != b"blob.npy":
+        at = data.index(b"PK\x01\x02", at + 4)
+    big = (len(data) + 4096).to_bytes(4, "little")
+    data[at + 20:at + 24] = big
+    data[at + 24:at + 28] = big
+    return bytes(data)
+
+
+def _bad_local_header() -> bytes:
+    import io
+    import zipfile
+
+    data = bytearray(_zip(_members(encode(_snap()))))
+    with zipfile.ZipFile(io.BytesIO(bytes(data))) as zf:
+        off = zf.getinfo("blob.npy").header_offset
+    data[off:off + 4] = b"XXXX"
+    return bytes(data)
+
+
+HOSTILE_FILES = {
+    "an extra member": lambda: _zip({**_members(encode(_snap())), "x.npy": b"\0" * 8}),
+    "a member missing": lambda: _zip({"blob.npy": _members(encode(_snap()))["blob.npy"]}),
+    "a member past the end of the file": _past_the_end,
+    "a broken local header": _bad_local_header,
+    "a header that is a list": lambda: _with_header([1, 2]),
+    "a header without arrays": lambda: _with_header({"labels": {"rank": "1"}}),
+    "an array with an unknown dtype": lambda: _with_header(
+        {"labels": {"rank": "1"}, "arrays": [["x", "zz", [2], 0, 16]]}),
+    "an array with a float offset": lambda: _with_header(
+        {"labels": {"rank": "1"}, "arrays": [["x", "<i8", [2], 0.5, 16]]}),
+    "an array with a list for a name": lambda: _with_header(
+        {"labels": {"rank": "1"}, "arrays": [[["x"], "<i8", [2], 0, 16]]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_FILES))
+def test_a_file_that_is_not_a_snapshot_s_shape_is_corrupt_and_the_rest_still_read(
+        case: str, tmp_path: Path) -> None:
+    """Decoding reads members in place from the central directory's offsets and the header's
+    JSON, so every way those can lie is a corrupt file (a ValueError the scan counts), never an
+    exception out of the scan (which would drop every rank's series from that scrape)."""
+    data = HOSTILE_FILES[case]()
+    with pytest.raises(ValueError):
+        decode(data)
+    write_snapshot(tmp_path / "e0-r0.npz", _snap())
+    bad = tmp_path / "e0-r1.npz"
+    bad.write_bytes(data)
+    bad.chmod(0o600)
+    result = scan_snapshots(tmp_path)
+    assert [r.snapshot["labels"]["rank"] for r in result.ranks] == ["0"]
+    assert dict(result.refused) == {"corrupt": 1}
+
+
+def test_a_scanned_snapshot_s_totals_are_exact_and_can_be_updated(tmp_path: Path) -> None:
+    """The scan reads a rank file once into a writable buffer and the totals view it (no copy
+    per array); decoding read-only bytes copies the blob once: both give the written totals,
+    and both can be updated in place, as the reader's window does."""
+    snap = _snap()
+    write_snapshot(tmp_path / "e0-r0.npz", snap)
+    [rank] = scan_snapshots(tmp_path).ranks
+    from_bytes = decode(encode(snap))
+    for k, v in snap["totals"].items():
+        for got in (rank.snapshot["totals"][k], from_bytes["totals"][k]):
+            assert np.array_equal(got, v), k
+            assert got.flags.writeable, k
+
+
 def test_names_units_and_counters() -> None:
     text = _text([_snap()])
     assert 'moe_reuse_expert_assignments_total{engine="0",layer="1",model="m",phase="decode",rank="0"} 6.0' in text

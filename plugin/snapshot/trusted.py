@@ -11,12 +11,12 @@ refused says why (`SnapshotRefused.reason`, one of REASONS: the exported label).
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 MAX_SNAPSHOT_BYTES = 8 * 1024 * 1024
 """Read cap per rank file: a 61-layer, 256-expert rank with every live gauge is under 1 MiB, and
@@ -118,7 +118,7 @@ def open_dir(directory: Path, create: bool = False) -> int:
 
 
 @contextlib.contextmanager
-def _open_ours(dfd: int, name: str) -> Iterator[tuple[BinaryIO, os.stat_result]]:
+def _open_ours(dfd: int, name: str) -> Iterator[tuple[io.BufferedReader, os.stat_result]]:
     """A file of ours in a checked directory, open: regular, not a symlink, our owner."""
     try:
         fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
@@ -135,18 +135,24 @@ def _open_ours(dfd: int, name: str) -> Iterator[tuple[BinaryIO, os.stat_result]]
         yield f, st
 
 
-def _read_capped(f: BinaryIO, st: os.stat_result, name: str, max_bytes: int) -> bytes:
+def _read_capped(f: io.BufferedReader, st: os.stat_result, name: str, max_bytes: int) -> bytearray:
+    """The whole file, at most `max_bytes`, read once into a writable buffer: decoding views its
+    totals in place instead of copying them out (a copy per array was a third of a decode)."""
     if st.st_size > max_bytes:
         raise SnapshotRefused("too_large", f"{name} has {st.st_size} bytes, over the "
                                            f"{max_bytes}-byte cap")
-    data = f.read(max_bytes + 1)
-    if len(data) > max_bytes:
+    buf = bytearray(st.st_size + 1)  # one byte more: a file that grew since fstat shows it
+    n = f.readinto(buf)
+    del buf[n:]
+    if n > st.st_size:
+        buf += f.read(max_bytes + 1 - n)
+    if len(buf) > max_bytes:
         raise SnapshotRefused("too_large", f"{name} grew over the {max_bytes}-byte cap")
-    return data
+    return buf
 
 
 def read_trusted(dfd: int, name: str, max_bytes: int = MAX_SNAPSHOT_BYTES
-                 ) -> tuple[bytes, os.stat_result]:
+                 ) -> tuple[bytearray, os.stat_result]:
     """A file of ours in a checked directory: regular, not a symlink, at most `max_bytes`."""
     with _open_ours(dfd, name) as (f, st):
         return _read_capped(f, st, name, max_bytes), st
