@@ -130,7 +130,7 @@ def alternate(a: VllmServer, b: VllmServer, args: argparse.Namespace, vocab: int
               f"{itl['b'][-1] * 1e3:.3f} ms, ratio {itl['b'][-1] / itl['a'][-1]:.3f}", flush=True)
     tp = [x / y for x, y in zip(tps["a"], tps["b"])]
     cp = [x / y for x, y in zip(cpt["a"], cpt["b"])]
-    sp = [y / x for x, y in zip(itl["a"], itl["b"])]  # step-time ratio as a speed: b/a
+    sp = [y / x for x, y in zip(itl["a"], itl["b"]) if x > 0 and y > 0] or [math.nan]  # b/a
     q = statistics.quantiles(tp, n=4) if len(tp) >= 2 else [tp[0]] * 3
     qs = statistics.quantiles(sp, n=4) if len(sp) >= 2 else [sp[0]] * 3
     return {"throughput_ratio": statistics.median(tp), "throughput_iqr": [q[0], q[2]],
@@ -230,7 +230,7 @@ def run_once(args: argparse.Namespace, path: Any, vocab: int, swap: bool
                     roles[name].setdefault(role, []).append(v)
             tps_pairs.append(tps["plugin"][-1] / tps["baseline"][-1])
             cpt_pairs.append(cpt["plugin"][-1] / cpt["baseline"][-1])
-            step_pairs.append(itl["baseline"][-1] / itl["plugin"][-1])
+            step_pairs.append(itl["baseline"][-1] / itl["plugin"][-1])  # NaN: a wave of no gaps
             print(f"wave {i:2d} plugin {tps['plugin'][-1]:7.1f} tok/s {cpt['plugin'][-1] * 1e3:6.3f}"
                   f" ms CPU/tok | baseline {tps['baseline'][-1]:7.1f} tok/s "
                   f"{cpt['baseline'][-1] * 1e3:6.3f} ms CPU/tok | ratios {tps_pairs[-1]:.3f} "
@@ -240,6 +240,7 @@ def run_once(args: argparse.Namespace, path: Any, vocab: int, swap: bool
                       tps["plugin"], tps["baseline"], "tok/s"))
         print(summary("  server CPU per token (plugin/baseline; 1 = no overhead)", cpt_pairs,
                       cpt["plugin"], cpt["baseline"], "s/tok"))
+        step_pairs = [x for x in step_pairs if x == x] or [math.nan]
         print(summary("  engine step speed (baseline step / plugin step; 1 = no overhead)",
                       step_pairs, [1 / x for x in itl["plugin"]], [1 / x for x in itl["baseline"]],
                       "steps/s"))

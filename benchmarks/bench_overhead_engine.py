@@ -44,7 +44,7 @@ from typing import Any
 ARMS = ("aa", "capture", "protocol", "copy", "whole")
 TAG = "@@wave "
 TICK = os.sysconf("SC_CLK_TCK")
-args_settle_s = 0.1
+SETTLE_S = 0.1  # after SIGCONT, before a wave
 
 
 def group_cpu_seconds(pgid: int) -> float:
@@ -134,7 +134,7 @@ class Engine:
 
     def wave(self, seed: int) -> dict[str, Any]:
         os.killpg(self.proc.pid, signal.SIGCONT)
-        time.sleep(args_settle_s)  # let it settle after SIGCONT
+        time.sleep(SETTLE_S)
         assert self.proc.stdin is not None
         c0 = group_cpu_seconds(self.proc.pid)
         self.proc.stdin.write(f"{seed}\n")
