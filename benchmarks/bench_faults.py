@@ -24,9 +24,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from moe_reuse.plugin.harness.load import mixed_requests, run_load
 from moe_reuse.plugin.harness.server import VllmServer, metric_value
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
+from moe_reuse.plugin.harness.traffic import mixed_requests, run_load
 from moe_reuse.plugin.metrics_text import samples
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))

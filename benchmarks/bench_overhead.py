@@ -173,17 +173,21 @@ def run_ablation(args: argparse.Namespace, path: Any, vocab: int) -> dict[str, A
     cfloor = out.get("aa", {}).get("cpu_per_token_ratio", 1.0)
     print(f"\nmodel {args.model}, {'eager' if args.eager else 'compiled'}, concurrency "
           f"{args.concurrency}, {args.output_tokens} tokens per request, {args.waves} waves per arm")
+    sfloor = out.get("aa", {}).get("step_speed_ratio", 1.0)
     print(f"{'arm':9s} {'tput ratio':>10s} {'IQR':>13s} {'vs A/A':>7s} {'cost':>7s} {'step':>7s}"
-          f" {'CPU/tok':>8s} {'vs A/A':>7s}")
+          f" {'CPU/tok':>8s} {'vs A/A':>7s} {'engine step speed (IQR)':>24s} {'vs A/A':>7s}")
     prev = 0.0
     for arm, r in out.items():
         rel = r["throughput_ratio"] / floor
         cost = 100 * (1 - rel)
         r.update({"vs_aa": rel, "cost_percent": cost, "step_percent": cost - prev,
-                  "cpu_vs_aa": r["cpu_per_token_ratio"] / cfloor})
+                  "cpu_vs_aa": r["cpu_per_token_ratio"] / cfloor,
+                  "step_vs_aa": r["step_speed_ratio"] / sfloor})
         print(f"{arm:9s} {r['throughput_ratio']:10.4f} {r['throughput_iqr'][0]:6.3f}-"
               f"{r['throughput_iqr'][1]:6.3f} {rel:7.4f} {cost:+6.2f}% {cost - prev:+6.2f}% "
-              f"{r['cpu_per_token_ratio']:8.4f} {r['cpu_vs_aa']:7.4f}")
+              f"{r['cpu_per_token_ratio']:8.4f} {r['cpu_vs_aa']:7.4f} "
+              f"{r['step_speed_ratio']:8.4f} ({r['step_speed_iqr'][0]:.3f}-"
+              f"{r['step_speed_iqr'][1]:.3f}) {r['step_vs_aa']:7.4f}")
         if arm != "aa":
             prev = cost
     return {"model": args.model, "eager": args.eager, "concurrency": args.concurrency,

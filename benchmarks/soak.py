@@ -1,7 +1,7 @@
 """Soak: a server with the plugin under steady load for a long time; does any memory grow?
 
 A real vLLM server (the plugin on, per-expert series on, the live comparison on, snapshots every
-`--flush` s) serves the mixed traffic of `harness.load` (streamed and not, aborted clients, shared
+`--flush` s) serves the mixed traffic of `harness.traffic` (streamed and not, aborted clients, shared
 prefixes) without a pause, from `--concurrency` closed-loop clients. Every `--every` seconds the
 script samples:
 - the resident memory (VmRSS, from /proc) of every process in the server's process group
@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from moe_reuse.plugin import snapshot as snap_mod
-from moe_reuse.plugin.harness.load import LoadResult, mixed_requests, run_load
 from moe_reuse.plugin.harness.server import VllmServer, metric_value
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
+from moe_reuse.plugin.harness.traffic import LoadResult, mixed_requests, run_load
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 

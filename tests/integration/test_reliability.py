@@ -1,6 +1,6 @@
 """Reliability in a real server: production traffic with nothing lost, and faults at every stage.
 
-Load (real HTTP, `harness.load`): thousands of requests at concurrency 64, mixed prompt and output
+Load (real HTTP, `harness.traffic` on `harness.load`): thousands of requests at concurrency 64, mixed prompt and output
 lengths, streamed and not, shared prefixes (prefix caching on), 10% of clients hanging up
 mid-stream, and a KV cache of 64 blocks of 32 tokens, so small that vLLM preempts requests and
 recomputes them. What "really computed" means comes from vLLM itself, not from the plugin: with
@@ -31,15 +31,10 @@ import pytest
 from otlp_receiver import OtlpReceiver
 from vllm_figures import engine_iterations, prefix_cache_hits
 
-from moe_reuse.plugin.harness.load import (
-    mixed_requests,
-    random_prompts,
-    run_concurrent,
-    run_load,
-    summarize,
-)
+from moe_reuse.plugin.harness.load import random_prompts, run_concurrent
 from moe_reuse.plugin.harness.server import VllmServer, metric_value
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
+from moe_reuse.plugin.harness.traffic import mixed_requests, run_load, summarize
 
 pytestmark = pytest.mark.integration
 
