@@ -27,9 +27,10 @@ from .loading import (
     resolve_model,
 )
 from .quality import DEFAULT_Q
-from .search import CaseResult, evaluate_case
+from .report import format_case, sweep_table
+from .search import evaluate_case
 from .sizes import active_params, kv_bytes_per_token, total_params
-from .sweep import AXES, ROW_KEYS, format_tokens, plot_sweep, sweep, sweep_rows
+from .sweep import AXES, ROW_KEYS, plot_sweep, sweep, sweep_rows
 
 PROG = "moe-reuse"
 
@@ -110,49 +111,6 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any, Accounting]:
     return model, hw, accounting_from_overrides(args.set, getattr(args, "profile", "vllm"))
 
 
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    return str(value)
-
-
-def format_case(case: CaseResult) -> str:
-    """Human-readable summary of one case."""
-    m = case.model
-    lines = [
-        f"{m.name} vs dense twin (q={case.q:g}) on {case.gpus} x {case.hardware.name}, "
-        f"context {format_tokens(int(case.context_tokens))} tokens"
-        + (f", fixed batch {case.fixed_batch}" if case.fixed_batch else ", each at its own B_max"),
-        f"  E={m.num_experts} k={m.experts_per_token}  s={case.sparsity:.4g}  q*s={case.qs:.3g} "
-        f"({'q*s < 1: MoE moves more FFN bytes per token' if case.qs < 1 else 'q*s >= 1'})",
-        f"  routing factor E/k={case.routing_factor:.3g}  capacity factor B_dense/B_moe={_fmt(case.capacity_factor)}"
-        f"  reuse gap={_fmt(case.reuse_gap)}",
-        f"  dense speedup (decode throughput)={_fmt(case.dense_speedup)}  FFN-phase only={_fmt(case.ffn_speedup)}",
-    ]
-    if case.accounting.cost_scope == "weights":
-        lines.append(
-            "  cost scope 'weights': weight path only "
-            "(KV reads, attention core and communication left off the step)"
-        )
-    elif case.accounting.cost_scope == "paper":
-        lines.append(
-            "  paper profile: weight path plus exposed communication "
-            "(KV reads and attention core left off the step, as the paper's eq. 2)"
-        )
-    for label, r in (("MoE  ", case.moe), ("dense", case.dense)):
-        if not r.feasible or r.step is None:
-            lines.append(f"  {label}: infeasible (out of memory on every partition)")
-            continue
-        s = r.step
-        lines.append(
-            f"  {label}: B={r.batch}  {r.tokens_per_second:,.0f} tok/s  {s.total_seconds * 1e3:.3g} ms/step  "
-            f"{s.bound}-bound  comm exposed {s.comm_exposed_total_seconds * 1e3:.3g} ms  [{r.partition}]"
-        )
-    return "\n".join(lines)
-
-
 def _predict(args: argparse.Namespace) -> int:
     model, hw, acc = _load(args)
     context = parse_tokens(args.context)
@@ -199,46 +157,12 @@ def _sweep(args: argparse.Namespace) -> int:
         writer.writerows(rows)
         sys.stdout.write(buf.getvalue())
     else:
-        print(_table(rows))
+        print(sweep_table(rows))
     if not args.no_plot:
         title = f"{model.name} vs dense twin, {hw.name}"
         path = plot_sweep(points, args.out, title=title)
         print(f"wrote {path}", file=sys.stderr)
     return 0
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    cols = (
-        "context_tokens",
-        "gpus",
-        "q",
-        "moe_batch",
-        "dense_batch",
-        "moe_tokens_per_second",
-        "dense_tokens_per_second",
-        "capacity_factor",
-        "dense_speedup",
-        "moe_partition",
-    )
-    heads = (
-        "context",
-        "gpus",
-        "q",
-        "B_moe",
-        "B_dense",
-        "MoE tok/s",
-        "dense tok/s",
-        "B_d/B_m",
-        "speedup",
-        "MoE partition",
-    )
-    body = [
-        [format_tokens(r[c]) if c == "context_tokens" else _fmt(r[c]) for c in cols] for r in rows
-    ]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(heads)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(heads, widths, strict=True))]
-    lines += ["  ".join(v.rjust(w) for v, w in zip(b, widths, strict=True)) for b in body]
-    return "\n".join(lines)
 
 
 def _models(args: argparse.Namespace) -> int:
