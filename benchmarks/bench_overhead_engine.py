@@ -18,10 +18,23 @@ its interval.
 
 Arms, as in `bench_overhead.py --ablation` (`MOE_REUSE_ABLATE`, see worker_runtime): `aa`,
 `capture` (routing hooks only), `protocol` (+ the host step protocol), `copy` (+ the flusher's
-device-to-host copy), `whole` (the plugin as users run it: + folding, window, snapshots; the
-reader and exporters live in the API server, which an offline engine does not have).
+device-to-host copy), `whole` (the plugin as users run it: + the reader's folding, window and
+snapshots, which run in the API process, here the offline `LLM`'s own process).
 
-    python benchmarks/bench_overhead_engine.py [--model qwen3-moe] [--arms aa,capture,protocol,copy,whole]
+`paused` and `held` are not engines of their own but modes of the `whole` engine, set through
+`collective_rpc` between waves, whose waves alternate with `whole`'s in that one engine: no
+engine-to-engine offset at all, the only figures on this VM that resolve a cost below the 3% by
+which two identical engines can differ. `paused`: the session records nothing (no step protocol,
+no fold; the compiled count ops still run, into the idle slot; the status is still published
+once a second). `held`: the session records, but its flusher is held off until the wave ends
+(then it folds, outside the wave's time), so nothing reaches the reader in the API process
+during the wave either. So `held` against `paused` is the step protocol, `whole` against `held`
+the flusher's fold and copy plus the reader's work on it in the API process (which shares this
+VM's two cores with the engine), and `paused` against the engines without the plugin is the
+compiled count ops. `python benchmarks/bench_recorder.py` times the step protocol between
+forwards of a compiled toy model, torch only.
+
+    python benchmarks/bench_overhead_engine.py [--model qwen3-moe] [--arms aa,whole,paused,held]
         [--batch 16] [--tokens 256] [--waves 30] [--json out.json]
 """
 
@@ -41,7 +54,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ARMS = ("aa", "capture", "protocol", "copy", "whole")
+ARMS = ("aa", "capture", "protocol", "copy", "whole", "paused", "held")
+VIRTUAL = ("paused", "held")  # modes of the whole arm's engine, not engines of their own
 TAG = "@@wave "
 TICK = os.sysconf("SC_CLK_TCK")
 SETTLE_S = 0.1  # after SIGCONT, before a wave
@@ -63,9 +77,32 @@ def group_cpu_seconds(pgid: int) -> float:
     return total
 
 
+def _set_recording(worker: Any, mode: str) -> bool:
+    """Run in the worker (collective_rpc), between waves: `paused` (the session records nothing),
+    `held` (it records, but the flusher is held off until `resume`, which flushes outside the
+    wave) or `resume`."""
+    from moe_reuse.plugin import worker_runtime
+
+    session = worker_runtime._SESSION
+    if session is None:
+        return False
+    if mode == "held":
+        session._lock.acquire()  # the flusher's flush() waits on it for the whole wave
+    elif mode == "paused":
+        with session._lock:  # never while the flusher is folding
+            session.enabled = False
+    else:
+        if session._lock.locked() and session.enabled:
+            session._lock.release()
+        session.enabled = True
+        session.flush()
+    return True
+
+
 def child(args: argparse.Namespace) -> int:
-    """One engine: build it, warm it, then run a wave per line read on stdin."""
+    """One engine: build it, warm it, then run a wave per seed read on stdin (or pause, resume)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # collective_rpc of _set_recording
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     if args.arm in ("capture", "protocol", "copy"):
         os.environ["MOE_REUSE_ABLATE"] = args.arm
@@ -90,6 +127,11 @@ def child(args: argparse.Namespace) -> int:
     wave(1)
     print(TAG + "ready", flush=True)
     for line in sys.stdin:
+        if line.strip() in VIRTUAL or line.strip() == "resume":  # outside the wave's time
+            if not all(llm.collective_rpc(_set_recording, args=(line.strip(),))):
+                raise SystemExit("paused: this engine has no plugin session to pause")
+            print(TAG + "{}", flush=True)
+            continue
         dt, cpu, tokens = wave(int(line))
         print(TAG + json.dumps({"seconds": dt, "front_cpu_seconds": cpu, "tokens": tokens}),
               flush=True)
@@ -132,17 +174,25 @@ class Engine:
     def pause(self) -> None:
         os.killpg(self.proc.pid, signal.SIGSTOP)
 
-    def wave(self, seed: int) -> dict[str, Any]:
+    def wave(self, seed: int, mode: str = "") -> dict[str, Any]:
         os.killpg(self.proc.pid, signal.SIGCONT)
         time.sleep(SETTLE_S)
-        assert self.proc.stdin is not None
+        if mode:
+            self._say(mode)
         c0 = group_cpu_seconds(self.proc.pid)
-        self.proc.stdin.write(f"{seed}\n")
-        self.proc.stdin.flush()
-        out: dict[str, Any] = json.loads(self._read(120))
+        out: dict[str, Any] = self._say(str(seed))
         out["cpu_seconds"] = group_cpu_seconds(self.proc.pid) - c0
+        if mode:
+            self._say("resume")
         self.pause()
         return out
+
+    def _say(self, line: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        answer: dict[str, Any] = json.loads(self._read(120))
+        return answer
 
     def stop(self) -> None:
         try:
@@ -179,6 +229,8 @@ def main() -> int:
     bad = [a for a in arms if a not in ARMS]
     if bad:
         raise SystemExit(f"--arms: {bad} not among {', '.join(ARMS)}")
+    if any(a in VIRTUAL for a in arms) and "whole" not in arms:
+        raise SystemExit("--arms: paused and held run in the whole arm's engine; add whole")
     from moe_reuse.plugin.harness.tiny_models import build_model
 
     model_dir = build_model(args.model)
@@ -187,21 +239,25 @@ def main() -> int:
     engines: dict[str, Engine] = {}
     try:
         for arm in ["baseline", *arms]:  # one at a time: start-up is the heaviest phase
+            if arm in VIRTUAL:
+                continue
             print(f"starting {arm} ...", flush=True)
             engines[arm] = Engine(arm, args, model_dir, logs / f"{arm}.log")
             engines[arm].ready()
-        seconds: dict[str, list[float]] = {a: [] for a in engines}
-        cpu: dict[str, list[float]] = {a: [] for a in engines}
+        names = ["baseline", *arms]
+        seconds: dict[str, list[float]] = {a: [] for a in names}
+        cpu: dict[str, list[float]] = {a: [] for a in names}
         for i in range(args.waves):
-            order = list(engines) if i % 2 == 0 else list(reversed(engines))
+            order = names if i % 2 == 0 else list(reversed(names))
             for arm in order:
-                r = engines[arm].wave(100 + i)
+                engine = engines["whole" if arm in VIRTUAL else arm]
+                r = engine.wave(100 + i, mode=arm if arm in VIRTUAL else "")
                 if r["tokens"] != args.batch * args.tokens:
                     raise SystemExit(f"arm {arm}: {r['tokens']} tokens, not {args.batch * args.tokens}")
                 seconds[arm].append(r["seconds"])
                 cpu[arm].append(r["cpu_seconds"])
             print(f"wave {i:2d}: " + " ".join(f"{a} {seconds[a][-1] * 1e3:6.1f}/{cpu[a][-1] * 1e3:6.0f}"
-                                              for a in engines) + " ms wall/CPU", flush=True)
+                                              for a in names) + " ms wall/CPU", flush=True)
     finally:
         for e in engines.values():
             e.stop()
@@ -243,6 +299,22 @@ def report(args: argparse.Namespace, arms: list[str], seconds: dict[str, list[fl
             text += f" {100 * math.expm1(mean):+7.2f}% [{lo:+6.2f}%, {hi:+6.2f}%]"
             text += f" {100 * math.expm1(vs_base):+11.2f}% |" if kind == "wall" else ""
         out["arms"][arm] = row
+        print(text)
+    # in the whole arm's engine, wave by wave (no engine offset): whole against paused is the
+    # host side; held against paused the step protocol alone; whole against held the flusher
+    pairs = [(a, b, what) for a, b, what in (
+        ("whole", "paused", "the host side"), ("held", "paused", "the step protocol"),
+        ("whole", "held", "the flusher")) if a in arms and b in arms]
+    out["same_engine"] = {}
+    for a, b, what in pairs:
+        text = f"{a} against {b}, the same engine ({what}):"
+        row = out["same_engine"][f"{a}/{b}"] = {}
+        for kind, xs in (("wall", seconds), ("cpu", cpu)):
+            logs = [math.log(x / y) for x, y in zip(xs[a], xs[b])]
+            mean, half = statistics.mean(logs), 1.96 * statistics.stdev(logs) / math.sqrt(len(logs))
+            ci = [100 * math.expm1(mean - half), 100 * math.expm1(mean + half)]
+            row[kind] = {"cost_percent": 100 * math.expm1(mean), "ci95_percent": ci}
+            text += f" {kind} {100 * math.expm1(mean):+.2f}% [{ci[0]:+.2f}%, {ci[1]:+.2f}%]"
         print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))

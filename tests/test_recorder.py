@@ -73,6 +73,50 @@ def test_capture_is_traceable_by_torch_compile_without_graph_breaks() -> None:
             ids.flatten(), minlength=E + 1).tolist()
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_changing_layouts_count_every_row_in_its_own_slot_and_phase(compiled: bool) -> None:
+    """The CPU token map keeps each row's phase offset across steps and rewrites it only when
+    the layout changes (a step of one phase over as many tokens as last time costs two element
+    writes). Walk it through every change that could leave a stale row: decode steps that
+    shrink and grow, a mixed step, a prefill-only step, forwards with padded rows past the
+    step's tokens, and dummy forwards between steps; the expected counts come from the rows
+    sent, token by token."""
+    S, T = 6, 24
+    ring = RoutingRing(RingLayout(1, E, K, max_tokens=T, ring_steps=S))
+
+    def forward(ids: torch.Tensor) -> None:
+        ring.capture(0, ids)
+
+    fwd = torch.compile(forward, fullgraph=True, dynamic=True) if compiled else forward
+    gen = torch.Generator().manual_seed(3)
+    want = np.zeros((S + 1, 3, E + 1), dtype=np.int64)
+    layouts = [  # (per-request decode flags, scheduled tokens per request, padded rows)
+        ([True] * 4, [1] * 4, 0), ([True] * 4, [1] * 4, 3), ([True] * 2, [1] * 2, 0),
+        ([True] * 5, [1] * 5, 0), ([False, True, True], [6, 1, 1], 2), ([False] * 2, [3, 4], 0),
+        ([True] * 7, [1] * 7, 0), ([True] * 3, [1] * 3, 4), ([False], [1], 0), ([True], [1], 0),
+    ]
+    for step, (decode, sched, pad) in enumerate(layouts):
+        slot = step % S
+        ring.counts[0, slot] = 0  # the flusher's zeroing of a read slot
+        want[slot] = 0
+        ring.begin_requests(slot, np.array(decode), np.array(sched))
+        rows = np.repeat(np.where(decode, DECODE, PREFILL), sched).tolist() + [PAD] * pad
+        ids = torch.randint(0, E, (len(rows), K), generator=gen)
+        fwd(ids)
+        for phase, pair in zip(rows, ids.tolist()):
+            for e in pair:
+                want[slot, phase, e] += 1
+        ring.end_step()
+        idle = torch.randint(0, E, (T, K), generator=gen)  # a dummy forward between steps
+        fwd(idle)
+        for pair in idle.tolist():
+            for e in pair:
+                want[S, PAD, e] += 1
+        got = ring.counts[0].numpy()
+        assert np.array_equal(got[slot], want[slot]), (step, got[slot], want[slot])
+        assert np.array_equal(got[S].sum(axis=0), want[S].sum(axis=0)), step  # all idle
+
+
 def test_out_of_range_expert_ids_land_in_the_invalid_column_not_in_an_expert() -> None:
     """A negative or >= E id (masked routing, a kernel bug) is counted apart, never as expert 0."""
     ring = RoutingRing(RingLayout(1, E, K, max_tokens=16, ring_steps=4))

@@ -13,10 +13,17 @@ slot: outside a real step (the compile warm-up's dummy batch, CUDA-graph capture
 its sink, so those tokens are never counted.
 
 The hot path (`capture`) is a few tensor ops per MoE layer, on preallocated buffers: a bounds
-check that sends out-of-range ids to column E, an add that forms flat indices from `tok_base` (per
-token: ring_slot*3*(E+1) + phase*(E+1), written by the host before the forward) and the top-k ids,
-and an `index_add_` into that layer's counters. No host sync, no
-Python per token, nothing that breaks torch.compile or CUDA-graph capture.
+check that sends out-of-range ids to column E, an add that forms flat indices from `tok_base` and
+the top-k ids, and an `index_add_` into that layer's counters. No host sync, no Python per token,
+nothing that breaks torch.compile or CUDA-graph capture.
+
+`tok_base` (host-written before the forward): per token its phase's offset within a slot,
+phase*(E+1), which does not depend on the slot; then two elements more, the step's ring slot (for
+the device clock's stamps) and that slot's flat base, ring_slot*3*(E+1). Moving from one step to
+the next, or back to the idle slot after a step, is one element's write; the token rows are
+rewritten only when the batch's layout changes. Each numpy call between two forwards runs with
+caches the forward has just evicted (5 to 25 us each on this VM against about 1 us warm,
+benchmarks/bench_step_protocol.py), so the protocol is counted in calls, not in bytes.
 """
 
 from __future__ import annotations
@@ -96,25 +103,29 @@ class RoutingRing:
         # the next step, which clears it first (`clear_slot`, a path that normal steps never take).
         self._counts_np = self.counts.numpy() if self.counts.device.type == "cpu" else None
         self._ones = torch.ones(lay.max_tokens * lay.top_k, dtype=torch.int32, device=self.device)
-        idle = lay.idle_slot * lay.slot_stride + PAD * lay.columns
-        self._idle_base = idle
-        # one element more than tokens: tok_base[max_tokens] holds the step's ring slot on the
-        # device (the idle slot between steps), where device_clock's stamps find it
-        self.tok_base = torch.full((lay.max_tokens + 1,), idle, dtype=torch.int64,
+        pad = PAD * lay.columns
+        # two elements more than tokens: tok_base[SLOT] holds the step's ring slot on the device
+        # (the idle slot between steps), where device_clock's stamps find it, and tok_base[BASE]
+        # that slot's flat base, which the count adds to every row
+        self.SLOT, self.BASE = lay.max_tokens, lay.max_tokens + 1
+        self.tok_base = torch.full((lay.max_tokens + 2,), pad, dtype=torch.int64,
                                    device=self.device)
-        self.tok_base[lay.max_tokens] = lay.idle_slot
         pin = self.device.type == "cuda"
-        self._idle_host = torch.full((lay.max_tokens + 1,), idle, dtype=torch.int64,
+        self._idle_host = torch.full((lay.max_tokens + 2,), pad, dtype=torch.int64,
                                      pin_memory=pin)
-        self._idle_host[lay.max_tokens] = lay.idle_slot
+        for t in (self.tok_base, self._idle_host):
+            t[self.SLOT] = lay.idle_slot
+            t[self.BASE] = lay.idle_slot * lay.slot_stride
+        self._base = self.tok_base[self.BASE:]  # a 1-element view: the count adds it
+        self._rows_key: tuple[int, int] | None = None  # CPU: rows[:n] are all of one phase
+        self._rows_n = 0  # CPU: rows from here on hold the pad offset
         # On CPU the host writes tok_base itself: the forward reads it after begin_step, on the
         # same thread, so a staging buffer and a copy (two 73 KB passes a step for a token map of
         # 9,216 rows) would buy nothing. Elsewhere staging buffers, round-robin so a non-blocking
         # H2D copy never reads a host buffer that is being refilled (an event guards each one).
         self._tok_np = self.tok_base.numpy() if self.device.type == "cpu" else None
-        self._idle_np = self._idle_host.numpy()
         self._stage = [
-            torch.empty((lay.max_tokens + 1,), dtype=torch.int64, pin_memory=pin)
+            torch.empty((lay.max_tokens + 2,), dtype=torch.int64, pin_memory=pin)
             for _ in range(4 if self._tok_np is None else 0)
         ]
         self._stage_np = [t.numpy() for t in self._stage]
@@ -156,32 +167,42 @@ class RoutingRing:
         if self.count_impl == "triton" and not torch.compiler.is_compiling():
             # traced by Dynamo (a model-level routing source), the torch ops below are fused by
             # Inductor instead; inside vLLM's opaque MoE op this runs eagerly and launches once
-            count_kernel.count_pairs(self._layer_flat[layer_slot], self.tok_base, topk_ids, E)
+            count_kernel.count_pairs(self._layer_flat[layer_slot], self.tok_base, topk_ids, E,
+                                     self.BASE)
             return
-        ids = topk_ids.clamp(-1, E).remainder(E + 1)
+        ids = topk_ids.clamp(-1, E).remainder(E + 1) + self._base
         idx = self.tok_base[: topk_ids.shape[0]].unsqueeze(1) + ids
         flat = idx.reshape(-1)
         self._layer_flat[layer_slot].index_add_(0, flat, self._ones[: flat.shape[0]])
 
     # ---- host side, between steps -----------------------------------------------------------
     def begin_step(self, ring_slot: int, phases: np.ndarray) -> None:
-        """Point this step's rows at `ring_slot` and zero that slot. `phases`: one per token."""
-        lay = self.layout
-        base = ring_slot * lay.slot_stride
+        """Point this step's rows at `ring_slot` (a free, zeroed slot). `phases`: one per token."""
         # int64 scalar: a Python int above 127 times an int8 array raises under NumPy 2 (NEP 50),
         # which with 127+ experts per layer (DeepSeek-V3, Qwen3-235B) faulted every first step
-        rows = np.asarray(phases).astype(np.int64) * np.int64(lay.columns) + base
-        self._begin(ring_slot, rows, base)
+        rows = np.asarray(phases).astype(np.int64) * np.int64(self.layout.columns)
+        self._begin(ring_slot, rows)
 
-    def _begin(self, ring_slot: int, rows: np.ndarray, base: int) -> None:
-        """`rows`: each token's flat row in the counters; padded rows go to the slot's sink."""
+    def _begin(self, ring_slot: int, rows: np.ndarray | None,
+               uniform: tuple[int, int] = (0, PAD)) -> None:
+        """`rows`: each token's phase offset; or None and `uniform` = (tokens, phase) for a step
+        whose tokens are all of one phase. Padded rows (past the step's tokens) go to the slot's
+        pad sink."""
         lay = self.layout
-        n = int(rows.shape[0])
+        n = int(rows.shape[0]) if rows is not None else uniform[0]
         if n > lay.max_tokens:
             raise ValueError(f"step has {n} tokens, ring was sized for {lay.max_tokens}")
-        i = -1
         if self._tok_np is not None:  # CPU: written in place (see __init__)
             host = self._tok_np
+            if rows is not None or uniform != self._rows_key:
+                host[:n] = rows if rows is not None else uniform[1] * lay.columns
+                if self._rows_n > n:
+                    host[n:self._rows_n] = PAD * lay.columns  # rows past n: the pad sink
+                self._rows_n = n
+                self._rows_key = uniform if rows is None else None
+            host[self.BASE] = ring_slot * lay.slot_stride
+            host[self.SLOT] = ring_slot  # the slot, for the device clock's stamps
+            i = -1
         else:
             i = self._stage_next
             self._stage_next = (i + 1) % len(self._stage)
@@ -189,9 +210,10 @@ class RoutingRing:
             if event is not None:
                 event.synchronize()  # only blocks if the device is 4 steps behind the host
             host = self._stage_np[i]
-        host[:n] = rows
-        host[n:] = base + PAD * lay.columns  # padded rows
-        host[lay.max_tokens] = ring_slot  # the slot, for the device clock's stamps
+            host[:n] = rows if rows is not None else uniform[1] * lay.columns
+            host[n:self.SLOT] = PAD * lay.columns  # padded rows
+            host[self.SLOT] = ring_slot  # the slot, for the device clock's stamps
+            host[self.BASE] = ring_slot * lay.slot_stride
         stream = None
         if self.device.type == "cuda":
             stream = self._step_stream = torch.cuda.current_stream(self.device)
@@ -212,19 +234,28 @@ class RoutingRing:
                 self._stage_events[i] = begin
 
     def begin_requests(self, ring_slot: int, is_decode: np.ndarray,
-                       num_scheduled: np.ndarray) -> None:
-        """`begin_step` from the per-request layout: each request's row offset worked out once
-        and repeated over its tokens (fewer passes over the token-long staging buffer)."""
+                       num_scheduled: np.ndarray, num_tokens: int = -1) -> None:
+        """`begin_step` from the per-request layout. A step of one phase (every decode step)
+        is n rows of one offset, which the CPU map usually holds already: one reduction and two
+        element writes. A mixed step repeats each request's offset over its tokens.
+        `num_tokens`: the step's tokens where the caller knows them (-1: their sum)."""
         lay = self.layout
-        base = ring_slot * lay.slot_stride
-        offs = np.where(np.asarray(is_decode, dtype=bool), base + DECODE * lay.columns,
-                        base + PREFILL * lay.columns)
-        self._begin(ring_slot, np.repeat(offs, num_scheduled), base)
+        if not (isinstance(is_decode, np.ndarray) and is_decode.dtype == np.bool_):
+            is_decode = np.asarray(is_decode, dtype=bool)
+        dec = bool(is_decode.all())
+        if dec or not is_decode.any():
+            n = num_tokens if num_tokens >= 0 else int(np.asarray(num_scheduled).sum())
+            self._begin(ring_slot, None, (n, DECODE if dec else PREFILL))
+            return
+        offs = np.where(is_decode, DECODE * lay.columns, PREFILL * lay.columns)
+        self._begin(ring_slot, np.repeat(offs, num_scheduled))
 
     def end_step(self) -> None:
-        """Point every row back at the idle sink, so dummy forwards between steps count nothing."""
+        """Point every row back at the idle slot, so dummy forwards between steps count nothing
+        (on CPU the two slot elements: the rows hold offsets within whichever slot is set)."""
         if self._tok_np is not None:
-            np.copyto(self._tok_np, self._idle_np)
+            self._tok_np[self.SLOT] = self.layout.idle_slot
+            self._tok_np[self.BASE] = self.layout.idle_slot * self.layout.slot_stride
         else:
             self.tok_base.copy_(self._idle_host, non_blocking=True)
 
@@ -236,7 +267,7 @@ class RoutingRing:
 
     def comm_stamp(self, op: int, sign: int) -> None:
         """Inside the forward, around collective `op`: sign -1 before it, +1 after it."""
-        device_clock.stamp(self.comm_acc, self.tok_base, self.layout.max_tokens, op, sign)
+        device_clock.stamp(self.comm_acc, self.tok_base, self.SLOT, op, sign)
 
     def device_comm_ns(self, start: int, stop: int) -> np.ndarray | None:
         """Collective ns of ring slots [start, stop) as the flush copied them (after its event);

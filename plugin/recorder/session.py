@@ -105,6 +105,7 @@ class RecorderSession:
         self._t0 = 0
         self._slot = 0
         self._comm_ns = np.zeros(len(COMM_OPS), dtype=np.int64)
+        self._comm_dirty = False
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -174,11 +175,13 @@ class RecorderSession:
             slot = self._steps_begun % lay.ring_steps
             if self._recording:  # the last step was prepared but never finished: its counts
                 self.ring.clear_slot(slot)  # are in this slot, which no flush will zero
-            self.ring.begin_requests(slot, is_decode, num_scheduled)
+            self.ring.begin_requests(slot, is_decode, num_scheduled, scheduled_total)
             # raw copies; the per-phase figures are derived by the flusher (StepMeta.derive)
             self.meta.record(slot, num_scheduled, is_decode, num_computed, scheduled_total,
                              self.bytes_model)
-            self._comm_ns[:] = 0
+            if self._comm_dirty:  # collectives timed outside a step are not this step's
+                self._comm_ns[:] = 0
+                self._comm_dirty = False
             self._slot = slot
             self._recording = True
         except Exception as exc:  # noqa: BLE001 - never let the plugin stop serving
@@ -187,6 +190,7 @@ class RecorderSession:
     def add_comm_ns(self, op: int, ns: int) -> None:
         """Called from the timed collective (host time) during the forward."""
         self._comm_ns[op] += ns
+        self._comm_dirty = True
 
     def step_finished(self) -> None:
         if not self._in_step:
@@ -200,7 +204,10 @@ class RecorderSession:
             self.ring.mark_step_done()
             slot = self._slot
             self.meta.duration_ns[slot] = self.clock() - self._t0
-            self.meta.comm_ns[slot] = self._comm_ns
+            if self._comm_dirty:  # most steps time no collective (one rank; compiled graphs)
+                self.meta.comm_ns[slot] = self._comm_ns  # the flusher zeroes what it takes
+                self._comm_ns[:] = 0
+                self._comm_dirty = False
             self._steps_begun += 1
             self._completed = self._steps_begun
             if self.inject_after and self._completed >= self.inject_after:
@@ -315,6 +322,8 @@ class RecorderSession:
                 self.meta.comm_ns[a:b] = comm_ns
             self.meta.derive(a, b, self.bytes_model)
         meta_parts = [self.meta.take(a, b) for a, b in ranges]
+        for a, b in ranges:  # step_finished writes a slot's collective time only when there was some
+            self.meta.comm_ns[a:b] = 0
         meta = {k: np.concatenate([p[k] for p in meta_parts]) for k in meta_parts[0]}
         counts = host[:, :n].numpy()
         if self.raw is not None:

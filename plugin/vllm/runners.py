@@ -100,9 +100,10 @@ class PrefillLengths:
         """Per request in batch order; the prompt length (`fallback`) where none was seen.
 
         Only requests whose prefill differs from their prompt (resumed after a preemption) are
-        kept, so a step without one costs no per-request Python."""
+        kept, so a step without one costs no per-request Python (and no numpy call: between two
+        forwards each runs with cold caches)."""
         if not self.by_req:
-            return np.asarray(fallback, dtype=np.int64)
+            return fallback
         out = np.array(fallback, dtype=np.int64)
         get = self.by_req.get
         for i, rid in enumerate(req_ids):
@@ -116,11 +117,11 @@ def _v1_layout(runner: Any, scheduler_output: Any, num_scheduled: np.ndarray,
                prefill: PrefillLengths) -> StepLayout:
     batch = runner.input_batch  # re-created after KV init for some models (llama4): read per step
     n = int(batch.num_reqs)
-    computed = np.asarray(batch.num_computed_tokens_cpu[:n])
+    computed = batch.num_computed_tokens_cpu[:n]  # numpy views: the step copies what it keeps
     prefill.update(scheduler_output)
-    prefill_len = prefill.lengths(batch.req_ids[:n], np.asarray(batch.num_prompt_tokens[:n]))
+    prefill_len = prefill.lengths(batch.req_ids[:n], batch.num_prompt_tokens[:n])
     return StepLayout(
-        num_scheduled=np.asarray(num_scheduled[:n]),
+        num_scheduled=num_scheduled[:n],
         is_decode=computed >= prefill_len,
         num_computed=computed,
         scheduled_total=_scheduled_total(scheduler_output),
