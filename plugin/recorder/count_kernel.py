@@ -5,8 +5,9 @@ H200, inside a CUDA graph, those small kernels cost about 17 us per layer (DeepS
 benchmarks/gpu_recorder_check.py), which at real decode batch sizes is several per cent of a
 layer. This Triton kernel does the same in one launch: per (token, k) pair, the id is bounds-
 checked (out of range -> column E), the token's row comes from `tok_base` (its phase's offset
-plus the step's slot base, `tok_base[base_at]`), and one atomic add counts it. Same counters, same layout, same result as the torch path (tests/test_count_kernel.py
-runs both through Triton's interpreter and compares).
+plus the step's slot base, `tok_base[base_at]`), and one atomic add counts it. Same counters,
+same layout, same result as the torch path (tests/test_count_kernel.py runs both through
+Triton's interpreter and compares).
 
 Used on CUDA when Triton imports; the torch path stays for CPU and as the fallback
 (`MOE_REUSE_COUNT_KERNEL=torch` forces it). Graph capture: the launch is a plain kernel node; the
@@ -47,7 +48,8 @@ if triton is not None:
         mask = offs < n_pairs
         ids = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int64)
         ids = tl.where((ids >= 0) & (ids < num_experts), ids, num_experts)
-        row = tl.load(tok_base_ptr + offs // TOP_K, mask=mask, other=0) + tl.load(tok_base_ptr + base_at)
+        base = tl.load(tok_base_ptr + base_at)  # the step's slot, as a flat offset
+        row = tl.load(tok_base_ptr + offs // TOP_K, mask=mask, other=0) + base
         ones = tl.full((BLOCK_SIZE,), 1, dtype=tl.int32)
         tl.atomic_add(counts_ptr + row + ids, ones, mask=mask, sem="relaxed")
 

@@ -23,7 +23,9 @@ the device clock's stamps) and that slot's flat base, ring_slot*3*(E+1). Moving 
 the next, or back to the idle slot after a step, is one element's write; the token rows are
 rewritten only when the batch's layout changes. Each numpy call between two forwards runs with
 caches the forward has just evicted (5 to 25 us each on this VM against about 1 us warm,
-benchmarks/bench_step_protocol.py), so the protocol is counted in calls, not in bytes.
+benchmarks/bench_recorder.py), so the protocol is counted in calls, not in bytes. A step of one
+phase takes its token count from the scheduler where the seam passes it (the self-check compares
+that with the layout's sum, off the step).
 """
 
 from __future__ import annotations
