@@ -186,18 +186,23 @@ class RoutingRing:
         self._begin(ring_slot, rows)
 
     def _begin(self, ring_slot: int, rows: np.ndarray | None,
-               uniform: tuple[int, int] = (0, PAD)) -> None:
+               uniform: tuple[int, int] | None = None) -> None:
         """`rows`: each token's phase offset; or None and `uniform` = (tokens, phase) for a step
         whose tokens are all of one phase. Padded rows (past the step's tokens) go to the slot's
         pad sink."""
         lay = self.layout
-        n = int(rows.shape[0]) if rows is not None else uniform[0]
+        fill: np.ndarray | int
+        if rows is None:
+            assert uniform is not None, "_begin needs rows or uniform"
+            n, fill = uniform[0], uniform[1] * lay.columns
+        else:
+            n, fill = int(rows.shape[0]), rows
         if n > lay.max_tokens:
             raise ValueError(f"step has {n} tokens, ring was sized for {lay.max_tokens}")
         if self._tok_np is not None:  # CPU: written in place (see __init__)
             host = self._tok_np
             if rows is not None or uniform != self._rows_key:
-                host[:n] = rows if rows is not None else uniform[1] * lay.columns
+                host[:n] = fill
                 if self._rows_n > n:
                     host[n:self._rows_n] = PAD * lay.columns  # rows past n: the pad sink
                 self._rows_n = n
@@ -212,7 +217,7 @@ class RoutingRing:
             if event is not None:
                 event.synchronize()  # only blocks if the device is 4 steps behind the host
             host = self._stage_np[i]
-            host[:n] = rows if rows is not None else uniform[1] * lay.columns
+            host[:n] = fill
             host[n:self.SLOT] = PAD * lay.columns  # padded rows
             host[self.SLOT] = ring_slot  # the slot, for the device clock's stamps
             host[self.BASE] = ring_slot * lay.slot_stride

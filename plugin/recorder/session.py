@@ -180,8 +180,7 @@ class RecorderSession:
             self.meta.record(slot, num_scheduled, is_decode, num_computed, scheduled_total,
                              self.bytes_model)
             if self._comm_dirty:  # collectives timed outside a step are not this step's
-                self._comm_ns[:] = 0
-                self._comm_dirty = False
+                self._clear_comm()
             self._slot = slot
             self._recording = True
         except Exception as exc:  # noqa: BLE001 - never let the plugin stop serving
@@ -191,6 +190,10 @@ class RecorderSession:
         """Called from the timed collective (host time) during the forward."""
         self._comm_ns[op] += ns
         self._comm_dirty = True
+
+    def _clear_comm(self) -> None:
+        self._comm_ns[:] = 0
+        self._comm_dirty = False
 
     def step_finished(self) -> None:
         if not self._in_step:
@@ -206,8 +209,7 @@ class RecorderSession:
             self.meta.duration_ns[slot] = self.clock() - self._t0
             if self._comm_dirty:  # most steps time no collective (one rank; compiled graphs)
                 self.meta.comm_ns[slot] = self._comm_ns  # the flusher zeroes what it takes
-                self._comm_ns[:] = 0
-                self._comm_dirty = False
+                self._clear_comm()
             self._steps_begun += 1
             self._completed = self._steps_begun
             if self.inject_after and self._completed >= self.inject_after:
