@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from moe_reuse.plugin import snapshot as snap_io
-from moe_reuse.plugin.reader.service import RunReader
+from moe_reuse.plugin.reader.service import ReaderService, RunReader
 from moe_reuse.plugin.recorder import rawstream
 from moe_reuse.plugin.recorder.aggregate import ByteModel
 from moe_reuse.plugin.recorder.ring import RingLayout
@@ -317,3 +317,23 @@ def test_the_live_comparison_runs_in_the_reader_from_the_published_facts(tmp_pat
     assert snap["errors"] == {"live_setup": 1} and snap["degraded"] == ["live_setup"]
     assert snap["enabled"] and snap["totals"]["tokens"].sum() > 0  # recording goes on
     run.close()
+
+
+def test_the_reader_backs_off_while_nothing_arrives_and_polls_fast_again_when_steps_do() -> None:
+    """Most polls between two flushes find nothing: the wait doubles up to IDLE_POLL_S, and a
+    poll that folds steps brings it back to poll_s (scripted polls; the waits recorded)."""
+    svc = ReaderService(lambda: Path("/nonexistent"), poll_s=0.1)
+    folded = iter([5, 0, 0, 0, 0, 3, 0])
+    waits: list[float] = []
+
+    def poll() -> int:
+        n = next(folded, None)
+        if n is None:
+            svc._stop.set()
+            return 0
+        return n
+
+    svc.poll = poll  # type: ignore[method-assign]
+    svc._stop.wait = waits.append  # type: ignore[method-assign, assignment]
+    svc._loop()
+    assert waits == pytest.approx([0.1, 0.2, 0.4, 0.5, 0.5, 0.1, 0.2, 0.4])

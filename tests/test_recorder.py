@@ -73,16 +73,19 @@ def test_capture_is_traceable_by_torch_compile_without_graph_breaks() -> None:
             ids.flatten(), minlength=E + 1).tolist()
 
 
+@pytest.mark.parametrize("stage", [False, True], ids=["in-place", "staged"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_changing_layouts_count_every_row_in_its_own_slot_and_phase(compiled: bool) -> None:
-    """The CPU token map keeps each row's phase offset across steps and rewrites it only when
-    the layout changes (a step of one phase over as many tokens as last time costs two element
-    writes). Walk it through every change that could leave a stale row: decode steps that
-    shrink and grow, a mixed step, a prefill-only step, forwards with padded rows past the
-    step's tokens, and dummy forwards between steps; the expected counts come from the rows
-    sent, token by token."""
+def test_changing_layouts_count_every_row_in_its_own_slot_and_phase(compiled: bool,
+                                                                     stage: bool) -> None:
+    """The token map keeps each row's phase offset across steps and rewrites it only when the
+    layout changes (a step of one phase over as many tokens as last time costs two element
+    writes, or one 16-byte copy through a staging buffer). Walk it through every change that
+    could leave a stale row: decode steps that shrink and grow, a mixed step, a prefill-only
+    step, forwards with padded rows past the step's tokens, and dummy forwards between steps;
+    the expected counts come from the rows sent, token by token. `staged` runs the GPU's path
+    (round-robin staging buffers whose contents are four steps old, partial copies) on the CPU."""
     S, T = 6, 24
-    ring = RoutingRing(RingLayout(1, E, K, max_tokens=T, ring_steps=S))
+    ring = RoutingRing(RingLayout(1, E, K, max_tokens=T, ring_steps=S), stage=stage)
 
     def forward(ids: torch.Tensor) -> None:
         ring.capture(0, ids)
@@ -94,6 +97,9 @@ def test_changing_layouts_count_every_row_in_its_own_slot_and_phase(compiled: bo
         ([True] * 4, [1] * 4, 0), ([True] * 4, [1] * 4, 3), ([True] * 2, [1] * 2, 0),
         ([True] * 5, [1] * 5, 0), ([False, True, True], [6, 1, 1], 2), ([False] * 2, [3, 4], 0),
         ([True] * 7, [1] * 7, 0), ([True] * 3, [1] * 3, 4), ([False], [1], 0), ([True], [1], 0),
+        # more steps than staging buffers (4) on one layout after a wider mixed one, then again
+        ([True, False], [1, 9], 0), *[([True] * 3, [1] * 3, 5)] * 6, ([False, True], [2, 1], 1),
+        ([False, True], [2, 1], 0), *[([True] * 3, [1] * 3, 2)] * 5,
     ]
     for step, (decode, sched, pad) in enumerate(layouts):
         slot = step % S

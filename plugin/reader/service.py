@@ -44,6 +44,11 @@ logger = logging.getLogger("vllm.moe_reuse")
 _STATUS_FILE = re.compile(r"^w([^/]*)-r([^/]*)\.npz$")
 _SNAPSHOT_FILE = re.compile(r"^e([^/]*)-r([^/]*)\.npz$")
 POLL_S = 0.1
+IDLE_POLL_S = 0.5
+"""The reader polls every POLL_S while steps arrive and backs off, doubling, to IDLE_POLL_S while
+polls find none: the workers flush about once a second, so most polls between two flushes find
+nothing, and each costs a directory check, a listing and a stat per rank (64 us warm, several
+times that in a busy API server). A rank's raw ring holds seconds of steps, so 0.5 s is safe."""
 LOCK_NAME = "reader.lock"
 
 
@@ -322,12 +327,15 @@ class ReaderService:
         return self
 
     def _loop(self) -> None:
+        wait = self.poll_s
         while not self._stop.is_set():
+            folded = 0
             try:
-                self.poll()
+                folded = self.poll()
             except Exception as exc:  # noqa: BLE001 - never into the host process
                 logger.error("moe_reuse: reader poll failed: %s: %s", type(exc).__name__, exc)
-            self._stop.wait(self.poll_s)
+            wait = self.poll_s if folded else min(2 * wait, max(IDLE_POLL_S, self.poll_s))
+            self._stop.wait(wait)
 
     def stop(self) -> None:
         self._stop.set()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .ring import DECODE, PAD, PREFILL
+from .ring import DECODE, PAD, PREFILL, elements
 
 PHASES = ("prefill", "decode")
 KINDS = ("decode", "prefill", "mixed")
@@ -99,6 +99,10 @@ class StepMeta:
         self._decode = np.zeros((n, r), dtype=bool)
         self._computed = np.zeros((n, r), dtype=np.int64)
         self._total = np.zeros(n, dtype=np.int64)  # the scheduler's figure, -1: the layout's sum
+        # the step thread's scalar writes go through memoryviews: numpy's item assignment right
+        # after a forward costs twice as much (benchmarks/bench_recorder.py)
+        self._total_mv, self._n_mv = elements(self._total), elements(self._n)
+        self._duration_mv = elements(self.duration_ns)
 
     def record(self, slot: int, num_scheduled: np.ndarray, is_decode: np.ndarray,
                num_computed: np.ndarray, scheduled_total: int, bm: ByteModel) -> None:
@@ -111,8 +115,12 @@ class StepMeta:
         self._sched[slot, :n] = num_scheduled
         self._decode[slot, :n] = is_decode
         self._computed[slot, :n] = num_computed
-        self._total[slot] = scheduled_total
-        self._n[slot] = n
+        self._total_mv[slot] = scheduled_total
+        self._n_mv[slot] = n
+
+    def finish(self, slot: int, duration_ns: int) -> None:
+        """Step thread: the step's host duration (the flusher prefers the device's, on CUDA)."""
+        self._duration_mv[slot] = duration_ns
 
     def _derive_now(self, slot: int, num_scheduled: np.ndarray, is_decode: np.ndarray,
                     num_computed: np.ndarray, scheduled_total: int, bm: ByteModel) -> None:
@@ -155,7 +163,7 @@ class StepMeta:
         return {k: v[start:stop].copy() for k, v in vars(self).items() if not k.startswith("_")}
 
     def nbytes(self) -> int:
-        return sum(int(v.nbytes) for v in vars(self).values())
+        return sum(int(v.nbytes) for v in vars(self).values() if isinstance(v, np.ndarray))
 
 
 @dataclass

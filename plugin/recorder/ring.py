@@ -43,6 +43,12 @@ NUM_PHASES = 3
 RING_BYTES_BUDGET = 16 * 1024 * 1024
 
 
+def elements(a: Any) -> memoryview:
+    """A flat array's memoryview: item writes and searches without numpy's machinery, which
+    right after a forward costs about twice as much a call (benchmarks/bench_recorder.py)."""
+    return memoryview(a)
+
+
 @dataclass(frozen=True)
 class RingLayout:
     """Shapes fixed at start-up; memory never grows with uptime."""
@@ -83,7 +89,10 @@ class RingLayout:
 class RoutingRing:
     """Device counters plus the host-side protocol that fills `tok_base` around each step."""
 
-    def __init__(self, layout: RingLayout, device: torch.device | str = "cpu") -> None:
+    def __init__(self, layout: RingLayout, device: torch.device | str = "cpu",
+                 stage: bool | None = None) -> None:
+        """`stage`: write the token map through host staging buffers and copies (the default
+        off the CPU); True on the CPU runs that path where tests can check it."""
         self.layout = layout
         self.device = torch.device(device)
         lay = layout
@@ -112,25 +121,34 @@ class RoutingRing:
         self.SLOT, self.BASE = lay.max_tokens, lay.max_tokens + 1
         self.tok_base = torch.full((lay.max_tokens + 2,), pad, dtype=torch.int64,
                                    device=self.device)
-        pin = self.device.type == "cuda"
-        self._idle_host = torch.full((lay.max_tokens + 2,), pad, dtype=torch.int64,
-                                     pin_memory=pin)
-        for t in (self.tok_base, self._idle_host):
-            t[self.SLOT] = lay.idle_slot
-            t[self.BASE] = lay.idle_slot * lay.slot_stride
+        # a plain bool: every attribute of a torch object a step reads costs 2 us after a forward
+        self.on_cuda = pin = self.device.type == "cuda"
+        self.tok_base[self.SLOT] = lay.idle_slot
+        self.tok_base[self.BASE] = lay.idle_slot * lay.slot_stride
+        # the two slot elements of the idle slot, what end_step copies
+        self._idle_host = torch.tensor([lay.idle_slot, lay.idle_slot * lay.slot_stride],
+                                       dtype=torch.int64).pin_memory() if pin else \
+            self.tok_base[self.SLOT:].clone()
         self._base = self.tok_base[self.BASE:]  # a 1-element view: the count adds it
-        self._rows_key: tuple[int, int] | None = None  # CPU: rows[:n] are all of one phase
-        self._rows_n = 0  # CPU: rows from here on hold the pad offset
+        self._rows_key: tuple[int, int] | None = None  # rows[:_rows_n] all of this (n, phase)
+        self._rows_n = 0  # rows from here on hold the pad offset (host map and device map)
         # On CPU the host writes tok_base itself: the forward reads it after begin_step, on the
-        # same thread, so a staging buffer and a copy (two 73 KB passes a step for a token map of
-        # 9,216 rows) would buy nothing. Elsewhere staging buffers, round-robin so a non-blocking
-        # H2D copy never reads a host buffer that is being refilled (an event guards each one).
-        self._tok_np = self.tok_base.numpy() if self.device.type == "cpu" else None
+        # same thread, so a staging buffer and a copy would buy nothing. Elsewhere staging
+        # buffers, round-robin so a non-blocking H2D copy never reads a host buffer that is being
+        # refilled (an event guards each one); a step copies the rows it rewrote, if any, and
+        # the two slot elements (16 bytes for a decode step whose layout the device holds).
+        direct = self.device.type == "cpu" if stage is None else not stage
+        self._tok_np = self.tok_base.numpy() if direct else None
+        self._tok_mv = elements(self._tok_np) if direct else None  # its two element writes
         self._stage = [
             torch.empty((lay.max_tokens + 2,), dtype=torch.int64, pin_memory=pin)
             for _ in range(4 if self._tok_np is None else 0)
         ]
         self._stage_np = [t.numpy() for t in self._stage]
+        self._stage_mv = [elements(a) for a in self._stage_np]
+        # the slot elements as views made once (a view is a Python object a step would pay for)
+        self._tok_slots = self.tok_base[self.SLOT:]
+        self._stage_slots = [t[self.SLOT:] for t in self._stage]
         self._stage_events: list[torch.cuda.Event | None] = [None] * len(self._stage)
         self._stage_next = 0
         self._copy_events: dict[int, torch.cuda.Event] = {}
@@ -199,16 +217,12 @@ class RoutingRing:
             n, fill = int(rows.shape[0]), rows
         if n > lay.max_tokens:
             raise ValueError(f"step has {n} tokens, ring was sized for {lay.max_tokens}")
+        # The map's rows [0, _rows_n) hold the last layout and the rest the pad offset, on the
+        # device as on the host: a layout it holds already needs only the two slot elements.
+        changed = rows is not None or uniform != self._rows_key
+        upto = max(n, self._rows_n)  # rows to write: the step's, and the last step's past n
         if self._tok_np is not None:  # CPU: written in place (see __init__)
-            host = self._tok_np
-            if rows is not None or uniform != self._rows_key:
-                host[:n] = fill
-                if self._rows_n > n:
-                    host[n:self._rows_n] = PAD * lay.columns  # rows past n: the pad sink
-                self._rows_n = n
-                self._rows_key = uniform if rows is None else None
-            host[self.BASE] = ring_slot * lay.slot_stride
-            host[self.SLOT] = ring_slot  # the slot, for the device clock's stamps
+            host, elems = self._tok_np, self._tok_mv
             i = -1
         else:
             i = self._stage_next
@@ -216,19 +230,27 @@ class RoutingRing:
             event = self._stage_events[i]
             if event is not None:
                 event.synchronize()  # only blocks if the device is 4 steps behind the host
-            host = self._stage_np[i]
+            host = self._stage_np[i]  # stale past what is written here: only that is copied
+            elems = self._stage_mv[i]
+        if changed:
             host[:n] = fill
-            host[n:self.SLOT] = PAD * lay.columns  # padded rows
-            host[self.SLOT] = ring_slot  # the slot, for the device clock's stamps
-            host[self.BASE] = ring_slot * lay.slot_stride
+            if upto > n:
+                host[n:upto] = PAD * lay.columns  # rows past n: the pad sink
+            self._rows_n = n
+            self._rows_key = uniform if rows is None else None
+        assert elems is not None
+        elems[self.BASE] = ring_slot * lay.slot_stride
+        elems[self.SLOT] = ring_slot  # the slot, for the device clock's stamps
         stream = None
-        if self.device.type == "cuda":
+        if self.on_cuda:
             stream = self._step_stream = torch.cuda.current_stream(self.device)
             copy_done = self._copy_events.pop(ring_slot, None)
             if copy_done is not None:  # the flusher's D2H copy of this slot must finish first
                 stream.wait_event(copy_done)
-        if i >= 0:
-            self.tok_base.copy_(self._stage[i], non_blocking=True)
+        if i >= 0:  # 16 bytes for a layout the device holds (most decode steps)
+            if changed:
+                self.tok_base[:upto].copy_(self._stage[i][:upto], non_blocking=True)
+            self._tok_slots.copy_(self._stage_slots[i], non_blocking=True)
         if self._timing:
             # The slot's begin event, after the copy, also guards staging buffer i (a record
             # of it S steps later marks a later point: waiting on that is still safe). One
@@ -243,14 +265,17 @@ class RoutingRing:
     def begin_requests(self, ring_slot: int, is_decode: np.ndarray,
                        num_scheduled: np.ndarray, num_tokens: int = -1) -> None:
         """`begin_step` from the per-request layout. A step of one phase (every decode step)
-        is n rows of one offset, which the CPU map usually holds already: one reduction and two
-        element writes. A mixed step repeats each request's offset over its tokens.
+        is n rows of one offset, which the map usually holds already: a search of the flags and
+        two element writes. A mixed step repeats each request's offset over its tokens.
         `num_tokens`: the step's tokens where the caller knows them (-1: their sum)."""
         lay = self.layout
         if not (isinstance(is_decode, np.ndarray) and is_decode.dtype == np.bool_):
             is_decode = np.asarray(is_decode, dtype=bool)
-        dec = bool(is_decode.all())
-        if dec or not is_decode.any():
+        # the flags as bytes (0 or 1): searched in C without numpy's reduction machinery, which
+        # right after a forward costs 8 us against 1 us for this (benchmarks/bench_recorder.py)
+        flags = elements(is_decode).tobytes()
+        dec = 0 not in flags
+        if dec or flags.count(0) == len(flags):
             n = num_tokens if num_tokens >= 0 else int(np.asarray(num_scheduled).sum())
             self._begin(ring_slot, None, (n, DECODE if dec else PREFILL))
             return
@@ -258,13 +283,13 @@ class RoutingRing:
         self._begin(ring_slot, np.repeat(offs, num_scheduled))
 
     def end_step(self) -> None:
-        """Point every row back at the idle slot, so dummy forwards between steps count nothing
-        (on CPU the two slot elements: the rows hold offsets within whichever slot is set)."""
-        if self._tok_np is not None:
-            self._tok_np[self.SLOT] = self.layout.idle_slot
-            self._tok_np[self.BASE] = self.layout.idle_slot * self.layout.slot_stride
+        """Point every row back at the idle slot, so dummy forwards between steps count nothing:
+        the two slot elements (the rows hold offsets within whichever slot is set)."""
+        if self._tok_mv is not None:
+            self._tok_mv[self.SLOT] = self.layout.idle_slot
+            self._tok_mv[self.BASE] = self.layout.idle_slot * self.layout.slot_stride
         else:
-            self.tok_base.copy_(self._idle_host, non_blocking=True)
+            self._tok_slots.copy_(self._idle_host, non_blocking=True)
 
     # ---- collective time on the device (CUDA, opt-in) -----------------------------------------
     def enable_device_comm(self) -> bool:
@@ -352,6 +377,8 @@ class RoutingRing:
         """Record an event after the step's work so the flusher's copy can be ordered after it:
         the slot's end-timing event (made once), which the flusher also reads the step's device
         time from."""
+        if not self._timing:
+            return  # no events off CUDA (the flusher's copy is synchronous there)
         slot, self._timing_slot = self._timing_slot, -1
         stream = self._step_stream if slot >= 0 else self._stream()
         if slot >= 0:
@@ -367,7 +394,7 @@ class RoutingRing:
     def _stream(self) -> Any:
         """The ring's device's current stream (events go there even if another device is
         current), None off CUDA."""
-        return torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        return torch.cuda.current_stream(self.device) if self.on_cuda else None
 
     def device_durations_ns(self, start: int, stop: int) -> np.ndarray | None:
         """Device time of ring slots [start, stop) from their event pairs: begin_step to

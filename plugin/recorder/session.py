@@ -206,7 +206,7 @@ class RecorderSession:
             self.ring.end_step()
             self.ring.mark_step_done()
             slot = self._slot
-            self.meta.duration_ns[slot] = self.clock() - self._t0
+            self.meta.finish(slot, self.clock() - self._t0)
             if self._comm_dirty:  # most steps time no collective (one rank; compiled graphs)
                 self.meta.comm_ns[slot] = self._comm_ns  # the flusher zeroes what it takes
                 self._clear_comm()
