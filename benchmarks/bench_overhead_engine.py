@@ -34,8 +34,14 @@ VM's two cores with the engine), and `paused` against the engines without the pl
 compiled count ops. `python benchmarks/bench_recorder.py` times the step protocol between
 forwards of a compiled toy model, torch only.
 
+A wave should last at least the flush interval (1 s): the worker flushes and the reader folds
+about once a second while the engine runs, and a paused engine's timers run on, so each wave
+carries one flush and one fold whatever its length. Waves of 448 tokens (the default, about 1 s
+on the tiny model) carry them at serving's rate; waves of 64 (0.14 s) at seven times that rate,
+which read the fold at +1.6% where 448-token waves read +1.1% (results/bench_overhead_engine.txt).
+
     python benchmarks/bench_overhead_engine.py [--model qwen3-moe] [--arms aa,whole,paused,held]
-        [--batch 16] [--tokens 256] [--waves 30] [--json out.json]
+        [--batch 16] [--tokens 448] [--waves 100] [--json out.json]
 """
 
 from __future__ import annotations
@@ -213,8 +219,9 @@ def main() -> int:
     ap.add_argument("--model", default="qwen3-moe", help="bundled tiny model (big-moe: realistic)")
     ap.add_argument("--arms", default=",".join(ARMS))
     ap.add_argument("--batch", type=int, default=16, help="sequences in every decode step")
-    ap.add_argument("--tokens", type=int, default=64, help="output tokens per request")
-    ap.add_argument("--waves", type=int, default=400, help="waves per arm")
+    ap.add_argument("--tokens", type=int, default=448,
+                    help="output tokens per request (a wave of about a flush interval)")
+    ap.add_argument("--waves", type=int, default=100, help="waves per arm")
     ap.add_argument("--eager", action="store_true")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--report", help="print the report of a saved run's waves.json again")
