@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .search import CaseResult
-from .sweep import format_tokens
+from .sweep import ROW_KEYS, format_tokens
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -55,32 +55,19 @@ def format_case(case: CaseResult) -> str:
     return "\n".join(lines)
 
 
+SWEEP_TABLE_HEADS = {
+    "context_tokens": "context", "gpus": "gpus", "q": "q", "moe_batch": "B_moe",
+    "dense_batch": "B_dense", "moe_tokens_per_second": "MoE tok/s",
+    "dense_tokens_per_second": "dense tok/s", "capacity_factor": "B_d/B_m",
+    "dense_speedup": "speedup", "moe_partition": "MoE partition",
+}
+"""The sweep's columns the text table shows, with their headings, in the CSV's order."""
+
+
 def sweep_table(rows: list[dict[str, Any]]) -> str:
     """The sweep's rows as an aligned text table (the CSV has every column)."""
-    cols = (
-        "context_tokens",
-        "gpus",
-        "q",
-        "moe_batch",
-        "dense_batch",
-        "moe_tokens_per_second",
-        "dense_tokens_per_second",
-        "capacity_factor",
-        "dense_speedup",
-        "moe_partition",
-    )
-    heads = (
-        "context",
-        "gpus",
-        "q",
-        "B_moe",
-        "B_dense",
-        "MoE tok/s",
-        "dense tok/s",
-        "B_d/B_m",
-        "speedup",
-        "MoE partition",
-    )
+    cols = [k for k in ROW_KEYS if k in SWEEP_TABLE_HEADS]
+    heads = [SWEEP_TABLE_HEADS[k] for k in cols]
     body = [
         [format_tokens(r[c]) if c == "context_tokens" else _fmt(r[c]) for c in cols] for r in rows
     ]
