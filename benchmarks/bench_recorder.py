@@ -1,6 +1,6 @@
 """The recorder's own cost on the CPU, torch only (no vLLM), side by side in one run.
 
-Two figures, each printed as a ratio against the work it rides on:
+Three figures, the first two printed as ratios against the work they ride on:
 
 1. In the forward: a toy MoE block (router softmax top-k + per-expert gated FFN, shapes of the
    bundled tiny models or larger) compiled with torch.compile, with and without the recorder's
@@ -8,6 +8,9 @@ Two figures, each printed as a ratio against the work it rides on:
 2. Off the forward, per step: the host protocol the seam runs around every step
    (`step_started`, `step_prepared`, `step_finished`, plus the amortised flush), best of 7,
    against the decode step time of the same toy block.
+3. Single calls of the kind the protocol makes (a numpy reduction against a bytes search, numpy
+   item writes against memoryview ones), each timed as the first call after a forward and in a
+   loop: after a forward every call pays for caches the forward evicted, numpy's machinery most.
 
     python benchmarks/bench_recorder.py [--layers 4] [--experts 8] [--top-k 2] [--hidden 128]
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -139,6 +143,7 @@ def main() -> int:
             for flag in (False, True):
                 inter[flag].append(interleaved(flag))
         between = statistics.median(inter[True]) - statistics.median(inter[False])
+        calls = time_calls(lambda: fns["plain"](x), B)
     print(f"toy MoE block: {L} layers, {E} experts, top-{k}, hidden {args.hidden}, batch {B}, "
           f"{args.threads} thread(s), torch.compile (batch dimension dynamic)")
     print(f"forward without recorder {times['plain'] * 1e6:8.1f} us, with capture ops "
@@ -149,7 +154,38 @@ def main() -> int:
     print(f"host protocol per step between forwards (median of {3 * args.rounds} runs of 200 "
           f"steps, alternated with the forward alone): {between * 1e6:.1f} us = "
           f"{100 * between / times['plain']:.2f}% of this toy step")
+    print("one call, right after a forward / in a loop (median us): why the protocol counts calls")
+    for name, (cold, warm) in calls.items():
+        print(f"  {name:44s} {cold:6.2f} / {warm:5.2f}")
     return 0
+
+
+def time_calls(forward: Any, batch: int, n: int = 300) -> dict[str, tuple[float, float]]:
+    """Single operations of the kind the step protocol makes, each timed as the first call
+    after a compiled forward (caches evicted) and in a tight loop."""
+    flags = np.ones(batch, dtype=bool)
+    arr = np.zeros(64, dtype=np.int64)
+    view = memoryview(arr)  # what ring.elements returns
+    ops = {
+        "numpy reduction (flags.all())": lambda: bool(flags.all()),
+        "bytes search (0 not in flags as bytes)": lambda: 0 not in memoryview(flags).tobytes(),
+        "numpy item write x2": lambda: arr.__setitem__(1, 5) or arr.__setitem__(2, 7),
+        "memoryview item write x2": lambda: view.__setitem__(1, 5) or view.__setitem__(2, 7),
+    }
+    out = {}
+    for name, op in ops.items():
+        cold, warm = [], []
+        for _ in range(n):
+            forward()
+            t0 = time.perf_counter_ns()
+            op()
+            cold.append(time.perf_counter_ns() - t0)
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            op()
+            warm.append(time.perf_counter_ns() - t0)
+        out[name] = (statistics.median(cold) / 1e3, statistics.median(warm) / 1e3)
+    return out
 
 
 if __name__ == "__main__":

@@ -272,7 +272,7 @@ class RoutingRing:
         if not (isinstance(is_decode, np.ndarray) and is_decode.dtype == np.bool_):
             is_decode = np.asarray(is_decode, dtype=bool)
         # the flags as bytes (0 or 1): searched in C without numpy's reduction machinery, which
-        # right after a forward costs 8 us against 1 us for this (benchmarks/bench_recorder.py)
+        # right after a forward costs about 8 us against 1-2 for this (bench_recorder.py prints both)
         flags = elements(is_decode).tobytes()
         dec = 0 not in flags
         if dec or flags.count(0) == len(flags):
