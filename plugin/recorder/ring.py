@@ -123,12 +123,10 @@ class RoutingRing:
                                    device=self.device)
         # a plain bool: every attribute of a torch object a step reads costs 2 us after a forward
         self.on_cuda = pin = self.device.type == "cuda"
-        self.tok_base[self.SLOT] = lay.idle_slot
-        self.tok_base[self.BASE] = lay.idle_slot * lay.slot_stride
-        # the two slot elements of the idle slot, what end_step copies
-        self._idle_host = torch.tensor([lay.idle_slot, lay.idle_slot * lay.slot_stride],
-                                       dtype=torch.int64).pin_memory() if pin else \
-            self.tok_base[self.SLOT:].clone()
+        # the idle slot's two elements (SLOT, BASE), what end_step writes or copies back
+        self._idle_pair = (lay.idle_slot, lay.idle_slot * lay.slot_stride)
+        self.tok_base[self.SLOT:] = torch.tensor(self._idle_pair)
+        self._idle_host = torch.tensor(self._idle_pair, dtype=torch.int64, pin_memory=pin)
         self._base = self.tok_base[self.BASE:]  # a 1-element view: the count adds it
         self._rows_key: tuple[int, int] | None = None  # rows[:_rows_n] all of this (n, phase)
         self._rows_n = 0  # rows from here on hold the pad offset (host map and device map)
@@ -286,8 +284,7 @@ class RoutingRing:
         """Point every row back at the idle slot, so dummy forwards between steps count nothing:
         the two slot elements (the rows hold offsets within whichever slot is set)."""
         if self._tok_mv is not None:
-            self._tok_mv[self.SLOT] = self.layout.idle_slot
-            self._tok_mv[self.BASE] = self.layout.idle_slot * self.layout.slot_stride
+            self._tok_mv[self.SLOT], self._tok_mv[self.BASE] = self._idle_pair
         else:
             self._tok_slots.copy_(self._idle_host, non_blocking=True)
 
