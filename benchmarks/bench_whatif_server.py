@@ -3,8 +3,11 @@
 Serves a tiny MoE with the plugin, drives it with streamed requests at each concurrency level
 (closed loop: `run_concurrent_streamed`, the shared load generator), measures every
 inter-token gap and TTFT on the client, then asks `whatif --from-server` for the same levels and
-prints both side by side. It also checks the predictor's KV capacity for the served model
-against the server's own (vllm:cache_config_info num_gpu_blocks x block_size).
+prints both side by side. Beside the client's gaps it prints vLLM's own view of each level:
+the sequences the engine really ran per step and the P50 and P99 of its inter-token histogram
+(stamped in the engine core). It also checks the predictor's KV capacity for the served model
+against the server's own (vllm:cache_config_info num_gpu_blocks x block_size). The servers run
+with the engine's cores apart from the front end's, as calibrate's do (harness/cpus).
 
     flock /tmp/moe-reuse-vllm.lock python benchmarks/bench_whatif_server.py \
         --hardware-file /tmp/hw.json --levels 1,2,4,8,16,32,64 --out results.json
@@ -36,6 +39,7 @@ from moe_reuse.plugin.harness.load import (
 from moe_reuse.plugin.harness.server import VllmServer, metric_value
 from moe_reuse.plugin.harness.tiny_models import build_model
 from moe_reuse.plugin.live.twin import build_dense_twin
+from moe_reuse.plugin.metrics_text import samples
 from moe_reuse.predictor import (
     Partition,
     load_hardware_file,
@@ -45,6 +49,43 @@ from moe_reuse.predictor import (
 from moe_reuse.predictor.cli import main as predictor_main
 from moe_reuse.predictor.deployment import DEFAULT_ACCOUNTING
 from moe_reuse.predictor.quality import DEFAULT_Q
+
+# vLLM's own inter-token histogram, stamped in the engine core when a step's outputs are made:
+# buckets fine enough to put the engine's view of each level's P50 and P99 beside the client's
+# (vLLM's default buckets start at 10 ms)
+ITL_BUCKETS_S = (0.001, 0.0015, 0.002, 0.0025, 0.003, 0.0035, 0.004, 0.005, 0.006, 0.007, 0.008,
+                 0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.25, 1.0)
+SERVER_ARGS = ("--custom-histogram-buckets", json.dumps({"inter_token_latency": ITL_BUCKETS_S}))
+
+
+def engine_itl(before: str, after: str) -> tuple[float, float]:
+    """P50 and P99 of vLLM's own inter-token intervals over a level (`after` less `before`),
+    interpolated within the buckets."""
+    def cumulative(text: str) -> dict[float, float]:
+        out: dict[float, float] = {}
+        for smp in samples(text, "vllm:inter_token_latency_seconds_bucket"):
+            le = float(smp.labels["le"])
+            out[le] = out.get(le, 0.0) + smp.value
+        return out
+
+    a, b = cumulative(after), cumulative(before)
+    edges = sorted(a)
+    counts = [a[e] - b.get(e, 0.0) for e in edges]
+    total = counts[-1] if counts else 0.0
+
+    def quantile(q: float) -> float:
+        if total <= 0:
+            return float("nan")
+        target, prev_e, prev_c = q * total, 0.0, 0.0
+        for e, c in zip(edges, counts, strict=True):
+            if c >= target:
+                if math.isinf(e):
+                    return prev_e
+                return prev_e + (e - prev_e) * (target - prev_c) / max(c - prev_c, 1e-12)
+            prev_e, prev_c = e, c
+        return prev_e
+
+    return quantile(0.5), quantile(0.99)
 
 
 def say(msg: str) -> None:
@@ -91,15 +132,18 @@ def measure_levels(srv: VllmServer, levels: list[int], args: argparse.Namespace,
         res = run_concurrent_streamed(srv.url, [(p, args.output_len) for p in prompts], c,
                                       model=name, stagger_s=stagger if args.stagger else 0.0)
         wall = time.monotonic() - t0
-        batch = engine_batch(before, srv.metrics_text(), len(prompts) * args.prompt_len)
+        after = srv.metrics_text()
+        batch = engine_batch(before, after, len(prompts) * args.prompt_len)
+        e50, e99 = engine_itl(before, after)
         lat = latency_percentiles(res)
         toks = sum(r["completion_tokens"] for r in res)
         rows.append({"concurrency": c, "itl_p50": lat["itl_p50_seconds"],
                      "itl_p99": lat["itl_p99_seconds"], "ttft_p50": lat["ttft_p50_seconds"],
                      "ttft_p99": lat["ttft_p99_seconds"], "tokens_per_second": toks / wall,
-                     "gaps": int(lat["itl_samples"]), "engine_batch": batch})
-        say(f"c={c}: ITL p50 {rows[-1]['itl_p50'] * 1e3:.2f} ms p99 {rows[-1]['itl_p99'] * 1e3:.2f} ms,"
-            f" {batch:.1f} sequences a step")
+                     "gaps": int(lat["itl_samples"]), "engine_batch": batch,
+                     "engine_itl_p50": e50, "engine_itl_p99": e99})
+        say(f"c={c}: ITL p50 {rows[-1]['itl_p50'] * 1e3:.2f} ms p99 {rows[-1]['itl_p99'] * 1e3:.2f} ms"
+            f" (vLLM's own: {e50 * 1e3:.2f}, {e99 * 1e3:.2f}), {batch:.1f} sequences a step")
     return rows
 
 
@@ -124,7 +168,7 @@ def compare(rows: list[dict[str, Any]], pred: dict[str, Any], side: str,
     print(f"{side}:")
     print(f"{'conc':>5} | {'ITL p50 ms meas/pred':>22} {'err':>6} | {'ITL p99 ms meas/pred':>22} {'err':>6} | "
           f"{'TTFT p50 ms meas/pred':>23} | {'TTFT p99 ms meas/pred':>23} | batch pred/engine | "
-          f"at engine batch: p50 err, p99 err")
+          f"vLLM ITL p50/p99 ms | at engine batch: p50 err, p99 err")
     table = []
     for row, lv in zip(rows, pred["levels"], strict=True):
         m = lv[side]
@@ -144,7 +188,9 @@ def compare(rows: list[dict[str, Any]], pred: dict[str, Any], side: str,
               f"{row['itl_p99'] * 1e3:>10.2f} / {m['itl_p99_seconds'] * 1e3:>9.2f} {e99:>+6.0%} | "
               f"{row['ttft_p50'] * 1e3:>10.1f} / {m['ttft_p50_seconds'] * 1e3:>10.1f} | "
               f"{row['ttft_p99'] * 1e3:>10.1f} / {m['ttft_p99_seconds'] * 1e3:>10.1f} | "
-              f"{m['batch']:>5} / {row.get('engine_batch', 0.0):>6.1f} | {tail}")
+              f"{m['batch']:>5} / {row.get('engine_batch', 0.0):>6.1f} | "
+              f"{row.get('engine_itl_p50', math.nan) * 1e3:>8.2f} / {row.get('engine_itl_p99', math.nan) * 1e3:>7.2f} | "
+              f"{tail}")
     ok50 = all(abs(t["err_p50"]) <= 0.25 for t in table)
     ok99 = all(abs(t["err_p99"]) <= 0.35 for t in table)
     print(f"{side}: P50 within 25% at every level: {ok50}; P99 within 35%: {ok99}; "
@@ -181,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = {"moe_reuse": {"hardware": str(Path(args.hardware_file).resolve())}}
     vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
     with VllmServer(model_dir, enforce_eager=args.eager, additional_config=cfg,
-                    max_num_seqs=max(levels)).start(say) as srv:
+                    max_num_seqs=max(levels), split_cpus=True,
+                    extra_args=SERVER_ARGS).start(say) as srv:
         mnbt = re.search(r"max_num_batched_tokens=(\d+)", srv.log_text())
         budget = int(mnbt.group(1)) if mnbt else 0
         kv = kv_check(srv, model_dir, args.hardware_file, kv_gib)
@@ -208,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.dense:
         twin_dir = build_dense_twin(model_dir, DEFAULT_Q, say=say)
         with VllmServer(twin_dir, enforce_eager=args.eager, additional_config=cfg,
-                        max_num_seqs=max(levels)).start(say) as srv:
+                        max_num_seqs=max(levels), split_cpus=True,
+                        extra_args=SERVER_ARGS).start(say) as srv:
             dense_rows = measure_levels(srv, levels, args, vocab)
     print(f"KV capacity (tokens): server num_gpu_blocks x block_size = {kv['server_tokens']}, "
           f"predictor = {kv['predictor_tokens']}")

@@ -64,7 +64,8 @@ def _measure(name: str, say: Say) -> tuple[list[dict[str, float]], list[float], 
     cfg = {"moe_reuse": {"flush_interval_s": 0.2, "window_s": 3600}}
     out = []
     noise: list[float] = []
-    with VllmServer(path, additional_config=cfg, max_num_seqs=max(c for c, _, _ in RUNS)).start(
+    with VllmServer(path, additional_config=cfg, max_num_seqs=max(c for c, _, _ in RUNS),
+                    split_cpus=True).start(
             progress=say) as srv:
         run_concurrent(srv.url, [(p, 16) for p in random_prompts(8, 16, 512, seed=0)], 8)
         for c, tokens, rounds in RUNS:

