@@ -124,8 +124,13 @@ def measure_levels(srv: VllmServer, levels: list[int], args: argparse.Namespace,
                                            model=name)
             stagger = statistics.median((r["ttft_seconds"] or 0.0) + sum(r["itl_seconds"])
                                         for r in wres)
-        # at least --min-gaps inter-token gaps per level: a P99 needs a hundred above it
+        # at least --min-gaps inter-token gaps per level (a P99 needs a hundred above it), and
+        # at least --min-seconds of serving: the engine stalls for about 10 ms now and then
+        # (seen in vLLM's own histogram), every running sequence at once, so in a level of a
+        # fraction of a second one stall more or less moves the P99 from 4 to 12 ms
         waves = max(args.waves, math.ceil(args.min_gaps / (c * max(args.output_len - 1, 1))))
+        if stagger > 0:
+            waves = max(waves, math.ceil(args.min_seconds / stagger))
         prompts = random_prompts(c * waves, args.prompt_len, vocab, seed=100 + i)
         before = srv.metrics_text()
         t0 = time.monotonic()
@@ -206,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--waves", type=int, default=6, help="requests per worker per level")
+    ap.add_argument("--min-seconds", type=float, default=10.0,
+                    help="more waves until a level serves this long (measured on its warm-up "
+                         "wave): a percentile over a fraction of a second hinges on one stall")
     ap.add_argument("--min-gaps", type=int, default=1000,
                     help="more waves at low concurrency until a level has this many gaps")
     ap.add_argument("--warmup-waves", type=int, default=1,
