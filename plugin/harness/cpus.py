@@ -70,26 +70,35 @@ def moves(
     return out
 
 
-def group_processes(pgid: int) -> dict[int, tuple[str, dict[int, frozenset[int]]]]:
-    """The live processes of process group ``pgid``: name and each thread's affinity."""
-    out: dict[int, tuple[str, dict[int, frozenset[int]]]] = {}
+def group_pids(pgid: int) -> list[int]:
+    """The live (not zombie) processes of process group ``pgid``."""
+    out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/stat", "rb") as f:
                 stat = f.read().decode(errors="replace")
-            fields = stat[stat.rfind(")") + 2 :].split()
-            if len(fields) < 3 or fields[2] != str(pgid) or fields[0] == "Z":
-                continue
-            with open(f"/proc/{entry}/comm") as f:
-                name = f.read().strip()
-            threads = {}
-            for tid in os.listdir(f"/proc/{entry}/task"):
-                threads[int(tid)] = frozenset(os.sched_getaffinity(int(tid)))
         except OSError:  # gone meanwhile
             continue
-        out[int(entry)] = (name, threads)
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+            out.append(int(entry))
+    return out
+
+
+def group_processes(pgid: int) -> dict[int, tuple[str, dict[int, frozenset[int]]]]:
+    """The live processes of process group ``pgid``: name and each thread's affinity."""
+    out: dict[int, tuple[str, dict[int, frozenset[int]]]] = {}
+    for pid in group_pids(pgid):
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                name = f.read().strip()
+            threads = {int(tid): frozenset(os.sched_getaffinity(int(tid)))
+                       for tid in os.listdir(f"/proc/{pid}/task")}
+        except OSError:  # gone meanwhile
+            continue
+        out[pid] = (name, threads)
     return out
 
 

@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ..metrics_text import value as metrics_text_value
-from .cpus import CpuSplit, split_engine_cpus
+from .cpus import CpuSplit, group_pids, split_engine_cpus
 from .load import post_json
 
 __all__ = [
@@ -369,18 +369,7 @@ class VllmServer:
 
 def _group_alive(pgid: int) -> bool:
     """Whether any process (other than zombies) is still in process group ``pgid``."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rfind(")") + 2 :].split()
-        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
-            return True
-    return False
+    return bool(group_pids(pgid))
 
 
 @atexit.register
