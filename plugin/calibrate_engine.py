@@ -33,7 +33,10 @@ Say = Callable[[str], None]
 MODELS = ("qwen3-moe", "qwen3-moe-deep")  # 4 and 16 layers, otherwise the same
 # (concurrency, output tokens, rounds): 384 tokens keep concurrent requests overlapping for
 # most of their decode; the short run at the same concurrency reads a sixth of the context.
-RUNS = ((1, 384, 8), (32, 384, 1), (32, 64, 4))
+# The long 32-client run also gives the load tail (`load_tail_quantiles`): six rounds, several
+# seconds, because the engine's stalls are rare and a second of serving may hold one or none.
+RUNS = ((1, 384, 8), (32, 384, 6), (32, 64, 4))
+LONG = max(t for _, t, _ in RUNS)
 
 
 def _decode_step(before: str, after: str) -> tuple[float, float, float]:
@@ -52,9 +55,10 @@ def _decode_step(before: str, after: str) -> tuple[float, float, float]:
             context / max(tokens, 1.0))
 
 
-def _measure(name: str, say: Say) -> tuple[list[dict[str, float]], list[float], dict[str, Any]]:
-    """The model's measured points, its normalised gaps at concurrency 1 (gap / median), and
-    its config.json."""
+def _measure(name: str, say: Say) -> tuple[list[dict[str, float]], list[float], dict[str, Any],
+                                            dict[int, list[float]]]:
+    """The model's measured points, its normalised gaps at concurrency 1 (gap / median), its
+    config.json, and the client's gaps of each long run by concurrency."""
     from .harness.load import pct, random_prompts, run_concurrent, run_concurrent_streamed
     from .harness.server import VllmServer
     from .harness.tiny_models import build_model
@@ -64,6 +68,7 @@ def _measure(name: str, say: Say) -> tuple[list[dict[str, float]], list[float], 
     cfg = {"moe_reuse": {"flush_interval_s": 0.2, "window_s": 3600}}
     out = []
     noise: list[float] = []
+    long_gaps: dict[int, list[float]] = {}
     with VllmServer(path, additional_config=cfg, max_num_seqs=max(c for c, _, _ in RUNS),
                     split_cpus=True).start(
             progress=say) as srv:
@@ -85,10 +90,12 @@ def _measure(name: str, say: Say) -> tuple[list[dict[str, float]], list[float], 
                         "serving_gap_seconds": max(itl - step_s, 0.0)})
             if c == 1:
                 noise += [g / itl for g in gaps]
+            if tokens == LONG:
+                long_gaps[c] = gaps
             say(f"{config['num_hidden_layers']} layers, concurrency {c}, {tokens} tokens: decode "
                 f"step {step_s * 1e3:.2f} ms at {batch:.1f} sequences, context {ctx:.0f}; "
                 f"client gaps P50 {itl * 1e3:.2f} ms, P99 {pct(gaps, 99) * 1e3:.2f} ms")
-    return out, noise, config
+    return out, noise, config, long_gaps
 
 
 def _kernels(points: list[dict[str, float]], configs: dict[float, Any], hw: Any) -> None:
@@ -123,7 +130,8 @@ def _fit(rows: list[list[float]], y: list[float], scale: list[float] | None = No
 
 
 def engine_overhead(spec: dict[str, Any], *, say: Say = print) -> tuple[dict[str, Any], dict[str, Any]]:
-    """({step_overhead_*, kv_path_bandwidth_*, serving_gap_*, step_jitter_ratios}, raw points).
+    """({step_overhead_*, kv_path_bandwidth_*, serving_gap_*, step_jitter_ratios, load_tail_*},
+    raw points).
 
     The time a step spends outside the predicted kernels is fitted as fixed + per layer x layers
     + per sequence x sequences + per KV byte x the KV bytes the step reads (the contexts differ
@@ -136,11 +144,16 @@ def engine_overhead(spec: dict[str, Any], *, say: Say = print) -> tuple[dict[str
     points: list[dict[str, float]] = []
     noise: list[float] = []
     configs: dict[float, Any] = {}
+    tails: list[list[float]] = []
     for name in MODELS:
-        pts, gaps, config = _measure(name, say)
+        pts, gaps, config, long_gaps = _measure(name, say)
         points += pts
         noise += gaps
         configs[float(config["num_hidden_layers"])] = config
+        loaded = max(long_gaps)
+        tails.append(load_tail_quantiles(long_gaps[1], long_gaps[loaded]))
+    loaded_batch = [p["batch_tokens"] for p in points
+                    if p["output_tokens"] == LONG and p["concurrency"] > 1]
     _kernels(points, configs, hw)
     steps = [p["step_seconds"] for p in points]
     per_byte = _fit([[1.0, p["layers"], p["batch_tokens"], p["kv_bytes"]] for p in points],
@@ -165,7 +178,31 @@ def engine_overhead(spec: dict[str, Any], *, say: Say = print) -> tuple[dict[str
                 "serving_gap_seconds": gap[0],
                 "serving_gap_per_sequence_seconds": gap[1],
                 "step_jitter_ratios": jitter_ratios(noise)})
+    if all(tails):
+        fit["load_tail_seconds"] = [round(float(x), 6) for x in
+                                    np.maximum.accumulate(np.mean(np.array(tails), axis=0))]
+        fit["load_tail_sequences"] = round(float(np.mean(loaded_batch)), 2)
     return fit, {"models": list(MODELS), "points": points, "noise_gaps": len(noise)}
+
+
+def load_tail_quantiles(gaps_at_one: list[float], gaps_loaded: list[float]) -> list[float]:
+    """What load adds to the gaps' tail, in seconds at `JITTER_QUANTILES`: each run's gaps less
+    its own median, the loaded run's quantiles less the one-client run's, none below the median
+    (a faster-than-median gap is no tail); none from fewer than 1,000 gaps in either run.
+
+    Why additive: the engine stalls now and then for every running sequence at once (vLLM's own
+    inter-token histogram shows it), and the stalls do not scale with the step: calibrate's
+    32-client runs put P99 5 to 9 ms above P50 for a 4-layer and a 16-layer model alike, whose
+    steps differ threefold."""
+    from moe_reuse.predictor.specs import JITTER_QUANTILES
+
+    if min(len(gaps_at_one), len(gaps_loaded)) < 1000:
+        return []
+    one, loaded = np.asarray(gaps_at_one, dtype=float), np.asarray(gaps_loaded, dtype=float)
+    qs = np.asarray(JITTER_QUANTILES)
+    extra = (np.quantile(loaded, qs) - np.median(loaded)) - (np.quantile(one, qs) - np.median(one))
+    extra = np.where(qs <= 0.5, 0.0, np.maximum(extra, 0.0))
+    return [float(x) for x in np.maximum.accumulate(extra)]
 
 
 def jitter_ratios(normalised_gaps: list[float]) -> list[float]:

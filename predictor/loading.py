@@ -90,6 +90,8 @@ _HW_PLAIN = (
     "compute_efficiency_ratio",
     "compute_memory_overlap_ratio",
     "step_jitter_ratios",
+    "load_tail_seconds",
+    "load_tail_sequences",
     "description",
 )
 _HW_IGNORED = ("notes", "source")

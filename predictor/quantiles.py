@@ -64,3 +64,19 @@ def mix_quantile(q: float, mixed_share: float, decode_s: float, mixed_s: float,
         else:
             hi = mid
     return hi
+
+
+def load_tail(tail: Sequence[float], sequences_measured: float, q: float, sequences: float) -> float:
+    """The serving stack's tail under load at quantile q (`HardwareSpec.load_tail_seconds`,
+    piecewise linear between `JITTER_QUANTILES`) for `sequences` running sequences: none at one,
+    all of it from the sequences it was measured at."""
+    if not tail or sequences <= 1 or sequences_measured <= 1:
+        return 0.0
+    share = min(1.0, (sequences - 1) / (sequences_measured - 1))
+    qs = JITTER_QUANTILES
+    if q <= qs[0]:
+        return share * tail[0]
+    for i in range(len(qs) - 1):
+        if qs[i] <= q <= qs[i + 1]:
+            return share * (tail[i] + (tail[i + 1] - tail[i]) * (q - qs[i]) / (qs[i + 1] - qs[i]))
+    return share * tail[-1]

@@ -284,7 +284,11 @@ class HardwareSpec:
       between two steps that is in no step (the scheduler, output processing, detokenisation,
       one SSE chunk per sequence), so the inter-token period is the step plus this gap;
     - `step_jitter_ratios`: the host's timing noise, the inter-token gap of decode-only steps
-      over its median at `JITTER_QUANTILES` (1.0 at the median); empty: no noise.
+      over its median at `JITTER_QUANTILES` (1.0 at the median); empty: no noise;
+    - `load_tail_seconds` at `load_tail_sequences` running sequences: the tail the serving stack
+      adds under load, in seconds at `JITTER_QUANTILES`, over the concurrency-1 noise (every
+      running sequence stalls at once now and then); the what-if adds it to a gap quantile in
+      proportion to the running sequences beyond one, up to `load_tail_sequences`.
     """
 
     name: str
@@ -308,6 +312,8 @@ class HardwareSpec:
     serving_gap_seconds: float = 0.0
     serving_gap_per_sequence_seconds: float = 0.0
     step_jitter_ratios: tuple[float, ...] = ()
+    load_tail_seconds: tuple[float, ...] = ()
+    load_tail_sequences: float = 0.0
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -337,6 +343,12 @@ class HardwareSpec:
         check_float(self, "serving_gap_per_sequence_seconds", 0.0, strict=False)
         _check_jitter(self.step_jitter_ratios)
         object.__setattr__(self, "step_jitter_ratios", tuple(float(r) for r in self.step_jitter_ratios))
+        _check_jitter(self.load_tail_seconds, "load_tail_seconds", minimum=0.0)
+        object.__setattr__(self, "load_tail_seconds", tuple(float(r) for r in self.load_tail_seconds))
+        check_float(self, "load_tail_sequences", 0.0, strict=False)
+        if self.load_tail_seconds and not self.load_tail_sequences > 1:
+            raise SpecError("load_tail_sequences", f"got {self.load_tail_sequences!r} with a load tail",
+                            "give the running sequences (> 1) the tail was measured at")
         if not isinstance(self.peak_flops_per_second, Mapping) or not self.peak_flops_per_second:
             raise SpecError("peak_flops_per_second", "must map at least one dtype to FLOP/s")
         peaks: dict[str, float] = {}
@@ -382,6 +394,7 @@ class HardwareSpec:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["peak_flops_per_second"] = dict(self.peak_flops_per_second)
         out["step_jitter_ratios"] = list(self.step_jitter_ratios)
+        out["load_tail_seconds"] = list(self.load_tail_seconds)
         return out
 
 
@@ -389,17 +402,20 @@ class HardwareSpec:
 JITTER_QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995, 0.999)
 
 
-def _check_jitter(ratios: object) -> None:
-    fix = (f"give {len(JITTER_QUANTILES)} ratios, non-decreasing and > 0, at quantiles "
+def _check_jitter(ratios: object, field: str = "step_jitter_ratios", minimum: float | None = None) -> None:
+    """A list at `JITTER_QUANTILES`, non-decreasing; each > 0 (ratios) or >= `minimum`."""
+    what = "> 0" if minimum is None else f">= {minimum:g}"
+    fix = (f"give {len(JITTER_QUANTILES)} values, non-decreasing and {what}, at quantiles "
            f"{list(JITTER_QUANTILES)} (`moe-reuse calibrate` measures them), or none")
     if not isinstance(ratios, (tuple, list)):
-        raise SpecError("step_jitter_ratios", f"must be a list, got {type(ratios).__name__}", fix)
+        raise SpecError(field, f"must be a list, got {type(ratios).__name__}", fix)
     if not ratios:
         return
     if len(ratios) != len(JITTER_QUANTILES) or any(
-        isinstance(r, bool) or not isinstance(r, (int, float)) or not r > 0 for r in ratios
+        isinstance(r, bool) or not isinstance(r, (int, float))
+        or not (r > 0 if minimum is None else r >= minimum) for r in ratios
     ) or any(b < a for a, b in zip(ratios, ratios[1:])):
-        raise SpecError("step_jitter_ratios", f"got {list(ratios)!r}", fix)
+        raise SpecError(field, f"got {list(ratios)!r}", fix)
 
 
 __all__ = [

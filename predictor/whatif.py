@@ -21,7 +21,9 @@ Per concurrency level N (N clients, each sending its next request when the last 
   per chunk for its prefix (flash attention reads the prefix once per chunk).
 * ITL: every step emits one token per running sequence, so gaps follow the step mix a decoding
   request sees: the prefills of the b - 1 others, a share min(1, (b-1)/output * prompt / c) of
-  its gaps are t_m, the rest t_d. P50 and P99 are the quantiles of that two-point mix.
+  its gaps are t_m, the rest t_d. P50 and P99 are the quantiles of that two-point mix (times
+  the host's measured noise, where a calibrated spec has it), plus the serving stack's tail
+  under load (`load_tail_seconds`, in proportion to the running sequences beyond one).
 * TTFT: queue wait (N - b requests ahead, drained at b/(output x mean step) per second) plus
   the request's own ceil(prompt/budget) mixed steps plus half a step of alignment. P99 adds
   the prompts of the other requests that arrive in the same step (Poisson, P99 count) and are
@@ -42,7 +44,7 @@ from .deployment import DEFAULT_ACCOUNTING, Accounting, Partition
 from .errors import SpecError
 from .memory import memory_breakdown
 from .quality import DEFAULT_Q, dense_twin
-from .quantiles import mix_quantile, poisson_quantile
+from .quantiles import load_tail, mix_quantile, poisson_quantile
 from .reuse import expected_distinct_experts
 from .search import search_partitions
 from .specs import HardwareSpec, ModelSpec
@@ -222,8 +224,9 @@ def evaluate_level(
     # A decoding request's gaps see the prefills of the b - 1 others (its own prefill is its
     # TTFT, not a gap): the mix a client measures, times the host's noise where measured.
     seen = min(1.0, (b - 1) / o * p / c)
-    itl_p50 = mix_quantile(0.5, seen, p_d, p_m, hw.step_jitter_ratios)
-    itl_p99 = mix_quantile(0.99, seen, p_d, p_m, hw.step_jitter_ratios)
+    itl_p50, itl_p99 = (
+        mix_quantile(q, seen, p_d, p_m, hw.step_jitter_ratios)
+        + load_tail(hw.load_tail_seconds, hw.load_tail_sequences, q, b) for q in (0.5, 0.99))
     chunks = math.ceil(p / budget)
     cycle = o * mean + chunks * p_m  # one request's life in the batch
     queue = (concurrency - b) * cycle / b

@@ -249,6 +249,50 @@ def test_noise_ratios_are_checked_by_name():
             replace(H200, step_jitter_ratios=bad)
 
 
+TAIL = (0.0, 0.0, 0.0, 0.0, 1e-3, 2e-3, 4e-3, 8e-3, 9e-3, 12e-3)  # seconds at JITTER_QUANTILES
+
+
+def test_the_load_tail_grows_with_the_running_sequences_and_leaves_the_median(result):
+    """The serving stack's tail under load (calibrate's 32-client run over its one-client run)
+    is added to a gap quantile in proportion to the running sequences beyond one, all of it from
+    the sequences it was measured at: nothing at concurrency 1, half at 16.5 of 32, all at 64;
+    the median gains nothing (the tail is zero there)."""
+    noisy = replace(H200, step_jitter_ratios=NOISE)
+    hw = replace(noisy, load_tail_seconds=TAIL, load_tail_sequences=32.0)
+    w = result.workload
+    for n, share in ((1, 0.0), (16, 15 / 31), (32, 1.0), (64, 1.0)):
+        lv = evaluate_level(result.moe, hw, n, w, DEFAULT_ACCOUNTING)
+        base = evaluate_level(result.moe, noisy, n, w, DEFAULT_ACCOUNTING)
+        assert lv.itl_p50_seconds == pytest.approx(base.itl_p50_seconds)
+        assert lv.itl_p99_seconds == pytest.approx(base.itl_p99_seconds + share * 8e-3)
+        assert lv.step_seconds == base.step_seconds and lv.ttft_p99_seconds == base.ttft_p99_seconds
+
+
+def test_load_tail_fields_are_checked_by_name():
+    for bad in ((1e-3,) * 9, (2e-3,) + (1e-3,) * 9, (-1e-3,) * 10, "slow"):
+        with pytest.raises(SpecError, match="load_tail_seconds"):
+            replace(H200, load_tail_seconds=bad, load_tail_sequences=32.0)
+    with pytest.raises(SpecError, match="load_tail_sequences"):
+        replace(H200, load_tail_seconds=TAIL)  # measured at no load
+
+
+def test_calibrate_turns_a_loaded_runs_gaps_into_the_load_tail():
+    """The loaded run's gaps over its median, less the one-client run's over its own: an
+    additive tail, zero up to the median, non-decreasing; none from fewer than 1,000 gaps."""
+    from moe_reuse.plugin.calibrate_engine import load_tail_quantiles
+    from moe_reuse.predictor.specs import JITTER_QUANTILES
+
+    one = [2e-3] * 990 + [3e-3] * 10
+    loaded = [4e-3] * 970 + [12e-3] * 30  # 3% of the gaps stalled 8 ms
+    tail = load_tail_quantiles(one, loaded)
+    assert len(tail) == len(JITTER_QUANTILES) and tail == sorted(tail)
+    assert all(t == 0 for t, q in zip(tail, JITTER_QUANTILES, strict=True) if q <= 0.5)
+    assert tail[JITTER_QUANTILES.index(0.99)] == pytest.approx(8e-3, abs=2e-5)
+    assert load_tail_quantiles(one, one) == [0.0] * len(JITTER_QUANTILES)
+    assert load_tail_quantiles(one[:999], loaded) == []
+    replace(H200, load_tail_seconds=tuple(tail), load_tail_sequences=32.0)  # a valid spec
+
+
 def test_calibrate_turns_gaps_into_noise_quantiles():
     from moe_reuse.plugin.calibrate_engine import jitter_ratios
 
@@ -263,7 +307,8 @@ def test_a_calibrated_file_carries_the_serving_figures_through_loading(tmp_path)
     from moe_reuse.predictor import load_hardware_file
 
     data = {**{k: v for k, v in H200.to_dict().items() if v is not None}, "serving_gap_ms": 1.5, "serving_gap_per_sequence_us": 40.0,
-            "step_jitter_ratios": list(NOISE)}
+            "step_jitter_ratios": list(NOISE), "load_tail_seconds": list(TAIL),
+            "load_tail_sequences": 31.9}
     for k in ("serving_gap_seconds", "serving_gap_per_sequence_seconds"):
         data.pop(k)
     path = tmp_path / "hw.json"
@@ -272,6 +317,7 @@ def test_a_calibrated_file_carries_the_serving_figures_through_loading(tmp_path)
     assert hw.serving_gap_seconds == pytest.approx(1.5e-3)
     assert hw.serving_gap_per_sequence_seconds == pytest.approx(40e-6)
     assert hw.step_jitter_ratios == NOISE
+    assert hw.load_tail_seconds == TAIL and hw.load_tail_sequences == 31.9
 
 
 def test_staggered_clients_start_spread_over_the_given_time():
@@ -347,7 +393,8 @@ def test_calibrate_recovers_the_overheads_and_kv_rate_it_was_given(monkeypatch):
                         "context_tokens": ctx, "step_seconds": st.total_seconds,
                         "itl_p50_seconds": st.total_seconds + 1e-3 + 2e-5 * c,
                         "itl_p99_seconds": 0.0, "serving_gap_seconds": 1e-3 + 2e-5 * c})
-        return pts, [1.0] * 600, config
+        long_gaps = {1: [2e-3] * 990 + [3e-3] * 10, 32: [4e-3] * 970 + [12e-3] * 30}
+        return pts, [1.0] * 600, config, long_gaps
 
     monkeypatch.setattr(ce, "_measure", lambda name, say: fake(name))
     fit, raw = ce.engine_overhead(base, say=lambda _m: None)
@@ -358,3 +405,5 @@ def test_calibrate_recovers_the_overheads_and_kv_rate_it_was_given(monkeypatch):
     assert fit["serving_gap_seconds"] == pytest.approx(1e-3)
     assert fit["serving_gap_per_sequence_seconds"] == pytest.approx(2e-5)
     assert fit["step_jitter_ratios"] == [1.0] * 10 and len(raw["points"]) == 2 * len(ce.RUNS)
+    assert fit["load_tail_seconds"][7] == pytest.approx(8e-3, abs=2e-5)  # at the P99
+    assert fit["load_tail_sequences"] == 32.0  # the long loaded run's batch
