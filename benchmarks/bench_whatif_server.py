@@ -193,7 +193,7 @@ def compare(rows: list[dict[str, Any]], pred: dict[str, Any], side: str,
               f"{row['itl_p99'] * 1e3:>10.2f} / {m['itl_p99_seconds'] * 1e3:>9.2f} {e99:>+6.0%} | "
               f"{row['ttft_p50'] * 1e3:>10.1f} / {m['ttft_p50_seconds'] * 1e3:>10.1f} | "
               f"{row['ttft_p99'] * 1e3:>10.1f} / {m['ttft_p99_seconds'] * 1e3:>10.1f} | "
-              f"{m['batch']:>5} / {row.get('engine_batch', 0.0):>6.1f} | "
+              f"{m['batch']:>5.1f} / {row.get('engine_batch', 0.0):>6.1f} | "
               f"{row.get('engine_itl_p50', math.nan) * 1e3:>8.2f} / {row.get('engine_itl_p99', math.nan) * 1e3:>7.2f} | "
               f"{tail}")
     ok50 = all(abs(t["err_p50"]) <= 0.25 for t in table)

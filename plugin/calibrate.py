@@ -302,7 +302,9 @@ def calibrate(*, threads: int = 1, device: str = "cpu", size_mb: int = 512, repe
             f"{fit['serving_gap_per_sequence_seconds'] * 1e6:.1f} us per sequence; noise P99/P50 "
             f"{(fit['step_jitter_ratios'] or [1.0] * 10)[JITTER_QUANTILES.index(0.99)]:.2f}; load "
             f"tail at P99 +{(fit.get('load_tail_seconds') or [0.0] * 10)[JITTER_QUANTILES.index(0.99)] * 1e3:.2f}"
-            f" ms at {fit.get('load_tail_sequences', 0.0):.0f} sequences")
+            f" ms at {fit.get('load_tail_sequences', 0.0):.0f} sequences; front end "
+            f"{fit.get('front_end_request_seconds', 0.0) * 1e3:.2f} ms a request + "
+            f"{fit.get('front_end_token_seconds', 0.0) * 1e6:.0f} us a token")
     notes["elapsed_seconds"] = round(time.monotonic() - t_start, 1)
     spec["notes"] = notes
     return spec

@@ -18,11 +18,20 @@ would. Two more figures come from those gaps, for the latency what-if only:
   as fixed + per running sequence;
 - the host's timing noise: the gaps at concurrency 1 (decode-only steps, nothing else running)
   over their median, at `JITTER_QUANTILES`.
+And two loaded closed loops (48 clients, outputs of 16 and 128 tokens) give the front end's work
+per request and per streamed token (the API server's, and the client's where it shares the API
+server's cores), which caps the requests a second a closed loop of clients can send
+(`predictor.closed_loop`): read from what the loop achieved, not from CPU time. The front end's
+CPU time was tried first and overstates its work under load: at 32 clients it charged 100 us
+a streamed token, so the front end could not have served the 250 requests a second of 32
+tokens the benchmark's 64 clients reached (a core's worth of polling and GIL hand-offs counts
+as CPU time but yields to real work).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +46,18 @@ MODELS = ("qwen3-moe", "qwen3-moe-deep")  # 4 and 16 layers, otherwise the same
 # seconds, because the engine's stalls are rare and a second of serving may hold one or none.
 RUNS = ((1, 384, 8), (32, 384, 6), (32, 64, 4))
 LONG = max(t for _, t, _ in RUNS)
+# (clients, output tokens): loaded closed loops, clients started spread over one request's
+# duration (steady traffic, not waves), at least FRONT_S each, for the front end's work per
+# request (`front_end_loop`); outputs threefold apart separate its per-token part. They run
+# on the 4-layer model only, whose steps are the shortest, so that the front end binds: a loop
+# whose engine holds nearly every client says little about the front end (a 128-token loop
+# held 47 of 48 on the 16-layer model and put its work at 11 ms a request from the one client
+# outside), so loops whose engine held over BOUND of the clients are left out of the fit.
+FRONT_RUNS = ((48, 16), (48, 48))
+BOUND = 0.75
+FRONT_S = 6.0
+FLUSH_S = 1.0  # the plugin's default flush interval: calibrate the server as it is served
+SETTLE_S = 2.2 * FLUSH_S  # for the last steps to reach /metrics
 
 
 def _decode_step(before: str, after: str) -> tuple[float, float, float]:
@@ -56,20 +77,22 @@ def _decode_step(before: str, after: str) -> tuple[float, float, float]:
 
 
 def _measure(name: str, say: Say) -> tuple[list[dict[str, float]], list[float], dict[str, Any],
-                                            dict[int, list[float]]]:
+                                            dict[int, list[float]], list[dict[str, float]]]:
     """The model's measured points, its normalised gaps at concurrency 1 (gap / median), its
-    config.json, and the client's gaps of each long run by concurrency."""
+    config.json, the client's gaps of each long run by concurrency, and the front end's loaded
+    loops."""
     from .harness.load import pct, random_prompts, run_concurrent, run_concurrent_streamed
     from .harness.server import VllmServer
     from .harness.tiny_models import build_model
 
     path = build_model(name, progress=say)
     config = json.loads((path / "config.json").read_text())
-    cfg = {"moe_reuse": {"flush_interval_s": 0.2, "window_s": 3600}}
+    cfg = {"moe_reuse": {"flush_interval_s": FLUSH_S, "window_s": 3600}}
     out = []
     noise: list[float] = []
     long_gaps: dict[int, list[float]] = {}
-    with VllmServer(path, additional_config=cfg, max_num_seqs=max(c for c, _, _ in RUNS),
+    seats = max([c for c, _, _ in RUNS] + [c for c, _ in FRONT_RUNS])  # no client waits for a seat
+    with VllmServer(path, additional_config=cfg, max_num_seqs=seats,
                     split_cpus=True).start(
             progress=say) as srv:
         run_concurrent(srv.url, [(p, 16) for p in random_prompts(8, 16, 512, seed=0)], 8)
@@ -80,7 +103,7 @@ def _measure(name: str, say: Say) -> tuple[list[dict[str, float]], list[float], 
             for _ in range(rounds):
                 res = run_concurrent_streamed(srv.url, [(p, tokens) for p in prompts], c)
                 gaps += [g for r in res for g in r["itl_seconds"]]
-            time.sleep(0.5)  # two flush intervals
+            time.sleep(SETTLE_S)
             step_s, batch, ctx = _decode_step(before, srv.metrics_text())
             itl = pct(gaps, 50)
             out.append({"layers": float(config["num_hidden_layers"]), "concurrency": float(c),
@@ -95,7 +118,68 @@ def _measure(name: str, say: Say) -> tuple[list[dict[str, float]], list[float], 
             say(f"{config['num_hidden_layers']} layers, concurrency {c}, {tokens} tokens: decode "
                 f"step {step_s * 1e3:.2f} ms at {batch:.1f} sequences, context {ctx:.0f}; "
                 f"client gaps P50 {itl * 1e3:.2f} ms, P99 {pct(gaps, 99) * 1e3:.2f} ms")
-    return out, noise, config, long_gaps
+        fronts = ([_front_end_loop(srv, c, tokens, say) for c, tokens in FRONT_RUNS]
+                  if name == MODELS[0] else [])
+    return out, noise, config, long_gaps, fronts
+
+
+def _front_end_loop(srv: Any, clients: int, tokens: int, say: Say) -> dict[str, float]:
+    """One loaded closed loop: the requests a second it completed and the sequences the engine
+    held, from the plugin's counters over a window of steady load (after the clients' staggered
+    start, before they drain), and the front end's work per request that explains the clients
+    missing from the engine (`closed_loop.demand_from_loop`)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from moe_reuse.predictor.closed_loop import demand_from_loop
+
+    from .harness.load import (
+        closed_loop,
+        complete_streamed,
+        random_prompts,
+        run_concurrent_streamed,
+    )
+    from .harness.server import metric_value
+
+    warm = run_concurrent_streamed(srv.url, [(p, tokens) for p in random_prompts(
+        clients, 16, 512, seed=7 + tokens)], clients)
+    duration = float(np.median([(r["ttft_seconds"] or 0.0) + sum(r["itl_seconds"]) for r in warm]))
+    ramp = 2 * duration + SETTLE_S  # every client started, and its steps on /metrics
+    n = clients * (math.ceil((ramp + FRONT_S + SETTLE_S) / max(duration, 1e-3)) + 2)
+    prompts = random_prompts(n, 16, 512, seed=11 + tokens)
+
+    def timed(r: tuple[list[int], int]) -> float:
+        complete_streamed(srv.url, r[0], r[1])
+        return time.monotonic()
+
+    with ThreadPoolExecutor(1) as pool:
+        loop = pool.submit(closed_loop, timed, [(p, tokens) for p in prompts], clients, duration)
+        time.sleep(ramp)
+        t0, before = time.monotonic(), srv.metrics_text()
+        time.sleep(FRONT_S)
+        t1, after = time.monotonic(), srv.metrics_text()
+        ends = loop.result()
+
+    def d(metric: str, **labels: str) -> float:
+        return metric_value(after, metric, **labels) - metric_value(before, metric, **labels)
+
+    steps = d("moe_reuse_steps_total")
+    if steps <= 0:
+        raise RuntimeError("the calibration server recorded no step in the front-end run")
+    step = d("moe_reuse_step_duration_seconds_total") / steps
+    # the rate from the clients' own clock (the counters reach /metrics a flush late), the
+    # batch from the counters' ratio (which the lag does not bias)
+    rate = sum(t0 <= t < t1 for t in ends) / (t1 - t0)
+    # the engine holds a request from the step after its hand-off: half a step of alignment
+    # and its prefill step before it decodes (the what-if's TTFT charges the engine the same)
+    batch = d("moe_reuse_tokens_total", phase="decode") / steps + rate * 1.5 * step
+    demand = demand_from_loop(clients, min(batch, clients), rate)
+    say(f"front end, {clients} clients, {tokens} tokens: {rate:.0f} requests/s, engine held "
+        f"{batch:.1f} sequences: {demand * 1e3:.2f} ms of front-end work a request")
+    return {"concurrency": float(clients), "output_tokens": float(tokens), "batch": batch,
+            "requests_per_second": rate, "front_end_seconds": demand,
+            # vLLM's own count over the window (a cross-check; it lags the clients by the
+            # response's last chunk only)
+            "vllm_requests_per_second": d("vllm:request_success_total") / (t1 - t0)}
 
 
 def _kernels(points: list[dict[str, float]], configs: dict[float, Any], hw: Any) -> None:
@@ -145,8 +229,10 @@ def engine_overhead(spec: dict[str, Any], *, say: Say = print) -> tuple[dict[str
     noise: list[float] = []
     configs: dict[float, Any] = {}
     tails: list[list[float]] = []
+    fronts: list[dict[str, float]] = []
     for name in MODELS:
-        pts, gaps, config, long_gaps = _measure(name, say)
+        pts, gaps, config, long_gaps, loops = _measure(name, say)
+        fronts += loops
         points += pts
         noise += gaps
         configs[float(config["num_hidden_layers"])] = config
@@ -172,6 +258,9 @@ def engine_overhead(spec: dict[str, Any], *, say: Say = print) -> tuple[dict[str
     # gaps include steps the API server had not fed yet.
     steady = [p for p in points if p["output_tokens"] == max(r[1] for r in RUNS)]
     gap = _fit([[1.0, p["batch_tokens"]] for p in steady], [p["serving_gap_seconds"] for p in steady])
+    # The front end's work per request at each loaded loop's output length: per request +
+    # per token x output (the lengths differ eightfold, so the two separate).
+    fit.update(front_end_fit(fronts, say))
     fit.update({"step_overhead_seconds": coef[0],
                 "step_overhead_per_layer_seconds": coef[1],
                 "step_overhead_per_token_seconds": coef[2],
@@ -182,7 +271,24 @@ def engine_overhead(spec: dict[str, Any], *, say: Say = print) -> tuple[dict[str
         fit["load_tail_seconds"] = [round(float(x), 6) for x in
                                     np.maximum.accumulate(np.mean(np.array(tails), axis=0))]
         fit["load_tail_sequences"] = round(float(np.mean(loaded_batch)), 2)
-    return fit, {"models": list(MODELS), "points": points, "noise_gaps": len(noise)}
+    return fit, {"models": list(MODELS), "points": points, "noise_gaps": len(noise),
+                 "front_end_loops": fronts}
+
+
+def front_end_fit(loops: list[dict[str, float]], say: Say = print) -> dict[str, float]:
+    """`front_end_request_seconds` + `front_end_token_seconds` x output tokens, fitted over the
+    loops where the front end bound (the engine held at most BOUND of the clients): per token
+    from two output lengths, a flat cost a request from one; none (a front end that keeps up)
+    from none, and said."""
+    bound = [p for p in loops if p["batch"] <= BOUND * p["concurrency"]]
+    if not bound:
+        say("front end: no loop was front-end bound; the what-if will take it to keep up")
+        return {}
+    y = [p["front_end_seconds"] for p in bound]
+    if len({p["output_tokens"] for p in bound}) < 2:
+        return {"front_end_request_seconds": float(np.mean(y)), "front_end_token_seconds": 0.0}
+    fe = _fit([[1.0, p["output_tokens"]] for p in bound], y, y)
+    return {"front_end_request_seconds": fe[0], "front_end_token_seconds": fe[1]}
 
 
 def load_tail_quantiles(gaps_at_one: list[float], gaps_loaded: list[float]) -> list[float]:

@@ -81,6 +81,14 @@ _HW_UNITS: dict[str, tuple[tuple[str, float], ...]] = {
         ("serving_gap_per_sequence_seconds", 1.0),
         ("serving_gap_per_sequence_us", 1e-6),
     ),
+    "front_end_request_seconds": (
+        ("front_end_request_seconds", 1.0),
+        ("front_end_request_ms", 1e-3),
+    ),
+    "front_end_token_seconds": (
+        ("front_end_token_seconds", 1.0),
+        ("front_end_token_us", 1e-6),
+    ),
 }
 _HW_FLOPS = (("peak_flops_per_second", 1.0), ("peak_tflops", 1e12))
 _HW_PLAIN = (

@@ -8,6 +8,7 @@ distribution next to the uniform expectation at every step.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from .errors import SpecError
@@ -81,3 +82,38 @@ def reuse_from_counts(counts: Sequence[int]) -> MeasuredReuse:
         return MeasuredReuse(0, 0.0, 0, 0.0)
     mean = total / len(counts)
     return MeasuredReuse(distinct, total / distinct, max_load, max_load / mean)
+
+
+@dataclass(frozen=True)
+class RoutingCurve:
+    """Measured routing: an effective expert count E_eff fitted so that uniform routing over
+    E_eff experts touches the measured number of distinct experts at the measured batch.
+
+    Skewed routing concentrates tokens on fewer experts: E_eff < E. distinct(b) =
+    min(E, E_eff (1 - (1 - k/E_eff)^b)) then gives the curve at every other batch.
+    """
+
+    num_experts: int
+    top_k: int
+    effective_experts: float
+    measured_batch: float = 0.0
+    measured_distinct: float = 0.0
+
+    def distinct(self, batch_tokens: float) -> float:
+        e = max(self.effective_experts, float(self.top_k))
+        return min(float(self.num_experts), expected_distinct_experts(e, self.top_k, batch_tokens))  # type: ignore[arg-type]
+
+    @classmethod
+    def fit(cls, num_experts: int, top_k: int, batch: float, distinct: float) -> RoutingCurve:
+        """Solve E_eff(1-(1-k/E_eff)^batch) = distinct by bisection on E_eff in [k, E]."""
+        if batch <= 0 or distinct <= 0:
+            raise SpecError("routing", f"needs a batch and distinct experts > 0, got {batch}, {distinct}")
+        lo, hi = float(top_k), float(num_experts)
+        target = min(distinct, expected_distinct_experts(num_experts, top_k, batch))
+        for _ in range(80):
+            mid = (lo + hi) / 2
+            if expected_distinct_experts(mid, top_k, batch) < target:  # type: ignore[arg-type]
+                lo = mid
+            else:
+                hi = mid
+        return cls(num_experts, top_k, (lo + hi) / 2, batch, distinct)

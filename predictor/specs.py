@@ -288,7 +288,11 @@ class HardwareSpec:
     - `load_tail_seconds` at `load_tail_sequences` running sequences: the tail the serving stack
       adds under load, in seconds at `JITTER_QUANTILES`, over the concurrency-1 noise (every
       running sequence stalls at once now and then); the what-if adds it to a gap quantile in
-      proportion to the running sequences beyond one, up to `load_tail_sequences`.
+      proportion to the running sequences beyond one, up to `load_tail_sequences`;
+    - `front_end_request_seconds` + `front_end_token_seconds` x output tokens: the serving front
+      end's work per request (vLLM's API server, and a client sharing its cores); it queues in
+      one process, which caps the requests a second a closed loop of clients can send, and so
+      the batch they form (`closed_loop`); default 0, a front end that always keeps up.
     """
 
     name: str
@@ -314,6 +318,8 @@ class HardwareSpec:
     step_jitter_ratios: tuple[float, ...] = ()
     load_tail_seconds: tuple[float, ...] = ()
     load_tail_sequences: float = 0.0
+    front_end_request_seconds: float = 0.0
+    front_end_token_seconds: float = 0.0
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -341,6 +347,8 @@ class HardwareSpec:
         check_float(self, "step_overhead_per_token_seconds", 0.0, strict=False)
         check_float(self, "serving_gap_seconds", 0.0, strict=False)
         check_float(self, "serving_gap_per_sequence_seconds", 0.0, strict=False)
+        check_float(self, "front_end_request_seconds", 0.0, strict=False)
+        check_float(self, "front_end_token_seconds", 0.0, strict=False)
         _check_jitter(self.step_jitter_ratios)
         object.__setattr__(self, "step_jitter_ratios", tuple(float(r) for r in self.step_jitter_ratios))
         _check_jitter(self.load_tail_seconds, "load_tail_seconds", minimum=0.0)

@@ -40,12 +40,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from .closed_loop import solve, wait_quantile
 from .deployment import DEFAULT_ACCOUNTING, Accounting, Partition
 from .errors import SpecError
 from .memory import memory_breakdown
 from .quality import DEFAULT_Q, dense_twin
 from .quantiles import load_tail, mix_quantile, poisson_quantile
-from .reuse import expected_distinct_experts
+from .reuse import RoutingCurve
 from .search import search_partitions
 from .specs import HardwareSpec, ModelSpec
 from .timing import step_time
@@ -73,46 +74,11 @@ class Workload:
 
 
 @dataclass(frozen=True)
-class RoutingCurve:
-    """Measured routing: an effective expert count E_eff fitted so that uniform routing over
-    E_eff experts touches the measured number of distinct experts at the measured batch.
-
-    Skewed routing concentrates tokens on fewer experts: E_eff < E. distinct(b) =
-    min(E, E_eff (1 - (1 - k/E_eff)^b)) then gives the curve at every other batch.
-    """
-
-    num_experts: int
-    top_k: int
-    effective_experts: float
-    measured_batch: float = 0.0
-    measured_distinct: float = 0.0
-
-    def distinct(self, batch_tokens: float) -> float:
-        e = max(self.effective_experts, float(self.top_k))
-        return min(float(self.num_experts), expected_distinct_experts(e, self.top_k, batch_tokens))  # type: ignore[arg-type]
-
-    @classmethod
-    def fit(cls, num_experts: int, top_k: int, batch: float, distinct: float) -> RoutingCurve:
-        """Solve E_eff(1-(1-k/E_eff)^batch) = distinct by bisection on E_eff in [k, E]."""
-        if batch <= 0 or distinct <= 0:
-            raise SpecError("routing", f"needs a batch and distinct experts > 0, got {batch}, {distinct}")
-        lo, hi = float(top_k), float(num_experts)
-        target = min(distinct, expected_distinct_experts(num_experts, top_k, batch))
-        for _ in range(80):
-            mid = (lo + hi) / 2
-            if expected_distinct_experts(mid, top_k, batch) < target:  # type: ignore[arg-type]
-                lo = mid
-            else:
-                hi = mid
-        return cls(num_experts, top_k, (lo + hi) / 2, batch, distinct)
-
-
-@dataclass(frozen=True)
 class LevelResult:
     """One model at one concurrency level."""
 
     concurrency: int
-    batch: int
+    batch: float  # sequences the engine runs (mean; below the seats where the front end limits)
     step_seconds: float  # decode-only step
     mixed_step_seconds: float
     mixed_step_ratio: float  # share of steps that carry prefill
@@ -124,8 +90,9 @@ class LevelResult:
     ttft_p99_seconds: float
     queue_seconds: float
     tokens_per_second: float
-    limited_by: str  # concurrency, max_num_seqs or kv_cache
+    limited_by: str  # concurrency, max_num_seqs, kv_cache or front_end
     serving_gap_seconds: float = 0.0  # between two steps, in neither (hardware spec)
+    front_end_seconds: float = 0.0  # median time in the front end before the engine
 
     def to_dict(self) -> dict[str, float | int | str]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -185,25 +152,27 @@ def _step(
     ).total_seconds
 
 
-def evaluate_level(
-    dep: Deployment, hw: HardwareSpec, concurrency: int, work: Workload, acc: Accounting
-) -> LevelResult:
-    """The step mix and its latency percentiles for one model at one concurrency."""
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise SpecError("--concurrency", f"must be an integer >= 1, got {concurrency!r}")
+@dataclass(frozen=True)
+class _Mix:
+    """The step mix at one batch."""
+
+    t_d: float  # decode-only step
+    t_m: float  # mixed step
+    f: float  # share of steps that carry prefill
+    c: float  # prefill tokens a mixed step carries
+    seen: float  # share of a decoding request's gaps that are mixed steps
+    gap: float  # the serving stack's gap between steps
+    p_d: float  # decode-only period (step + gap)
+    p_m: float  # mixed period
+    mean: float  # mean period
+    arrivals: float  # requests arriving per step
+    budget: float  # prefill tokens a step can carry beside the decodes
+    chunks: int  # steps one prompt takes
+    cycle: float  # one request's life in the engine
+
+
+def _mix(dep: Deployment, hw: HardwareSpec, acc: Accounting, b: float, work: Workload) -> _Mix:
     p, o = work.prompt_tokens, work.output_tokens
-    seqs_cap = work.max_num_seqs or acc.max_num_seqs or concurrency
-    footprint = p + o / 2
-    kv_cap = max(int(dep.kv_capacity_tokens // footprint), 0)
-    if kv_cap < 1:
-        raise SpecError(
-            "--prompt-len",
-            f"one request ({p} + {o} tokens) does not fit the KV cache of "
-            f"{dep.kv_capacity_tokens} tokens of {dep.model.name}",
-            "shorten the prompt or output, or add GPUs",
-        )
-    b = min(concurrency, seqs_cap, kv_cap)
-    limited = "concurrency" if b == concurrency else ("max_num_seqs" if b == seqs_cap else "kv_cache")
     ctx = p + o / 2
     t_d = _step(dep, hw, acc, b, ctx)
     budget = max(work.max_num_batched_tokens - b, 1)
@@ -223,32 +192,74 @@ def evaluate_level(
     mean = f * p_m + (1 - f) * p_d
     # A decoding request's gaps see the prefills of the b - 1 others (its own prefill is its
     # TTFT, not a gap): the mix a client measures, times the host's noise where measured.
-    seen = min(1.0, (b - 1) / o * p / c)
-    itl_p50, itl_p99 = (
-        mix_quantile(q, seen, p_d, p_m, hw.step_jitter_ratios)
-        + load_tail(hw.load_tail_seconds, hw.load_tail_sequences, q, b) for q in (0.5, 0.99))
+    seen = min(1.0, max(b - 1, 0.0) / o * p / c)
     chunks = math.ceil(p / budget)
-    cycle = o * mean + chunks * p_m  # one request's life in the batch
-    queue = (concurrency - b) * cycle / b
-    ttft50 = queue + chunks * p_m + mean / 2
-    ahead = max(poisson_quantile(arrivals, 0.99) - 1, 0)
-    ttft99 = queue + math.ceil((ahead * p + p) / budget) * p_m + mean
+    return _Mix(t_d, t_m, f, c, seen, gap, p_d, p_m, mean, arrivals, budget, chunks,
+                o * mean + chunks * p_m)
+
+
+def evaluate_level(
+    dep: Deployment, hw: HardwareSpec, concurrency: int, work: Workload, acc: Accounting
+) -> LevelResult:
+    """The step mix and its latency percentiles for one model at one concurrency."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise SpecError("--concurrency", f"must be an integer >= 1, got {concurrency!r}")
+    p, o = work.prompt_tokens, work.output_tokens
+    seqs_cap = work.max_num_seqs or acc.max_num_seqs or concurrency
+    footprint = p + o / 2
+    kv_cap = max(int(dep.kv_capacity_tokens // footprint), 0)
+    if kv_cap < 1:
+        raise SpecError(
+            "--prompt-len",
+            f"one request ({p} + {o} tokens) does not fit the KV cache of "
+            f"{dep.kv_capacity_tokens} tokens of {dep.model.name}",
+            "shorten the prompt or output, or add GPUs",
+        )
+    seats = min(concurrency, seqs_cap, kv_cap)
+    s_req, s_tok = hw.front_end_request_seconds, hw.front_end_token_seconds
+    demand = s_req + o * s_tok  # the front end's work per request
+
+    def seen(mean_batch: float) -> float:
+        # the batch a request in the engine shares: itself and the others' mean share of the
+        # loop (the arrival theorem), as the seats allow; N where every client is seated
+        return min(seats, 1 + mean_batch * (concurrency - 1) / concurrency)
+
+    loop = solve(concurrency, seats, demand, lambda n: _mix(dep, hw, acc, seen(n), work).cycle)
+    b = loop.batch
+    limited = ("front_end" if b < seats and loop.seat_queue_seconds == 0 else
+               "concurrency" if seats == concurrency else
+               "max_num_seqs" if seats == seqs_cap else "kv_cache")
+    m = _mix(dep, hw, acc, seen(b), work)
+    itl_p50, itl_p99 = (
+        mix_quantile(q, m.seen, m.p_d, m.p_m, hw.step_jitter_ratios)
+        + load_tail(hw.load_tail_seconds, hw.load_tail_sequences, q, seen(b)) for q in (0.5, 0.99))
+    # The front end before the prompt reaches the engine: the request's own admission (its
+    # streaming overlaps its decode) and its wait behind the other clients' work.
+    waited = loop.front_end_residence_seconds - demand
+    cap = (concurrency - 1) * demand
+    fe50, fe99 = (s_req + wait_quantile(waited, loop.front_end_utilisation_ratio, q, cap)
+                  for q in (0.5, 0.99))
+    queue = loop.seat_queue_seconds
+    ttft50 = queue + fe50 + m.chunks * m.p_m + m.mean / 2
+    ahead = max(poisson_quantile(m.arrivals, 0.99) - 1, 0)
+    ttft99 = queue + fe99 + math.ceil((ahead * p + p) / m.budget) * m.p_m + m.mean
     return LevelResult(
         concurrency=concurrency,
         batch=b,
-        step_seconds=t_d,
-        mixed_step_seconds=t_m,
-        mixed_step_ratio=f,
-        itl_mixed_ratio=seen,
-        prefill_tokens_per_mixed_step=c,
+        step_seconds=m.t_d,
+        mixed_step_seconds=m.t_m,
+        mixed_step_ratio=m.f,
+        itl_mixed_ratio=m.seen,
+        prefill_tokens_per_mixed_step=m.c,
         itl_p50_seconds=itl_p50,
         itl_p99_seconds=itl_p99,
         ttft_p50_seconds=ttft50,
         ttft_p99_seconds=ttft99,
         queue_seconds=queue,
-        tokens_per_second=b / mean,
+        tokens_per_second=b / m.mean,
         limited_by=limited,
-        serving_gap_seconds=gap,
+        serving_gap_seconds=m.gap,
+        front_end_seconds=fe50,
     )
 
 

@@ -131,14 +131,14 @@ def format_whatif(r: WhatIfResult, title: str) -> str:
         f"partitions MoE [{r.moe.partition}] dense [{r.dense.partition}]"
         + ("; measured routing" if r.moe.routing is not None else ""),
         f"  {'conc':>6} {'model':>5} {'batch':>6} {'step ms':>8} {'mixed%':>6} {'ITL p50':>8} {'ITL p99':>8} "
-        f"{'TTFT p50':>9} {'TTFT p99':>9} {'tok/s':>10}",
+        f"{'TTFT p50':>9} {'TTFT p99':>9} {'tok/s':>10}  limited by",
     ]
     for m, d in r.levels:
         for label, x in (("MoE", m), ("dense", d)):
             lines.append(
-                f"  {x.concurrency:>6} {label:>5} {x.batch:>6} {x.step_seconds * ms:>8.3g} "
+                f"  {x.concurrency:>6} {label:>5} {x.batch:>6.4g} {x.step_seconds * ms:>8.3g} "
                 f"{x.mixed_step_ratio * 100:>5.0f}% {x.itl_p50_seconds * ms:>8.3g} {x.itl_p99_seconds * ms:>8.3g} "
-                f"{x.ttft_p50_seconds * ms:>9.4g} {x.ttft_p99_seconds * ms:>9.4g} {x.tokens_per_second:>10,.0f}"
+                f"{x.ttft_p50_seconds * ms:>9.4g} {x.ttft_p99_seconds * ms:>9.4g} {x.tokens_per_second:>10,.0f}  {x.limited_by}"
             )
     c = r.crossover_concurrency
     lines.append(

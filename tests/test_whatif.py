@@ -374,6 +374,7 @@ def test_calibrate_recovers_the_overheads_and_kv_rate_it_was_given(monkeypatch):
     from moe_reuse.plugin import calibrate_engine as ce
     from moe_reuse.plugin.harness.tiny_models import model_spec
     from moe_reuse.predictor import hardware_from_dict, model_from_hf_config
+    from moe_reuse.predictor.closed_loop import demand_from_loop
 
     base = {k: v for k, v in load_hardware_preset("h200").to_dict().items() if v is not None}
     true = hardware_from_dict({**base, "kv_path_bandwidth_bytes_per_second": 3e9,
@@ -394,7 +395,14 @@ def test_calibrate_recovers_the_overheads_and_kv_rate_it_was_given(monkeypatch):
                         "itl_p50_seconds": st.total_seconds + 1e-3 + 2e-5 * c,
                         "itl_p99_seconds": 0.0, "serving_gap_seconds": 1e-3 + 2e-5 * c})
         long_gaps = {1: [2e-3] * 990 + [3e-3] * 10, 32: [4e-3] * 970 + [12e-3] * 30}
-        return pts, [1.0] * 600, config, long_gaps
+        loops = []
+        for c, tokens in ce.FRONT_RUNS:  # loops a front end of 1.4 ms + 60 us a token made
+            demand, held = 1.4e-3 + 60e-6 * tokens, 20.0  # held: front-end bound
+            rate = (c - held) / (demand * (1 + (c - held) * (c - 1) / c))
+            loops.append({"concurrency": float(c), "output_tokens": float(tokens),
+                          "requests_per_second": rate, "batch": held,
+                          "front_end_seconds": demand_from_loop(c, held, rate)})
+        return pts, [1.0] * 600, config, long_gaps, loops
 
     monkeypatch.setattr(ce, "_measure", lambda name, say: fake(name))
     fit, raw = ce.engine_overhead(base, say=lambda _m: None)
@@ -407,3 +415,5 @@ def test_calibrate_recovers_the_overheads_and_kv_rate_it_was_given(monkeypatch):
     assert fit["step_jitter_ratios"] == [1.0] * 10 and len(raw["points"]) == 2 * len(ce.RUNS)
     assert fit["load_tail_seconds"][7] == pytest.approx(8e-3, abs=2e-5)  # at the P99
     assert fit["load_tail_sequences"] == 32.0  # the long loaded run's batch
+    assert fit["front_end_request_seconds"] == pytest.approx(1.4e-3, rel=1e-6)
+    assert fit["front_end_token_seconds"] == pytest.approx(60e-6, rel=1e-6)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from moe_reuse.plugin import calibrate_engine
 from moe_reuse.plugin.harness.load import random_prompts, run_concurrent_streamed
 from moe_reuse.plugin.harness.server import VllmServer
 from moe_reuse.plugin.harness.tiny_models import build_model
@@ -50,7 +51,7 @@ RUNNERS = ["v1", "v2"] if os.environ.get("MOE_REUSE_FULL_MATRIX") == "1" else ["
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
-def test_kv_capacity_and_whatif_from_server(runner: str) -> None:
+def test_kv_capacity_and_whatif_from_server(runner: str, monkeypatch: pytest.MonkeyPatch) -> None:
     model_dir = build_model("qwen3-moe")
     caller_cpus = os.sched_getaffinity(0)
     with VllmServer(
@@ -108,4 +109,13 @@ def test_kv_capacity_and_whatif_from_server(runner: str) -> None:
         assert [lv["moe"]["batch"] for lv in out["levels"]] == [1, 4, MAX_SEQS]
         top = out["levels"][-1]["moe"]
         assert top["limited_by"] == "max_num_seqs" and top["queue_seconds"] > 0
+
+        # calibrate's loaded loop (the front end's work per request): its rate, from the
+        # clients' clock, agrees with vLLM's own count of finished requests over the window;
+        # the engine holds at most the clients
+        monkeypatch.setattr(calibrate_engine, "FRONT_S", 3.0)
+        loop = calibrate_engine._front_end_loop(srv, MAX_SEQS, 8, lambda _m: None)
+        assert loop["requests_per_second"] > 0 and loop["front_end_seconds"] > 0
+        assert loop["requests_per_second"] == pytest.approx(loop["vllm_requests_per_second"], rel=0.2)
+        assert 0 < loop["batch"] <= MAX_SEQS + 0.5
     assert os.sched_getaffinity(0) == caller_cpus
