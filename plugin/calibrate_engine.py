@@ -18,14 +18,14 @@ would. Two more figures come from those gaps, for the latency what-if only:
   as fixed + per running sequence;
 - the host's timing noise: the gaps at concurrency 1 (decode-only steps, nothing else running)
   over their median, at `JITTER_QUANTILES`.
-And two loaded closed loops (48 clients, outputs of 16 and 128 tokens) give the front end's work
-per request and per streamed token (the API server's, and the client's where it shares the API
-server's cores), which caps the requests a second a closed loop of clients can send
-(`predictor.closed_loop`): read from what the loop achieved, not from CPU time. The front end's
-CPU time was tried first and overstates its work under load: at 32 clients it charged 100 us
-a streamed token, so the front end could not have served the 250 requests a second of 32
-tokens the benchmark's 64 clients reached (a core's worth of polling and GIL hand-offs counts
-as CPU time but yields to real work).
+And two loaded closed loops (48 clients, outputs of 16 and 48 tokens, on the 4-layer model) give
+the front end's work per request and per streamed token (the API server's, and the client's where
+it shares the API server's cores), which caps the requests a second a closed loop of clients can
+send (`predictor.closed_loop`): read from what the loop achieved, not from CPU time. The front
+end's CPU time was tried first and overstates its work under load: at 32 clients it charged
+100 us a streamed token, so the front end could not have served the 250 requests a second of 32
+tokens the benchmark's 64 clients reached (polling and GIL hand-offs count as CPU time but yield
+to real work).
 """
 
 from __future__ import annotations
@@ -124,10 +124,10 @@ def _measure(name: str, say: Say) -> tuple[list[dict[str, float]], list[float], 
 
 
 def _front_end_loop(srv: Any, clients: int, tokens: int, say: Say) -> dict[str, float]:
-    """One loaded closed loop: the requests a second it completed and the sequences the engine
-    held, from the plugin's counters over a window of steady load (after the clients' staggered
-    start, before they drain), and the front end's work per request that explains the clients
-    missing from the engine (`closed_loop.demand_from_loop`)."""
+    """One loaded closed loop, over a window of steady load (after the clients' staggered start,
+    before they drain): the requests a second it completed and the sequences the engine held,
+    and the front end's work per request that explains the clients missing from the engine
+    (`closed_loop.demand_from_loop`)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from moe_reuse.predictor.closed_loop import demand_from_loop
@@ -258,8 +258,6 @@ def engine_overhead(spec: dict[str, Any], *, say: Say = print) -> tuple[dict[str
     # gaps include steps the API server had not fed yet.
     steady = [p for p in points if p["output_tokens"] == max(r[1] for r in RUNS)]
     gap = _fit([[1.0, p["batch_tokens"]] for p in steady], [p["serving_gap_seconds"] for p in steady])
-    # The front end's work per request at each loaded loop's output length: per request +
-    # per token x output (the lengths differ eightfold, so the two separate).
     fit.update(front_end_fit(fronts, say))
     fit.update({"step_overhead_seconds": coef[0],
                 "step_overhead_per_layer_seconds": coef[1],

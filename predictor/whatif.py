@@ -219,20 +219,20 @@ def evaluate_level(
     s_req, s_tok = hw.front_end_request_seconds, hw.front_end_token_seconds
     demand = s_req + o * s_tok  # the front end's work per request
 
-    def seen(mean_batch: float) -> float:
+    def shared(mean_batch: float) -> float:
         # the batch a request in the engine shares: itself and the others' mean share of the
         # loop (the arrival theorem), as the seats allow; N where every client is seated
         return min(seats, 1 + mean_batch * (concurrency - 1) / concurrency)
 
-    loop = solve(concurrency, seats, demand, lambda n: _mix(dep, hw, acc, seen(n), work).cycle)
+    loop = solve(concurrency, seats, demand, lambda n: _mix(dep, hw, acc, shared(n), work).cycle)
     b = loop.batch
     limited = ("front_end" if b < seats and loop.seat_queue_seconds == 0 else
                "concurrency" if seats == concurrency else
                "max_num_seqs" if seats == seqs_cap else "kv_cache")
-    m = _mix(dep, hw, acc, seen(b), work)
+    m = _mix(dep, hw, acc, shared(b), work)
     itl_p50, itl_p99 = (
         mix_quantile(q, m.seen, m.p_d, m.p_m, hw.step_jitter_ratios)
-        + load_tail(hw.load_tail_seconds, hw.load_tail_sequences, q, seen(b)) for q in (0.5, 0.99))
+        + load_tail(hw.load_tail_seconds, hw.load_tail_sequences, q, shared(b)) for q in (0.5, 0.99))
     # The front end before the prompt reaches the engine: the request's own admission (its
     # streaming overlaps its decode) and its wait behind the other clients' work.
     waited = loop.front_end_residence_seconds - demand
