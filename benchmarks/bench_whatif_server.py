@@ -26,6 +26,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -36,7 +37,7 @@ from moe_reuse.plugin.harness.load import (
     random_prompts,
     run_concurrent_streamed,
 )
-from moe_reuse.plugin.harness.server import VllmServer, metric_value
+from moe_reuse.plugin.harness.server import VllmServer, metric_delta
 from moe_reuse.plugin.harness.tiny_models import build_model
 from moe_reuse.plugin.live.twin import build_dense_twin
 from moe_reuse.plugin.metrics_text import samples
@@ -158,11 +159,29 @@ def engine_batch(before: str, after: str, prompt_tokens: int) -> float:
     2-core host the client's threads, the API server and the engine share the cores, and the
     engine may run fewer sequences than the clients hold open (the what-if's batch is the
     concurrency, as on a GPU server whose API server keeps up)."""
-    def d(name: str) -> float:
-        return metric_value(after, name) - metric_value(before, name)
+    steps = metric_delta(before, after, "vllm:iteration_tokens_total_count")
+    tokens = metric_delta(before, after, "vllm:iteration_tokens_total_sum")
+    return (tokens - prompt_tokens) / steps if steps > 0 else 0.0
 
-    steps = d("vllm:iteration_tokens_total_count")
-    return (d("vllm:iteration_tokens_total_sum") - prompt_tokens) / steps if steps > 0 else 0.0
+
+def calibration_drift(hardware_file: str, rows: list[dict[str, Any]]) -> tuple[float, float] | None:
+    """(this run's one-client gap P50, calibrate's for the same 4-layer model): how far the host
+    moved between the two (its slow spells last minutes); None without both."""
+    points = json.loads(Path(hardware_file).read_text()).get("notes", {}).get(
+        "engine_overhead", {}).get("points", [])
+    cal = [p["itl_p50_seconds"] for p in points if p["layers"] == 4 and p["concurrency"] == 1]
+    here = [r["itl_p50"] for r in rows if r["concurrency"] == 1]
+    return (here[0], cal[0]) if cal and here else None
+
+
+def engine_only_spec(hardware_file: str) -> str:
+    """The calibrated spec with no front-end work: the what-if's batch is then the concurrency,
+    which the diagnostic column sets to the engine's measured batch."""
+    spec = json.loads(Path(hardware_file).read_text())
+    spec["front_end_request_seconds"] = spec["front_end_token_seconds"] = 0.0
+    out = Path(tempfile.mkdtemp(prefix="moe-reuse-bench-")) / "engine-only.json"
+    out.write_text(json.dumps(spec))
+    return str(out)
 
 
 def compare(rows: list[dict[str, Any]], pred: dict[str, Any], side: str,
@@ -209,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hardware-file", required=True)
     ap.add_argument("--levels", default="1,2,4,8,16,32,64")
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--output-len", type=int, default=32)
+    # 128: the engine, not the front end, bounds the 4-layer model's loop up to 64 clients (at 32
+    # tokens the front end does, and the batch hangs on its work per request: docs/predictor.md)
+    ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--waves", type=int, default=6, help="requests per worker per level")
     ap.add_argument("--min-seconds", type=float, default=10.0,
                     help="more waves until a level serves this long (measured on its warm-up "
@@ -242,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         kv = kv_check(srv, model_dir, args.hardware_file, kv_gib)
         say(f"KV capacity: server {kv['server_tokens']} tokens, predictor {kv['predictor_tokens']}")
         rows = measure_levels(srv, levels, args, vocab)
-        def whatif(conc: list[int]) -> dict[str, Any]:
-            argv2 = ["whatif", "--from-server", srv.url, "--hardware", args.hardware_file,
+        def whatif(conc: list[int], hardware: str = args.hardware_file) -> dict[str, Any]:
+            argv2 = ["whatif", "--from-server", srv.url, "--hardware", hardware,
                      "--concurrency", ",".join(str(c) for c in conc),
                      "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len),
                      "--max-num-seqs", str(max(levels)), "--json"]
@@ -257,8 +278,10 @@ def main(argv: list[str] | None = None) -> int:
             return json.loads(buf.getvalue())
 
         pred = whatif(levels)
-        # every batch up to the top level, for the diagnostic column (pure arithmetic)
-        at_batch = {lv["concurrency"]: lv for lv in whatif(list(range(1, max(levels) + 1)))["levels"]}
+        # every batch up to the top level, for the diagnostic column (pure arithmetic), with a
+        # front end that keeps up: the loop's batch is then the concurrency asked
+        at_batch = {lv["concurrency"]: lv for lv in whatif(list(range(1, max(levels) + 1)),
+                                                          engine_only_spec(args.hardware_file))["levels"]}
     dense_rows: list[dict[str, Any]] = []
     if args.dense:
         twin_dir = build_dense_twin(model_dir, DEFAULT_Q, say=say)
@@ -268,10 +291,15 @@ def main(argv: list[str] | None = None) -> int:
             dense_rows = measure_levels(srv, levels, args, vocab)
     print(f"KV capacity (tokens): server num_gpu_blocks x block_size = {kv['server_tokens']}, "
           f"predictor = {kv['predictor_tokens']}")
+    drift = calibration_drift(args.hardware_file, rows)
+    if drift is not None:
+        print(f"calibration drift: the one-client gap P50 here {drift[0] * 1e3:.2f} ms, in "
+              f"calibrate's run of the same model {drift[1] * 1e3:.2f} ms ({drift[0] / drift[1] - 1:+.0%})")
     table = compare(rows, pred, "moe", at_batch)
     dense_table = compare(dense_rows, pred, "dense", at_batch) if dense_rows else []
     if args.out:
         Path(args.out).write_text(json.dumps({"kv": kv, "levels": table, "dense": dense_table,
+                                              "calibration_drift": drift,
                                               "whatif": pred, "max_num_batched_tokens": budget},
                                              indent=2, default=float))
     return 0

@@ -61,11 +61,11 @@ def solve(clients: int, seats: float, demand_s: float,
 
     over, x, r = excess(seats)
     if over <= 0:  # every seat taken: the clients left over queue for one after the front end
-        return ClosedLoop(seats, x, r, x * demand_s, -over / x)
+        return ClosedLoop(seats, x, r, min(x * demand_s, 1.0), -over / x)
     lo, hi = 0.0, seats
     for _ in range(60):
         mid = (lo + hi) / 2
-        if mid <= 0 or excess(mid)[0] <= 0:
+        if excess(mid)[0] <= 0:  # mid > 0: it starts at seats / 2 and stays above lo >= 0
             lo = mid
         else:
             hi = mid

@@ -182,6 +182,9 @@ def test_metric_value() -> None:
     )
     assert vllm_figures.prefix_cache_hits(text) == (256.0, 1024.0)
     assert server.metric_value(text, "vllm:prefix_cache_hits_total", engine="1") == 0.0
+    later = text.replace("} 256.0", "} 300.0")
+    assert server.metric_delta(text, later, "vllm:prefix_cache_hits_total", engine="0") == 44.0
+    assert server.metric_delta(text, later, "vllm:prefix_cache_queries_total") == 0.0
 
 
 def test_prefix_caching_reads_what_the_server_resolved() -> None:

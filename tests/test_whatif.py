@@ -277,18 +277,26 @@ def test_load_tail_fields_are_checked_by_name():
 
 
 def test_calibrate_turns_a_loaded_runs_gaps_into_the_load_tail():
-    """The loaded run's gaps over its median, less the one-client run's over its own: an
-    additive tail, zero up to the median, non-decreasing; none from fewer than 1,000 gaps."""
-    from moe_reuse.plugin.calibrate_engine import load_tail_quantiles
+    """The loaded run's quantiles less its median times the one-client noise ratio: an
+    additive tail, zero up to the median, non-decreasing; none from fewer than 1,000 gaps.
+    The what-if, given the noise and this tail, gives back the loaded run's quantiles."""
+    from moe_reuse.plugin.calibrate_engine import jitter_ratios, load_tail_quantiles
+    from moe_reuse.predictor.quantiles import load_tail, mix_quantile
     from moe_reuse.predictor.specs import JITTER_QUANTILES
 
-    one = [2e-3] * 990 + [3e-3] * 10
+    one = [2e-3] * 985 + [3e-3] * 15  # P99 1.5 x the median
     loaded = [4e-3] * 970 + [12e-3] * 30  # 3% of the gaps stalled 8 ms
     tail = load_tail_quantiles(one, loaded)
     assert len(tail) == len(JITTER_QUANTILES) and tail == sorted(tail)
     assert all(t == 0 for t, q in zip(tail, JITTER_QUANTILES, strict=True) if q <= 0.5)
-    assert tail[JITTER_QUANTILES.index(0.99)] == pytest.approx(8e-3, abs=2e-5)
+    # 12 ms less the loaded median's own noise, 4 ms x 1.5 (not 12 - 4 - (3 - 2): the noise
+    # of a 4 ms step is twice a 2 ms step's)
+    assert tail[JITTER_QUANTILES.index(0.99)] == pytest.approx(6e-3, abs=2e-5)
+    ratios = jitter_ratios([g / 2e-3 for g in one])
+    p99 = mix_quantile(0.99, 0.0, 4e-3, 4e-3, ratios) + load_tail(tail, 32.0, 0.99, 32.0)
+    assert p99 == pytest.approx(12e-3, rel=0.01)  # the what-if gives the loaded run back
     assert load_tail_quantiles(one, one) == [0.0] * len(JITTER_QUANTILES)
+    assert load_tail_quantiles(one, [2 * g for g in one]) == [0.0] * len(JITTER_QUANTILES)
     assert load_tail_quantiles(one[:999], loaded) == []
     replace(H200, load_tail_seconds=tuple(tail), load_tail_sequences=32.0)  # a valid spec
 
@@ -394,7 +402,7 @@ def test_calibrate_recovers_the_overheads_and_kv_rate_it_was_given(monkeypatch):
                         "context_tokens": ctx, "step_seconds": st.total_seconds,
                         "itl_p50_seconds": st.total_seconds + 1e-3 + 2e-5 * c,
                         "itl_p99_seconds": 0.0, "serving_gap_seconds": 1e-3 + 2e-5 * c})
-        long_gaps = {1: [2e-3] * 990 + [3e-3] * 10, 32: [4e-3] * 970 + [12e-3] * 30}
+        long_gaps = {1: [2e-3] * 995 + [3e-3] * 5, 32: [4e-3] * 970 + [12e-3] * 30}  # P99 at 1: 2 ms
         loops = []
         for c, tokens in ce.FRONT_RUNS:  # loops a front end of 1.4 ms + 60 us a token made
             demand, held = 1.4e-3 + 60e-6 * tokens, 20.0  # held: front-end bound
@@ -417,3 +425,20 @@ def test_calibrate_recovers_the_overheads_and_kv_rate_it_was_given(monkeypatch):
     assert fit["load_tail_sequences"] == 32.0  # the long loaded run's batch
     assert fit["front_end_request_seconds"] == pytest.approx(1.4e-3, rel=1e-6)
     assert fit["front_end_token_seconds"] == pytest.approx(60e-6, rel=1e-6)
+
+
+def test_calibrate_takes_each_point_from_its_fastest_pass():
+    """A slow spell over some passes does not reach the point; their gaps join its tail at the
+    chosen pass's level; every pass runs a round."""
+    from moe_reuse.plugin import calibrate_engine as ce
+
+    passes = [{"step_seconds": s, "itl_p50_seconds": s + 5e-4, "gaps": [s + 5e-4] * 9 + [3 * s]}
+              for s in (2.3e-3, 3.7e-3, 1.5e-3)]  # two slow ones
+    chosen = ce.fastest_pass(passes)
+    assert chosen["step_seconds"] == 1.5e-3
+    pooled = ce.pooled_gaps(passes, chosen)
+    assert len(pooled) == 30 and sorted(pooled)[14] == pytest.approx(2e-3)  # its median
+    assert max(pooled) == pytest.approx(2e-3 * 3 * 3.7e-3 / 4.2e-3)  # a slow pass's tail, scaled
+    for _, _, rounds in ce.RUNS:
+        split = [ce.pass_rounds(rounds, k) for k in range(ce.PASSES)]
+        assert sum(split) == max(rounds, ce.PASSES) and min(split) >= 1

@@ -383,3 +383,6 @@ def metric_value(metrics_text: str, name: str, **labels: str) -> float:
     return metrics_text_value(metrics_text, name, **labels)
 
 
+def metric_delta(before: str, after: str, name: str, **labels: str) -> float:
+    """What ``name`` (summed as `metric_value` sums it) gained between two /metrics texts."""
+    return metric_value(after, name, **labels) - metric_value(before, name, **labels)
