@@ -349,7 +349,7 @@ def add_subcommands(subparsers: Any) -> None:
                    help="core the kernel stages run on (vLLM's CPU worker: 0); -1: no pinning")
     p.add_argument("--engine", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the serving stack's per-step overhead with a real vLLM server "
-                        "(about four minutes; skipped where vLLM is not installed)")
+                        "(about six minutes; skipped where vLLM is not installed)")
     p.set_defaults(func=cmd_calibrate)
 
 

@@ -130,7 +130,8 @@ def test_front_end_fields_are_checked_by_name_and_load_in_their_units(tmp_path):
 
 def test_calibrate_fits_the_front_end_only_from_loops_it_bound():
     """Loops whose engine held nearly every client say little about the front end: left out;
-    one output length left gives a flat cost a request; none gives no figures (said)."""
+    one output length left gives a flat cost a request; none gives no figures (said); a loop run in
+several passes counts by its median pass."""
     from moe_reuse.plugin.calibrate_engine import front_end_fit
 
     def loop(tokens: float, held: float, demand: float) -> dict[str, float]:
@@ -145,3 +146,7 @@ def test_calibrate_fits_the_front_end_only_from_loops_it_bound():
     assert front_end_fit([loop(16, 12, 4e-3), loop(128, 47, 12e-3)], said.append) == {
         "front_end_request_seconds": 4e-3, "front_end_token_seconds": 0.0}
     assert front_end_fit([loop(128, 47, 12e-3)], said.append) == {} and "no loop" in said[-1]
+    # the same loops in three passes: each length counts by its median pass
+    passes = [loop(16, 12, 3.6e-3), loop(48, 30, 5.1e-3), loop(48, 31, 7.4e-3),
+              loop(16, 11, 4.4e-3), *two]
+    assert front_end_fit(passes, said.append) == pytest.approx(fit)

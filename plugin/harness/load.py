@@ -115,7 +115,7 @@ def complete_streamed(
     """Streamed POST /v1/completions, timed by the client: TTFT and every inter-token gap.
 
     Returns ``{"ttft_seconds", "itl_seconds": [...], "completion_tokens", "prompt_tokens",
-    "aborted"}``. ``abort_after_tokens``: hang up once that many tokens arrived (a client that
+    "aborted", "start_seconds"}`` (`start_seconds`: when it was sent, on `clock`). ``abort_after_tokens``: hang up once that many tokens arrived (a client that
     disconnects mid-stream; vLLM aborts the request on its next write).
     vLLM sends one SSE chunk per engine step that produced output; with
     ``continuous_usage_stats`` each chunk says how many tokens it completed so far, so a chunk
@@ -160,7 +160,7 @@ def complete_streamed(
                 break
     ttft, gaps = delivery_gaps(start, events)
     return {"ttft_seconds": ttft, "itl_seconds": gaps, "completion_tokens": done,
-            "prompt_tokens": prompt, "aborted": aborted}
+            "prompt_tokens": prompt, "aborted": aborted, "start_seconds": start}
 
 
 _COMPLETION = re.compile(rb'"completion_tokens":\s*(\d+)')
