@@ -19,9 +19,9 @@ would. Two more figures come from those gaps, for the latency what-if only:
 - the host's timing noise: the gaps at concurrency 1 (decode-only steps, nothing else running)
   over their median, at `JITTER_QUANTILES`.
 And three loaded closed loops (48 clients with outputs of 16 and 48 tokens, 64 with 128, on the
-4-layer model, in every pass, the median kept) give the front end's work per request and per streamed token (the
-API server's, and the client's where it shares the API server's cores), which caps the requests
-a second a closed loop of clients can send (`predictor.closed_loop`): read from what the loop
+4-layer model, in every pass, the median kept) give the front end's work per request and per
+streamed token (the API server's, and the client's where it shares the API server's cores),
+which caps the requests a second a closed loop of clients can send (`predictor.closed_loop`): read from what the loop
 achieved, not from CPU time. The front end's CPU time was tried first and overstates its work
 under load: at 32 clients it charged 100 us a streamed token, so the front end could not have
 served the 250 requests a second of 32 tokens the benchmark's 64 clients reached (polling and
@@ -142,7 +142,7 @@ def _measure(name: str, say: Say) -> tuple[list[dict[str, float]], list[float], 
                 passes.setdefault((c, tokens), []).append(
                     {"step_seconds": step_s, "batch_tokens": batch, "context_tokens": max(ctx, 1.0),
                      "itl_p50_seconds": pct(gaps, 50), "gaps": gaps})
-            if name == MODELS[0]:  # in every pass, as the points: the fit keeps the fastest
+            if name == MODELS[0]:  # in every pass, as the points: the fit takes the median
                 fronts += [_front_end_loop(srv, c, tokens, say) for c, tokens in FRONT_RUNS]
         for c, tokens, _ in RUNS:
             mid = fastest_pass(passes[(c, tokens)])
@@ -322,7 +322,7 @@ def engine_overhead(spec: dict[str, Any], *, say: Say = print) -> tuple[dict[str
 def front_end_fit(loops: list[dict[str, float]], say: Say = print) -> dict[str, float]:
     """`front_end_request_seconds` + `front_end_token_seconds` x output tokens, fitted over the
     loops where the front end bound (the engine held at most BOUND of the clients): per token
-    from two output lengths, a flat cost a request from one; none (a front end that keeps up)
+    from two output lengths or more, a flat cost a request from one; none (a front end that keeps up)
     from none, and said. A loop run in several passes counts once, by its median pass: the
     front end's readings spread by up to 30% within one calibration whose engine points kept
     within 7% (the client threads and the API server share a core, and how the GIL passes

@@ -130,8 +130,8 @@ def test_front_end_fields_are_checked_by_name_and_load_in_their_units(tmp_path):
 
 def test_calibrate_fits_the_front_end_only_from_loops_it_bound():
     """Loops whose engine held nearly every client say little about the front end: left out;
-    one output length left gives a flat cost a request; none gives no figures (said); a loop run in
-several passes counts by its median pass."""
+    one output length left gives a flat cost a request; none gives no figures (said); a loop run
+    in several passes counts by its median pass."""
     from moe_reuse.plugin.calibrate_engine import front_end_fit
 
     def loop(tokens: float, held: float, demand: float) -> dict[str, float]:

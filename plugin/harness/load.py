@@ -115,8 +115,9 @@ def complete_streamed(
     """Streamed POST /v1/completions, timed by the client: TTFT and every inter-token gap.
 
     Returns ``{"ttft_seconds", "itl_seconds": [...], "completion_tokens", "prompt_tokens",
-    "aborted", "start_seconds"}`` (`start_seconds`: when it was sent, on `clock`). ``abort_after_tokens``: hang up once that many tokens arrived (a client that
-    disconnects mid-stream; vLLM aborts the request on its next write).
+    "aborted", "start_seconds"}`` (`start_seconds`: when it was sent, on `clock`).
+    ``abort_after_tokens``: hang up once that many tokens arrived (a client that disconnects
+    mid-stream; vLLM aborts the request on its next write).
     vLLM sends one SSE chunk per engine step that produced output; with
     ``continuous_usage_stats`` each chunk says how many tokens it completed so far, so a chunk
     carrying n tokens counts as n gaps of (its gap / n).
