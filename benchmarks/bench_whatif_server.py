@@ -159,8 +159,8 @@ def one_pass(srv: VllmServer, c: int, seed: int, stagger: float, args: argparse.
     of a fraction of a second one stall more or less moves the P99 from 4 to 12 ms."""
     waves = max(math.ceil(args.waves / args.passes),
                 math.ceil(args.min_gaps / args.passes / (c * max(args.output_len - 1, 1))))
-    if stagger > 0:
-        waves = max(waves, math.ceil(args.min_seconds / args.passes / stagger))
+    if stagger > 0:  # the steady stretch itself that long: plus a wave each for ramp and drain
+        waves = max(waves, math.ceil(args.min_seconds / args.passes / stagger) + 2)
     prompts = random_prompts(c * waves, args.prompt_len, vocab, seed=seed)
     before = srv.metrics_text()
     t0 = time.monotonic()
@@ -315,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                          "VM's slow spells last seconds to minutes and only add time), as "
                          "calibrate takes its points")
     ap.add_argument("--min-seconds", type=float, default=10.0,
-                    help="more waves until a level serves this long (measured on its warm-up "
-                         "wave): a percentile over a fraction of a second hinges on one stall")
+                    help="more waves until a level serves this long at steady load, over its passes "
+                         "(a request's duration measured on the warm-up wave; a wave more each "
+                         "for the ramp and the drain): a percentile over a fraction of a "
+                         "second hinges on one stall")
     ap.add_argument("--min-gaps", type=int, default=1000,
                     help="more waves at low concurrency until a level has this many gaps")
     ap.add_argument("--warmup-waves", type=int, default=1,

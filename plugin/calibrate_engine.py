@@ -68,6 +68,7 @@ PASSES = 3
 # batch hangs on it (10.4 ms put 61 sequences of 64 in the engine, 14.3 ms 29, where the
 # benchmark's steady load held 58: runs P-E and P-F, docs/predictor.md).
 FRONT_RUNS = ((48, 16), (48, 48), (64, 128))
+FRONT_PROMPT = 16  # tokens a loop's prompt holds
 BOUND = 0.9
 FRONT_S = 6.0
 FLUSH_S = 1.0  # the plugin's default flush interval: calibrate the server as it is served
@@ -174,6 +175,7 @@ def _front_end_loop(srv: Any, clients: int, tokens: int, say: Say) -> dict[str, 
     from concurrent.futures import ThreadPoolExecutor
 
     from moe_reuse.predictor.closed_loop import demand_from_loop
+    from moe_reuse.predictor.whatif import Workload
 
     from .harness.load import (
         closed_loop,
@@ -184,11 +186,11 @@ def _front_end_loop(srv: Any, clients: int, tokens: int, say: Say) -> dict[str, 
     from .harness.server import metric_delta
 
     warm = run_concurrent_streamed(srv.url, [(p, tokens) for p in random_prompts(
-        clients, 16, 512, seed=7 + tokens)], clients)
+        clients, FRONT_PROMPT, 512, seed=7 + tokens)], clients)
     duration = float(np.median([(r["ttft_seconds"] or 0.0) + sum(r["itl_seconds"]) for r in warm]))
     ramp = 2 * duration + SETTLE_S  # every client started, and its steps on /metrics
     n = clients * (math.ceil((ramp + FRONT_S + SETTLE_S) / max(duration, 1e-3)) + 2)
-    prompts = random_prompts(n, 16, 512, seed=11 + tokens)
+    prompts = random_prompts(n, FRONT_PROMPT, 512, seed=11 + tokens)
 
     def timed(r: tuple[list[int], int]) -> float:
         complete_streamed(srv.url, r[0], r[1])
@@ -220,8 +222,12 @@ def _front_end_loop(srv: Any, clients: int, tokens: int, say: Say) -> dict[str, 
     batch = d("moe_reuse_tokens_total", phase="decode") / steps + rate * 1.5 * step
     demand = demand_from_loop(clients, min(batch, clients), rate)
     say(f"front end, {clients} clients, {tokens} tokens: {rate:.0f} requests/s, engine held "
-        f"{batch:.1f} sequences: {demand * 1e3:.2f} ms of front-end work a request")
+        f"{batch:.1f} sequences: {demand * 1e3:.2f} ms of front-end work a request at that rate")
     return {"concurrency": float(clients), "output_tokens": float(tokens), "batch": batch,
+            "prompt_tokens": float(FRONT_PROMPT), "max_num_seqs": float(srv.max_num_seqs),
+            # the what-if's default budget: a loop's steps carry its sequences and a few
+            # 16-token prompts, far under any budget vLLM sets (2,048 tokens and up)
+            "max_num_batched_tokens": float(Workload().max_num_batched_tokens),
             "requests_per_second": rate, "front_end_seconds": demand,
             # vLLM's own count over the window (a cross-check; it lags the clients by the
             # response's last chunk only)
@@ -304,19 +310,46 @@ def engine_overhead(spec: dict[str, Any], *, say: Say = print) -> tuple[dict[str
     # gaps include steps the API server had not fed yet.
     steady = [p for p in points if p["output_tokens"] == max(r[1] for r in RUNS)]
     gap = _fit([[1.0, p["batch_tokens"]] for p in steady], [p["serving_gap_seconds"] for p in steady])
-    fit.update(front_end_fit(fronts, say))
     fit.update({"step_overhead_seconds": coef[0],
                 "step_overhead_per_layer_seconds": coef[1],
                 "step_overhead_per_token_seconds": coef[2],
                 "serving_gap_seconds": gap[0],
                 "serving_gap_per_sequence_seconds": gap[1],
                 "step_jitter_ratios": jitter_ratios(noise)})
+    # the loops ran on MODELS[0], the fewest layers
+    model_demands(fronts, configs[min(configs)], hardware_from_dict({**base, **fit}), say)
+    fit.update(front_end_fit(fronts, say))
     if all(tails):
         fit["load_tail_seconds"] = [round(float(x), 6) for x in
                                     np.maximum.accumulate(np.mean(np.array(tails), axis=0))]
         fit["load_tail_sequences"] = round(float(np.mean(loaded_batch)), 2)
     return fit, {"models": list(MODELS), "points": points, "noise_gaps": len(noise),
                  "front_end_loops": fronts}
+
+
+def model_demands(loops: list[dict[str, float]], config: dict[str, Any], hw: Any,
+                  say: Say = print) -> None:
+    """Each loop's front-end work in the what-if's own terms (`whatif.loop_demand`): the work
+    that makes the what-if, with the engine just fitted, hold the batch the loop held. The work
+    at the measured rate is kept beside it (`front_end_seconds_at_measured_rate`). Why: a
+    loop's batch is steady where its measured rate is not (64 clients: 51 to 57 sequences in
+    29 passes of 30, at 70 to 106 requests a second), and near the front end's saturation the
+    batch the what-if gives back hangs on rate x work (read at the measured rate, 47 where the
+    load held 57: run P-H, docs/predictor.md)."""
+    from moe_reuse.predictor import Partition, model_from_hf_config
+    from moe_reuse.predictor.deployment import DEFAULT_ACCOUNTING
+    from moe_reuse.predictor.whatif import Deployment, Workload, loop_demand
+
+    dep = Deployment(model_from_hf_config(config), Partition(), 1 << 40)
+    for p in loops:
+        work = Workload(int(p["prompt_tokens"]), int(p["output_tokens"]),
+                        int(p["max_num_batched_tokens"]), int(p["max_num_seqs"]))
+        p.setdefault("front_end_seconds_at_measured_rate", p["front_end_seconds"])
+        p["front_end_seconds"] = loop_demand(dep, hw, int(p["concurrency"]), p["batch"], work,
+                                             DEFAULT_ACCOUNTING)
+        say(f"front end, {p['concurrency']:.0f} clients, {p['output_tokens']:.0f} tokens: "
+            f"{p['front_end_seconds'] * 1e3:.2f} ms a request in the what-if's terms (at the "
+            f"measured rate {p['front_end_seconds_at_measured_rate'] * 1e3:.2f})")
 
 
 def front_end_fit(loops: list[dict[str, float]], say: Say = print) -> dict[str, float]:

@@ -40,7 +40,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
-from .closed_loop import solve, wait_quantile
+from .closed_loop import demand_from_loop, solve, wait_quantile
 from .deployment import DEFAULT_ACCOUNTING, Accounting, Partition
 from .errors import SpecError
 from .memory import memory_breakdown
@@ -198,16 +198,11 @@ def _mix(dep: Deployment, hw: HardwareSpec, acc: Accounting, b: float, work: Wor
                 o * mean + chunks * p_m)
 
 
-def evaluate_level(
-    dep: Deployment, hw: HardwareSpec, concurrency: int, work: Workload, acc: Accounting
-) -> LevelResult:
-    """The step mix and its latency percentiles for one model at one concurrency."""
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise SpecError("--concurrency", f"must be an integer >= 1, got {concurrency!r}")
+def _seats(dep: Deployment, concurrency: int, work: Workload, acc: Accounting) -> tuple[int, int]:
+    """(seats: the sequences the engine can run at once, max_num_seqs in force)."""
     p, o = work.prompt_tokens, work.output_tokens
     seqs_cap = work.max_num_seqs or acc.max_num_seqs or concurrency
-    footprint = p + o / 2
-    kv_cap = max(int(dep.kv_capacity_tokens // footprint), 0)
+    kv_cap = max(int(dep.kv_capacity_tokens // (p + o / 2)), 0)
     if kv_cap < 1:
         raise SpecError(
             "--prompt-len",
@@ -215,14 +210,44 @@ def evaluate_level(
             f"{dep.kv_capacity_tokens} tokens of {dep.model.name}",
             "shorten the prompt or output, or add GPUs",
         )
-    seats = min(concurrency, seqs_cap, kv_cap)
+    return min(concurrency, seqs_cap, kv_cap), seqs_cap
+
+
+def _shared(seats: int, concurrency: int, mean_batch: float) -> float:
+    """The batch a request in the engine shares: itself and the others' mean share of the loop
+    (the arrival theorem), as the seats allow; N where every client is seated."""
+    return min(seats, 1 + mean_batch * (concurrency - 1) / concurrency)
+
+
+def loop_demand(dep: Deployment, hw: HardwareSpec, clients: int, batch: float, work: Workload,
+                acc: Accounting) -> float:
+    """The front end's work per request that makes `clients` closed-loop clients hold `batch`
+    sequences in the engine, in the what-if's own terms, for `moe-reuse calibrate`: the rate
+    is the what-if's (the batch over its own engine residence at that batch), not the rate the
+    loop measured. A 64-client loop held 51 to 57 sequences in 29 passes of 30 while its
+    measured rate ranged from 70 to 106 requests a second; near the front end's saturation the
+    batch the what-if solves for hangs on rate x work, and the work read at the measured rate
+    put 47 sequences in the engine where the load held 57 (run P-H, docs/predictor.md). Read
+    at its own rate, the what-if gives back the loop it was calibrated on."""
+    seats, _ = _seats(dep, clients, work, acc)
+    b = min(batch, float(seats))
+    return demand_from_loop(clients, b, b / _mix(dep, hw, acc, _shared(seats, clients, b),
+                                                 work).cycle)
+
+
+def evaluate_level(
+    dep: Deployment, hw: HardwareSpec, concurrency: int, work: Workload, acc: Accounting
+) -> LevelResult:
+    """The step mix and its latency percentiles for one model at one concurrency."""
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise SpecError("--concurrency", f"must be an integer >= 1, got {concurrency!r}")
+    p, o = work.prompt_tokens, work.output_tokens
+    seats, seqs_cap = _seats(dep, concurrency, work, acc)
     s_req, s_tok = hw.front_end_request_seconds, hw.front_end_token_seconds
     demand = s_req + o * s_tok  # the front end's work per request
 
     def shared(mean_batch: float) -> float:
-        # the batch a request in the engine shares: itself and the others' mean share of the
-        # loop (the arrival theorem), as the seats allow; N where every client is seated
-        return min(seats, 1 + mean_batch * (concurrency - 1) / concurrency)
+        return _shared(seats, concurrency, mean_batch)
 
     loop = solve(concurrency, seats, demand, lambda n: _mix(dep, hw, acc, shared(n), work).cycle)
     b = loop.batch

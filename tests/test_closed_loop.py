@@ -17,7 +17,7 @@ from moe_reuse.predictor.closed_loop import (
     wait_quantile,
 )
 from moe_reuse.predictor.deployment import DEFAULT_ACCOUNTING
-from moe_reuse.predictor.whatif import Workload, deployment, evaluate_level
+from moe_reuse.predictor.whatif import Workload, deployment, evaluate_level, loop_demand
 
 DS = load_model_preset("deepseek-v3")
 H200 = load_hardware_preset("h200")
@@ -101,6 +101,22 @@ def test_a_front_end_that_cannot_keep_up_limits_the_batch_and_lengthens_ttft(moe
     one, one_base = (evaluate_level(moe, h, 1, WORK, DEFAULT_ACCOUNTING) for h in (hw, H200))
     assert one.ttft_p50_seconds == pytest.approx(one_base.ttft_p50_seconds + 5e-3, rel=1e-3)
     assert one.itl_p50_seconds == pytest.approx(one_base.itl_p50_seconds)
+
+
+def test_loop_demand_gives_back_the_work_that_made_the_loop(moe):
+    """Read backwards at the what-if's own rate, a loop the what-if solved gives back the front
+    end's work it was solved with, at every concurrency the front end binds; and the work
+    grows with the batch missing from the engine."""
+    for n in (100, 300, 2000):
+        for req, tok in ((5e-3, 150e-6), (20e-3, 400e-6)):
+            lv = evaluate_level(moe, replace(H200, front_end_request_seconds=req,
+                                             front_end_token_seconds=tok), n, WORK,
+                                DEFAULT_ACCOUNTING)
+            assert lv.limited_by == "front_end"
+            back = loop_demand(moe, H200, n, lv.batch, WORK, DEFAULT_ACCOUNTING)
+            assert back == pytest.approx(req + WORK.output_tokens * tok, rel=1e-6)
+    fewer, more = (loop_demand(moe, H200, 2000, b, WORK, DEFAULT_ACCOUNTING) for b in (100, 130))
+    assert fewer > more > 0
 
 
 def test_no_front_end_figures_leave_the_what_if_as_it_was(moe):

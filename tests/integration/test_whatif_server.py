@@ -118,4 +118,10 @@ def test_kv_capacity_and_whatif_from_server(runner: str, monkeypatch: pytest.Mon
         assert loop["requests_per_second"] > 0 and loop["front_end_seconds"] > 0
         assert loop["requests_per_second"] == pytest.approx(loop["vllm_requests_per_second"], rel=0.2)
         assert 0 < loop["batch"] <= MAX_SEQS + 0.5
+        # the loop carries the workload the what-if reads its work in (the server's seats),
+        # and that reading keeps the one at the measured rate beside it
+        assert loop["max_num_seqs"] == MAX_SEQS and loop["prompt_tokens"] > 0
+        calibrate_engine.model_demands([loop], json.loads((model_dir / "config.json").read_text()),
+                                       load_hardware_preset("h200"), lambda _m: None)
+        assert loop["front_end_seconds"] >= 0 and loop["front_end_seconds_at_measured_rate"] > 0
     assert os.sched_getaffinity(0) == caller_cpus
