@@ -21,11 +21,12 @@ would. Two more figures come from those gaps, for the latency what-if only:
 And three loaded closed loops (48 clients with outputs of 16 and 48 tokens, 64 with 128, on the
 4-layer model, in every pass, the median kept) give the front end's work per request and per
 streamed token (the API server's, and the client's where it shares the API server's cores),
-which caps the requests a second a closed loop of clients can send (`predictor.closed_loop`): read from what the loop
-achieved, not from CPU time. The front end's CPU time was tried first and overstates its work
-under load: at 32 clients it charged 100 us a streamed token, so the front end could not have
-served the 250 requests a second of 32 tokens the benchmark's 64 clients reached (polling and
-GIL hand-offs count as CPU time but yield to real work).
+which caps the requests a second a closed loop of clients can send (`predictor.closed_loop`):
+read from the batch each loop held, at the what-if's own rate for it (`model_demands`), not from
+CPU time. The front end's CPU time was tried first and overstates its work under load: at 32
+clients it charged 100 us a streamed token, so the front end could not have served the 250
+requests a second of 32 tokens the benchmark's 64 clients reached (polling and GIL hand-offs
+count as CPU time but yield to real work).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ bench = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(bench)
 
 
-def stream(start: float, ttft: float, gaps: list[float]) -> dict:
+def stream(start: float, ttft: float | None, gaps: list[float]) -> dict:
     return {"start_seconds": start, "ttft_seconds": ttft, "itl_seconds": gaps}
 
 
