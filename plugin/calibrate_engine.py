@@ -289,6 +289,8 @@ def engine_overhead(spec: dict[str, Any], *, say: Say = print) -> tuple[dict[str
         points += pts
         noise += gaps
         configs[float(config["num_hidden_layers"])] = config
+        if name == MODELS[0]:  # the model the front-end loops ran on
+            loop_config = config
         loaded = max(long_gaps)
         tails.append(load_tail_quantiles(long_gaps[1], long_gaps[loaded]))
     loaded_batch = [p["batch_tokens"] for p in points
@@ -317,8 +319,7 @@ def engine_overhead(spec: dict[str, Any], *, say: Say = print) -> tuple[dict[str
                 "serving_gap_seconds": gap[0],
                 "serving_gap_per_sequence_seconds": gap[1],
                 "step_jitter_ratios": jitter_ratios(noise)})
-    # the loops ran on MODELS[0], the fewest layers
-    model_demands(fronts, configs[min(configs)], hardware_from_dict({**base, **fit}), say)
+    model_demands(fronts, loop_config, hardware_from_dict({**base, **fit}), say)
     fit.update(front_end_fit(fronts, say))
     if all(tails):
         fit["load_tail_seconds"] = [round(float(x), 6) for x in
