@@ -28,10 +28,13 @@ which two identical engines can differ. `paused`: the session records nothing (n
 no fold; the compiled count ops still run, into the idle slot; the status is still published
 once a second). `held`: the session records, but its flusher is held off until the wave ends
 (then it folds, outside the wave's time), so nothing reaches the reader in the API process
-during the wave either. So `held` against `paused` is the step protocol, `whole` against `held`
-the flusher's fold and copy plus the reader's work on it in the API process (which shares this
-VM's two cores with the engine), and `paused` against the engines without the plugin is the
-compiled count ops. `python benchmarks/bench_recorder.py` times the step protocol between
+during the wave either. `unread`: the session records and its flusher runs, but the reader in
+the API process (here the offline `LLM`'s own process, as `frontend.on_engine_config` starts it)
+skips its polls until the wave ends (then it folds, outside the wave's time). So `held` against
+`paused` is the step protocol, `unread` against `held` the worker's flusher (copy, step records,
+raw-ring append, status file), `whole` against `unread` the reader's work in the API process
+(fold, live window, snapshots; it shares this VM's two cores with the engine), and `paused`
+against the engines without the plugin is the compiled count ops. `python benchmarks/bench_recorder.py` times the step protocol between
 forwards of a compiled toy model, torch only.
 
 A wave should last at least the flush interval (1 s): the worker flushes and the reader folds
@@ -42,6 +45,7 @@ which read the fold at +1.6% where 448-token waves read +1.1% (results/bench_ove
 
     python benchmarks/bench_overhead_engine.py [--model qwen3-moe] [--arms aa,whole,paused,held]
         [--batch 16] [--tokens 448] [--waves 100] [--json out.json]
+    (--arms aa,whole,paused,held,unread splits the host side three ways)
 """
 
 from __future__ import annotations
@@ -56,12 +60,13 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-ARMS = ("aa", "capture", "protocol", "copy", "whole", "paused", "held")
-VIRTUAL = ("paused", "held")  # modes of the whole arm's engine, not engines of their own
+ARMS = ("aa", "capture", "protocol", "copy", "whole", "paused", "held", "unread")
+VIRTUAL = ("paused", "held", "unread")  # modes of the whole arm's engine, not engines of their own
 TAG = "@@wave "
 TICK = os.sysconf("SC_CLK_TCK")
 SETTLE_S = 0.1  # after SIGCONT, before a wave
@@ -105,6 +110,37 @@ def _set_recording(worker: Any, mode: str) -> bool:
     return True
 
 
+class _ReaderHold:
+    """`unread`, in the child: the reader thread of this process skips its polls while set; on
+    release the backlog is folded here, outside the wave. A bench-only wrapper of
+    `ReaderService.poll` (the plugin has no pause), serialised so the two never fold at once."""
+
+    def __init__(self) -> None:
+        from moe_reuse.plugin.reader.service import ReaderService
+
+        self.held, self.lock = False, threading.Lock()
+        self.services: set[Any] = set()
+        poll = ReaderService.poll
+
+        def held_poll(svc: Any) -> int:
+            with self.lock:
+                self.services.add(svc)
+                return 0 if self.held else poll(svc)
+
+        self.poll = poll
+        ReaderService.poll = held_poll  # type: ignore[method-assign]
+
+    def hold(self) -> None:
+        with self.lock:
+            self.held = True
+
+    def release(self) -> None:
+        with self.lock:
+            self.held = False
+            for svc in self.services:
+                self.poll(svc)
+
+
 def child(args: argparse.Namespace) -> int:
     """One engine: build it, warm it, then run a wave per seed read on stdin (or pause, resume)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -117,6 +153,7 @@ def child(args: argparse.Namespace) -> int:
     from moe_reuse.plugin.harness.load import random_prompts
 
     cfg: dict[str, Any] = {} if args.arm in ("baseline", "aa") else {"moe_reuse": {}}
+    reader = _ReaderHold() if args.arm == "whole" else None
     llm = LLM(model=args.model_dir, max_model_len=1024, max_num_seqs=args.batch,
               enforce_eager=args.eager, additional_config=cfg, seed=0)
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=0.0)
@@ -133,6 +170,11 @@ def child(args: argparse.Namespace) -> int:
     wave(1)
     print(TAG + "ready", flush=True)
     for line in sys.stdin:
+        if reader is not None and (line.strip() == "unread" or
+                                   (line.strip() == "resume" and reader.held)):
+            reader.hold() if line.strip() == "unread" else reader.release()
+            print(TAG + "{}", flush=True)
+            continue
         if line.strip() in VIRTUAL or line.strip() == "resume":  # outside the wave's time
             if not all(llm.collective_rpc(_set_recording, args=(line.strip(),))):
                 raise SystemExit("paused: this engine has no plugin session to pause")
@@ -236,7 +278,8 @@ def main() -> int:
     if bad:
         raise SystemExit(f"--arms: {bad} not among {', '.join(ARMS)}")
     if any(a in VIRTUAL for a in arms) and "whole" not in arms:
-        raise SystemExit("--arms: paused and held run in the whole arm's engine; add whole")
+        raise SystemExit("--arms: paused, held and unread run in the whole arm's engine; "
+                         "add whole")
     from moe_reuse.plugin.harness.tiny_models import build_model
 
     model_dir = build_model(args.model)
@@ -310,9 +353,12 @@ def report(args: argparse.Namespace, arms: list[str], seconds: dict[str, list[fl
         print(text)
     # in the whole arm's engine, wave by wave (no engine offset): whole against paused is the
     # host side; held against paused the step protocol alone; whole against held the flusher
+    # and the reader, which unread splits (the worker's flusher, then the API process's reader)
     pairs = [(a, b, what) for a, b, what in (
         ("whole", "paused", "the host side"), ("held", "paused", "the step protocol"),
-        ("whole", "held", "the flusher")) if a in arms and b in arms]
+        ("whole", "held", "the flusher and the reader"),
+        ("unread", "held", "the worker's flusher"),
+        ("whole", "unread", "the reader in the API process")) if a in arms and b in arms]
     out["same_engine"] = {}
     for a, b, what in pairs:
         text = f"{a} against {b}, the same engine ({what}):"
