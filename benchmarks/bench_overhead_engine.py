@@ -34,8 +34,9 @@ skips its polls until the wave ends (then it folds, outside the wave's time). So
 `paused` is the step protocol, `unread` against `held` the worker's flusher (copy, step records,
 raw-ring append, status file), `whole` against `unread` the reader's work in the API process
 (fold, live window, snapshots; it shares this VM's two cores with the engine), and `paused`
-against the engines without the plugin is the compiled count ops. `python benchmarks/bench_recorder.py` times the step protocol between
-forwards of a compiled toy model, torch only.
+against the engines without the plugin is the compiled count ops.
+`python benchmarks/bench_recorder.py` times the step protocol between forwards of a compiled toy
+model, torch only.
 
 A wave should last at least the flush interval (1 s): the worker flushes and the reader folds
 about once a second while the engine runs, and a paused engine's timers run on, so each wave
@@ -172,7 +173,10 @@ def child(args: argparse.Namespace) -> int:
     for line in sys.stdin:
         if reader is not None and (line.strip() == "unread" or
                                    (line.strip() == "resume" and reader.held)):
-            reader.hold() if line.strip() == "unread" else reader.release()
+            if line.strip() == "unread":
+                reader.hold()
+            else:
+                reader.release()
             print(TAG + "{}", flush=True)
             continue
         if line.strip() in VIRTUAL or line.strip() == "resume":  # outside the wave's time
