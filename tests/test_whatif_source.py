@@ -95,3 +95,48 @@ def test_missing_plugin_is_a_clear_error(served):
     text = 'vllm:cache_config_info{block_size="16",num_gpu_blocks="1"} 1.0\n'
     with pytest.raises(SpecError, match="--from-server: no moe_reuse_info"):
         facts_from(text, served, load_hardware_preset("h200"))
+
+
+def with_limits(text: str, batched: str, seqs: str) -> str:
+    """The same /metrics with the scheduler limits a plugin publishes in moe_reuse_info."""
+    return text.replace('hardware="h200"}',
+                        f'hardware="h200",max_num_batched_tokens="{batched}",max_num_seqs="{seqs}"}}')
+
+
+def test_facts_take_the_served_scheduler_limits(served):
+    facts = facts_from(with_limits(metrics(), "2048", "48"), served)
+    assert (facts.max_num_batched_tokens, facts.max_num_seqs) == (2048, 48)
+    old = facts_from(metrics(), served)  # an older plugin: unknown, so the defaults stand
+    assert (old.max_num_batched_tokens, old.max_num_seqs) == (0, 0)
+    bad = facts_from(with_limits(metrics(), "lots", "-3"), served)
+    assert (bad.max_num_batched_tokens, bad.max_num_seqs) == (0, 0)
+
+
+@pytest.mark.parametrize(("flags", "want"), [
+    ([], (2048, 48)),  # the server's
+    (["--max-num-batched-tokens", "4096"], (4096, 48)),  # a flag wins over the server
+    (["--max-num-seqs", "5"], (2048, 5)),
+])
+def test_whatif_from_server_models_the_served_budget_and_seats(served, monkeypatch, capsys,
+                                                                flags, want):
+    from moe_reuse.plugin.live import whatif_source
+    from moe_reuse.predictor.cli import main
+
+    text = with_limits(metrics(), "2048", "48")
+    monkeypatch.setattr(whatif_source, "read_server",
+                        lambda url, hw=None: facts_from(text, served, hw, url=url))
+    code = main(["whatif", "--from-server", "http://x", "--concurrency", "1,64",
+                 "--prompt-len", "32", "--output-len", "32", "--json", *flags])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    work = out["workload"]
+    assert (work["max_num_batched_tokens"], work["max_num_seqs"]) == want
+    assert out["levels"][-1]["moe"]["batch"] <= want[1]
+
+
+def test_whatif_without_a_server_keeps_vllms_defaults(capsys):
+    from moe_reuse.predictor.cli import main
+
+    assert main(["whatif", "--model", "qwen3-235b-a22b", "--concurrency", "8", "--json"]) == 0
+    work = json.loads(capsys.readouterr().out)["workload"]
+    assert (work["max_num_batched_tokens"], work["max_num_seqs"]) == (8192, 0)

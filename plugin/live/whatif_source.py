@@ -7,6 +7,8 @@ and hands `moe_reuse.predictor.whatif.ServerFacts` (a frozen dataclass) back:
 * model: the served config.json (``/v1/models`` ``root``), dtypes from it and the KV cache dtype;
 * partition: TP = the ranks that export ``moe_reuse_info`` (one engine, PP 1);
 * KV capacity: ``vllm:cache_config_info`` num_gpu_blocks x block_size (vLLM's own figure);
+* scheduler limits: ``moe_reuse_info``'s ``max_num_batched_tokens`` and ``max_num_seqs`` (vLLM's
+  resolved scheduler config, which the plugin publishes at bind);
 * routing: distinct experts per MoE layer per decode step against the decode batch, from
   ``moe_reuse_experts_touched_total{phase="decode"}``, ``moe_reuse_steps_total{kind=decode|mixed}``
   and ``moe_reuse_batch_requests_total{phase="decode"}``, fitted to a `RoutingCurve`;
@@ -144,9 +146,19 @@ def facts_from(
         partition=Partition(tp=m["ranks"]),
         kv_capacity_tokens=blocks * block,
         routing=routing,
+        max_num_seqs=_info_int(m["info"], "max_num_seqs"),
+        max_num_batched_tokens=_info_int(m["info"], "max_num_batched_tokens"),
         max_model_len=int(data.get("max_model_len") or 0),
         url=url,
     )
+
+
+def _info_int(info: dict[str, str], key: str) -> int:
+    """A scheduler limit the plugin publishes in moe_reuse_info (0: a plugin that does not)."""
+    try:
+        return max(int(info.get(key) or 0), 0)
+    except ValueError:
+        return 0
 
 
 def read_server(url: str, hw: HardwareSpec | None = None) -> ServerFacts:

@@ -97,8 +97,22 @@ def model_facts(worker: Any) -> ModelFacts:
         comm_mode=comm_mode(worker), byte_model=weights.byte_model(model, runners),
         declared_experts=declared_experts(worker),
         extra_info={"sources": ",".join(sorted({s.kind for s in sources})) or "none",
-                    "vllm_version": vllm_version()},
+                    "vllm_version": vllm_version(), **scheduler_limits(vc)},
     )
+
+
+def scheduler_limits(vc: Any) -> dict[str, str]:
+    """The engine's scheduler limits as vLLM resolved them (per engine: each DP engine has its own
+    scheduler), published in `moe_reuse_info` so `whatif --from-server` models the served token
+    budget and seats instead of vLLM's defaults (0: not known)."""
+    sc = getattr(vc, "scheduler_config", None)
+    out: dict[str, str] = {}
+    for key in ("max_num_batched_tokens", "max_num_seqs"):
+        try:
+            out[key] = str(int(getattr(sc, key)))
+        except (AttributeError, TypeError, ValueError):
+            out[key] = "0"
+    return out
 
 
 def vllm_version() -> str:

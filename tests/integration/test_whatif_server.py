@@ -7,7 +7,8 @@ plugin's counters:
   pool (`kv_cache_bytes`) and block size, must land on the same tokens (whole blocks) for the
   served config.json.
 - whatif --from-server: its KV capacity is the server's, its TP the server's, its levels the
-  ones asked for, and its batches min(level, the --max-num-seqs the server was started with).
+  ones asked for, and its batches min(level, the --max-num-seqs the server was started with);
+  without the flags, its token budget and seats are the ones the server was started with.
 - the cores (`split_cpus`, as calibrate and the latency benchmark start their servers): the API
   server and the client off the cores vLLM bound its worker to, and the client's restored after.
 One server (eager, ~25 s).
@@ -42,6 +43,7 @@ pytestmark = pytest.mark.integration
 
 KV_GIB = 1
 MAX_SEQS = 8
+MAX_BATCHED = 2048  # >= the harness's max_model_len (1024), so valid with or without chunking
 CPU_SPEC = str(Path(__file__).resolve().parents[2] / "plugin" / "live" / "data" / "cpu-generic.json")
 
 
@@ -61,6 +63,7 @@ def test_kv_capacity_and_whatif_from_server(runner: str, monkeypatch: pytest.Mon
         additional_config={"moe_reuse": {"hardware": CPU_SPEC, "flush_interval_s": 0.2}},
         env={"VLLM_CPU_KVCACHE_SPACE": str(KV_GIB)},
         max_num_seqs=MAX_SEQS,
+        extra_args=("--max-num-batched-tokens", str(MAX_BATCHED)),
         split_cpus=True,  # as calibrate and the latency benchmark serve (harness/cpus)
     ).start() as srv:
         # vllm-cpu binds its worker to a subset of the cores on a host with more than one: the
@@ -109,6 +112,19 @@ def test_kv_capacity_and_whatif_from_server(runner: str, monkeypatch: pytest.Mon
         assert [lv["moe"]["batch"] for lv in out["levels"]] == [1, 4, MAX_SEQS]
         top = out["levels"][-1]["moe"]
         assert top["limited_by"] == "max_num_seqs" and top["queue_seconds"] > 0
+        # without the flags, the what-if takes the served scheduler's budget and seats (the
+        # ones this test started the server with), not vLLM's GPU defaults
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            code = predictor_main([
+                "whatif", "--from-server", srv.url, "--concurrency", "1,4,32",
+                "--prompt-len", "24", "--output-len", "12", "--json",
+            ])
+        assert code == 0
+        served = json.loads(buf.getvalue())
+        assert served["workload"]["max_num_seqs"] == MAX_SEQS
+        assert served["workload"]["max_num_batched_tokens"] == MAX_BATCHED
+        assert [lv["moe"]["batch"] for lv in served["levels"]] == [1, 4, MAX_SEQS]
 
         # calibrate's loaded loop (the front end's work per request): its rate, from the
         # clients' clock, agrees with vLLM's own count of finished requests over the window;
