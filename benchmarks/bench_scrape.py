@@ -6,6 +6,9 @@ both are timed here, apart and together as /metrics runs them (`generate_latest`
 registry holding the collector), median of `--repeat` scrapes per case. Prometheus asks for
 OpenMetrics first by default, which prometheus_client renders 1.6 to 2 times as slowly (it
 escapes every sample's name character by character): `om render ms` renders the same families so.
+`prom 2.x ms` and `prom 3.x ms` are the whole scrape as vLLM's /metrics serves each Prometheus
+(its Accept header through prometheus_client's `choose_encoder`, then gzip): 3.x asks for UTF-8
+names (`escaping=allow-utf-8`), which skips that character-by-character escape.
 - `8 ranks`: a 61-layer, 256-expert model (DeepSeek-V3's shape) on 8 ranks, per-expert series on;
 - `8 ranks, per-expert off`: the default series, the files written by another process (the
   per-node exporter reading a run whose reader is the API server);
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import importlib.metadata
 import os
 import statistics
@@ -35,6 +39,7 @@ from typing import Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics import exposition as openmetrics
 
 from moe_reuse.plugin.exporters.prometheus import SnapshotCollector
@@ -86,15 +91,37 @@ def junk(d: Path, n: int) -> None:
                 zf.writestr("header.npy", b"\0" * (64 << 20))
 
 
-def time_scrapes(base: Path, repeat: int) -> tuple[float, float, float, float, float, int]:
+PROMETHEUS_ACCEPT = {
+    "2.x": "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
+           "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+    "3.x": "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
+           "application/openmetrics-text;version=0.0.1;escaping=allow-utf-8;q=0.4,"
+           "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,"
+           "text/plain;version=0.0.4;escaping=allow-utf-8;q=0.2,*/*;q=0.1",
+}
+"""The Accept headers Prometheus sends (2.x: `strings /usr/bin/prometheus` of Debian's 2.42; 3.x:
+scrape.acceptHeader with the default UTF-8 name validation, which adds escaping=allow-utf-8).
+Both send Accept-Encoding: gzip by default."""
+
+
+def served(reg: CollectorRegistry, accept: str) -> bytes:
+    """What vLLM's /metrics does for a Prometheus scrape (prometheus_client's make_asgi_app:
+    choose_encoder by the Accept header, then gzip)."""
+    encoder, _ = choose_encoder(accept)
+    return gzip.compress(encoder(reg))
+
+
+def time_scrapes(base: Path, repeat: int) -> tuple[float, ...]:
     """Median ms of: the collector (read + families), prometheus_client's rendering of its
-    families (text, then OpenMetrics), and the whole scrape (`generate_latest` over a registry
-    holding the collector); and the slowest whole scrape."""
+    families (text, then OpenMetrics), the whole scrape (`generate_latest` over a registry
+    holding the collector), and the whole scrape as each Prometheus asks for it (`served`);
+    the slowest whole scrape, and the text's bytes."""
     os.environ["MOE_REUSE_SNAPSHOT_DIR"] = str(base)
     collector = SnapshotCollector(lambda: base / RUN)
     reg = CollectorRegistry()
     reg.register(collector)  # type: ignore[arg-type]
     t_collect, t_render, t_om, t_total, size = [], [], [], [], 0
+    t_prom: dict[str, list[float]] = {k: [] for k in PROMETHEUS_ACCEPT}
     for _ in range(repeat):
         t0 = time.perf_counter()
         fams = list(collector.collect())
@@ -111,8 +138,13 @@ def time_scrapes(base: Path, repeat: int) -> tuple[float, float, float, float, f
         t_render.append(t2 - t1)
         t_om.append(t3 - t2)
         t_total.append(t4 - t3)
+        for version, accept in PROMETHEUS_ACCEPT.items():
+            t5 = time.perf_counter()
+            served(reg, accept)
+            t_prom[version].append(time.perf_counter() - t5)
     return (1000 * statistics.median(t_collect), 1000 * statistics.median(t_render),
             1000 * statistics.median(t_om), 1000 * statistics.median(t_total),
+            *(1000 * statistics.median(t) for t in t_prom.values()),
             1000 * max(t_total), size)
 
 
@@ -139,7 +171,8 @@ def main() -> None:
     # name escaping per label: text renders about twice as slowly as 0.21's)
     print(f"prometheus_client {importlib.metadata.version('prometheus_client')}")
     print(f"{'case':29s} {'collector ms':>12s} {'render ms':>10s} {'om render ms':>12s} "
-          f"{'scrape ms':>10s} {'max ms':>7s} {'bytes':>9s}")
+          f"{'scrape ms':>10s} {'prom 2.x ms':>11s} {'prom 3.x ms':>11s} {'max ms':>7s} "
+          f"{'bytes':>9s}")
     for name, ranks, pe, n_junk, here in cases:
         with tempfile.TemporaryDirectory() as tmp:
             base = Path(tmp) / "base"
@@ -152,11 +185,11 @@ def main() -> None:
                                remember=here)
             gc.collect()
             gc.freeze()  # as vLLM's API server does once it has started (freeze_gc_heap)
-            collect, render, om, total, worst, size = time_scrapes(base, args.repeat)
+            collect, render, om, total, p2, p3, worst, size = time_scrapes(base, args.repeat)
             gc.unfreeze()
             WRITTEN_HERE.clear()
             print(f"{name:29s} {collect:12.1f} {render:10.1f} {om:12.1f} {total:10.1f} "
-                  f"{worst:7.1f} {size:9d}", flush=True)
+                  f"{p2:11.1f} {p3:11.1f} {worst:7.1f} {int(size):9d}", flush=True)
 
 
 if __name__ == "__main__":
