@@ -5,19 +5,14 @@ this is its wrapper of `ReaderService.poll`, on a stand-in poll."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Any
 
 import pytest
+from bench_loader import bench_module
 
 from moe_reuse.plugin.reader.service import ReaderService
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_overhead_engine.py"
-_SPEC = importlib.util.spec_from_file_location("bench_overhead_engine", _PATH)
-assert _SPEC is not None and _SPEC.loader is not None
-bench = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(bench)
+bench = bench_module("bench_overhead_engine")
 
 
 def test_a_held_reader_polls_nothing_until_released_then_folds_under_the_lock(

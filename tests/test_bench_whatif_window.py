@@ -4,16 +4,10 @@ itself drives a real server; these are its pure helpers, on hand-made streams.""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
+from bench_loader import bench_module
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_whatif_server.py"
-_SPEC = importlib.util.spec_from_file_location("bench_whatif_server", _PATH)
-assert _SPEC is not None and _SPEC.loader is not None
-bench = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(bench)
+bench = bench_module("bench_whatif_server")
 
 
 def stream(start: float, ttft: float | None, gaps: list[float]) -> dict:

@@ -7,7 +7,6 @@ shapes. They make no claim about the GPU: the checks themselves only run on a CU
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -16,22 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bench_loader import BENCHMARKS, bench_module
 
 from moe_reuse.plugin.recorder.ring import DECODE, PAD, PREFILL, RingLayout, RoutingRing
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_recorder_check.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("gpu_recorder_check", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(mod)
-    return mod
-
-
-G = _load()
+SCRIPT = BENCHMARKS / "gpu_recorder_check.py"
+G = bench_module("gpu_recorder_check")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is only observable without CUDA")
