@@ -140,3 +140,25 @@ def test_whatif_without_a_server_keeps_vllms_defaults(capsys):
     assert main(["whatif", "--model", "qwen3-235b-a22b", "--concurrency", "8", "--json"]) == 0
     work = json.loads(capsys.readouterr().out)["workload"]
     assert (work["max_num_batched_tokens"], work["max_num_seqs"]) == (8192, 0)
+
+
+def with_parallel(text: str, tp: int, pp: int, dp: int, ep: int) -> str:
+    """The same /metrics with the parallel sizes a plugin publishes in moe_reuse_info."""
+    return text.replace('hardware="h200"}', f'hardware="h200",tp="{tp}",pp="{pp}",dp="{dp}",ep="{ep}"}}')
+
+
+@pytest.mark.parametrize(("ranks", "sizes", "want"), [
+    (("0", "1"), None, (1, 2, 1, 1)),  # an older plugin: TP from the ranks
+    (("0", "1"), (2, 1, 1, 2), (1, 2, 1, 2)),  # TP 2 with EP over its 2 GPUs
+    (("0", "1", "2", "3"), (2, 2, 1, 1), (1, 2, 2, 1)),  # PP 2: four ranks, but TP 2
+    (("0",), (1, 1, 2, 1), (1, 1, 1, 1)),  # DP 2 without EP: one engine (a replica)
+])
+def test_the_partition_is_the_served_one(served, ranks, sizes, want):
+    text = metrics(ranks) if sizes is None else with_parallel(metrics(ranks), *sizes)
+    part = facts_from(text, served).partition
+    assert (part.dp, part.tp, part.pp, part.ep) == want
+
+
+def test_dp_attention_with_experts_over_every_engine_is_refused(served):
+    with pytest.raises(SpecError, match="--from-server: the server runs 4 data-parallel engines"):
+        facts_from(with_parallel(metrics(), 1, 1, 4, 4), served)

@@ -5,7 +5,11 @@ parser, the one the baseline command uses, and ``/v1/models``), reads the served
 and hands `moe_reuse.predictor.whatif.ServerFacts` (a frozen dataclass) back:
 
 * model: the served config.json (``/v1/models`` ``root``), dtypes from it and the KV cache dtype;
-* partition: TP = the ranks that export ``moe_reuse_info`` (one engine, PP 1);
+* partition: ``moe_reuse_info``'s ``tp``, ``pp`` and ``ep`` (vLLM's parallel config, which the plugin
+  publishes at bind; a plugin that does not: TP = the ranks that export ``moe_reuse_info``, PP 1).
+  One engine: data-parallel engines are replicas, each serving its share of the concurrency; an
+  engine whose experts are sharded over other engines too (DP attention + EP) is refused, the
+  predictor's partitions shard experts within an engine;
 * KV capacity: ``vllm:cache_config_info`` num_gpu_blocks x block_size (vLLM's own figure);
 * scheduler limits: ``moe_reuse_info``'s ``max_num_batched_tokens`` and ``max_num_seqs`` (vLLM's
   resolved scheduler config, which the plugin publishes at bind);
@@ -143,7 +147,7 @@ def facts_from(
     return ServerFacts(
         model=model,
         hardware=hardware,
-        partition=Partition(tp=m["ranks"]),
+        partition=served_partition(m),
         kv_capacity_tokens=blocks * block,
         routing=routing,
         max_num_seqs=_info_int(m["info"], "max_num_seqs"),
@@ -151,6 +155,22 @@ def facts_from(
         max_model_len=int(data.get("max_model_len") or 0),
         url=url,
     )
+
+
+def served_partition(m: dict[str, Any]) -> Partition:
+    """One engine's partition from the parallel sizes the plugin publishes (see the module doc)."""
+    info = m["info"]
+    tp = _info_int(info, "tp") or m["ranks"]
+    pp, dp, ep = (_info_int(info, k) or 1 for k in ("pp", "dp", "ep"))
+    if dp > 1 and ep > tp:
+        raise SpecError(
+            "--from-server",
+            f"the server runs {dp} data-parallel engines with their experts sharded over all "
+            f"{ep} GPUs (DP attention + EP); the what-if models one engine's partition, and its "
+            "partitions shard experts within an engine",
+            "run the what-if with --model (the served config.json) and --gpus instead",
+        )
+    return Partition(tp=tp, pp=pp, ep=ep)
 
 
 def _info_int(info: dict[str, str], key: str) -> int:

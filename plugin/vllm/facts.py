@@ -97,7 +97,8 @@ def model_facts(worker: Any) -> ModelFacts:
         comm_mode=comm_mode(worker), byte_model=weights.byte_model(model, runners),
         declared_experts=declared_experts(worker),
         extra_info={"sources": ",".join(sorted({s.kind for s in sources})) or "none",
-                    "vllm_version": vllm_version(), **scheduler_limits(vc)},
+                    "vllm_version": vllm_version(), **scheduler_limits(vc),
+                    **dict(zip(("tp", "ep", "dp", "pp"), map(str, parallel_sizes(worker))))},
     )
 
 

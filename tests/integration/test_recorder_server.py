@@ -243,6 +243,11 @@ def test_tp2_each_rank_counts_all_tokens_and_times_the_all_reduce(runner: str, e
         run_concurrent(srv.url, sent, concurrency=len(sent))
         text = _wait_flushed(srv, sum(n - 1 for _, n in sent), ranks=("0", "1"))
         _check_conservation(text, before, facts, sent, ranks=("0", "1"))
+        # the served parallel config, as this test started it (what whatif --from-server models)
+        info = {i.labels["rank"]: i.labels for i in samples(text, "moe_reuse_info")}
+        assert sorted(info) == ["0", "1"]
+        assert all((lab["tp"], lab["pp"], lab["dp"], lab["ep"]) == ("2", "1", "1", "1")
+                   for lab in info.values())
         for rank in ("0", "1"):
             assert metric_value(text, "moe_reuse_moe_comm_info", rank=rank, mode="tp_all_reduce") == 1
             assert metric_value(text, "moe_reuse_moe_comm_seconds_total", rank=rank, op="all_reduce") > 0
