@@ -238,12 +238,12 @@ def calibration_drift(hardware_file: str, rows: list[dict[str, Any]]) -> tuple[f
     return (here[0], cal[0]) if cal and here else None
 
 
-def engine_only_spec(hardware_file: str) -> str:
-    """The calibrated spec with no front-end work: the what-if's batch is then the concurrency,
-    which the diagnostic column sets to the engine's measured batch."""
+def engine_only_spec(hardware_file: str, directory: Path) -> str:
+    """The calibrated spec with no front-end work (written in `directory`): the what-if's batch
+    is then the concurrency, which the diagnostic column sets to the engine's measured batch."""
     spec = json.loads(Path(hardware_file).read_text())
     spec["front_end_request_seconds"] = spec["front_end_token_seconds"] = 0.0
-    out = Path(tempfile.mkdtemp(prefix="moe-reuse-bench-")) / "engine-only.json"
+    out = directory / "engine-only.json"
     out.write_text(json.dumps(spec))
     return str(out)
 
@@ -359,8 +359,10 @@ def main(argv: list[str] | None = None) -> int:
         pred = whatif(levels)
         # every batch up to the top level, for the diagnostic column (pure arithmetic), with a
         # front end that keeps up: the loop's batch is then the concurrency asked
-        at_batch = {lv["concurrency"]: lv for lv in whatif(list(range(1, max(levels) + 1)),
-                                                          engine_only_spec(args.hardware_file))["levels"]}
+        with tempfile.TemporaryDirectory(prefix="moe-reuse-bench-") as tmp:
+            engine_only = engine_only_spec(args.hardware_file, Path(tmp))
+            at_batch = {lv["concurrency"]: lv
+                        for lv in whatif(list(range(1, max(levels) + 1)), engine_only)["levels"]}
     dense_rows: list[dict[str, Any]] = []
     if args.dense:
         twin_dir = build_dense_twin(model_dir, DEFAULT_Q, say=say)
