@@ -51,6 +51,9 @@ from .search import search_partitions
 from .specs import HardwareSpec, ModelSpec
 from .timing import step_time
 
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192
+"""vLLM's default per-step token budget on a GPU server."""
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -58,7 +61,7 @@ class Workload:
 
     prompt_tokens: int = 1024
     output_tokens: int = 256
-    max_num_batched_tokens: int = 8192
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
     max_num_seqs: int = 0  # 0: the accounting's max_num_seqs (vLLM's default)
 
     def __post_init__(self) -> None:

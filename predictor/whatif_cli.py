@@ -17,7 +17,14 @@ from typing import Any
 from .errors import SpecError
 from .loading import resolve_hardware, resolve_model
 from .quality import DEFAULT_Q
-from .whatif import ServerFacts, WhatIfResult, Workload, whatif, whatif_from_server
+from .whatif import (
+    DEFAULT_MAX_NUM_BATCHED_TOKENS,
+    ServerFacts,
+    WhatIfResult,
+    Workload,
+    whatif,
+    whatif_from_server,
+)
 
 SOURCE_MODULE = "moe_reuse.plugin.live.whatif_source"
 
@@ -60,10 +67,6 @@ def _server_facts(url: str, hardware: str | None) -> ServerFacts:
     return facts
 
 
-DEFAULT_BUDGET = 8192
-"""vLLM's default max_num_batched_tokens on a GPU server (the what-if's without a server)."""
-
-
 def _given(value: object, default: object) -> object:
     return default if value is None else value
 
@@ -91,7 +94,7 @@ def run_whatif(args: argparse.Namespace) -> int:
     work = Workload(
         prompt_tokens=prompt,
         output_tokens=output,
-        max_num_batched_tokens=_int(_given(args.max_num_batched_tokens, DEFAULT_BUDGET),
+        max_num_batched_tokens=_int(_given(args.max_num_batched_tokens, DEFAULT_MAX_NUM_BATCHED_TOKENS),
                                     "--max-num-batched-tokens", 2),
         max_num_seqs=_int(_given(args.max_num_seqs, 0), "--max-num-seqs", 0),
     )

@@ -174,7 +174,7 @@ def served_partition(m: dict[str, Any]) -> Partition:
 
 
 def _info_int(info: dict[str, str], key: str) -> int:
-    """A scheduler limit the plugin publishes in moe_reuse_info (0: a plugin that does not)."""
+    """A count the plugin publishes in moe_reuse_info (0: a plugin that does not, or not a count)."""
     try:
         return max(int(info.get(key) or 0), 0)
     except ValueError:

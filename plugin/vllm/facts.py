@@ -98,7 +98,7 @@ def model_facts(worker: Any) -> ModelFacts:
         declared_experts=declared_experts(worker),
         extra_info={"sources": ",".join(sorted({s.kind for s in sources})) or "none",
                     "vllm_version": vllm_version(), **scheduler_limits(vc),
-                    **dict(zip(("tp", "ep", "dp", "pp"), map(str, parallel_sizes(worker))))},
+                    **parallel_info(worker)},
     )
 
 
@@ -155,6 +155,11 @@ def parallel_sizes(worker: Any) -> tuple[int, int, int, int]:
     pp = max(int(getattr(pc, "pipeline_parallel_size", 1) or 1), 1)
     ep = tp * dp if getattr(pc, "enable_expert_parallel", False) else 1
     return tp, ep, dp, pp
+
+
+def parallel_info(worker: Any) -> dict[str, str]:
+    """`parallel_sizes` as `moe_reuse_info` labels (what `whatif --from-server` partitions by)."""
+    return dict(zip(("tp", "ep", "dp", "pp"), map(str, parallel_sizes(worker)), strict=True))
 
 
 def kv_capacity_tokens(worker: Any) -> int | None:
