@@ -11,6 +11,10 @@ The paper does not publish its accounting; this is ours, with every knob in `Acc
   tp*kvp GPUs of a pipeline stage when ffn_shard_scope == "stage", at most one node when it is
   "node". Routed experts are split as EP (whole experts) x expert-TP (slices of each expert).
   Routers are tiny and replicated.
+* EP wider than the FFN group spans DP engines (vLLM's DP attention + EP: `--data-parallel-size D
+  --enable-expert-parallel` shards the experts over all tp*D GPUs): attention, dense FFN and
+  shared experts stay per engine, and each of the ep GPUs holds num_experts / ep whole experts,
+  which serve the tokens of every engine of the span.
 * PP splits the layers; a stage also holds the larger of the embedding and LM head.
 * KV of one sequence is split over KV-parallel groups (by position), over PP (by layer) and
   over TP by KV head: each rank holds ceil(kv_heads/tp) heads, so ranks beyond the KV-head
@@ -44,6 +48,12 @@ class Layout:
     ffn_replicas: int  # copies of the FFN weights inside one stage
     etp: int  # slices of each routed expert
     kv_tp_fraction: float  # share of one sequence's cache one TP rank holds
+    ep_span: int = 1  # DP engines whose tokens one copy of the routed experts serves
+
+    @property
+    def routed_group(self) -> int:
+        """GPUs sharing one copy of the routed experts (the FFN group, times the engines EP spans)."""
+        return self.ffn_group * self.ep_span
 
 
 def layout(
@@ -62,12 +72,23 @@ def layout(
         if acc.ffn_shard_scope == "stage" or stage <= hw.gpus_per_node
         else math.gcd(stage, hw.gpus_per_node)
     )
+    span = 1
     if model.is_moe:
-        if model.num_experts % p.ep or group % p.ep:
-            raise SpecError(
-                "ep",
-                f"{p.ep} must divide num_experts={model.num_experts} and the FFN group of {group} GPUs",
-            )
+        if model.num_experts % p.ep:
+            raise SpecError("ep", f"{p.ep} must divide num_experts={model.num_experts}")
+        if p.ep > group:  # EP over DP engines: ep = the FFN group x the engines it spans
+            span = p.ep // group
+            if p.ep % group or p.dp % span or stage != group:
+                raise SpecError(
+                    "ep",
+                    f"{p.ep} is wider than the FFN group of {group} GPUs, so it must span whole "
+                    f"data-parallel engines: a multiple of {group} that divides {group} x dp={p.dp} "
+                    f"(with one FFN group per stage; this stage has {stage // group})",
+                    f"use ep <= {group} or ep = {group} x dp (vLLM's --enable-expert-parallel "
+                    "with --data-parallel-size)",
+                )
+        elif group % p.ep:
+            raise SpecError("ep", f"{p.ep} must divide the FFN group of {group} GPUs")
     elif p.ep != 1:
         raise SpecError("ep", f"dense model {model.name} takes ep=1, got {p.ep}")
     if model.attention_kind == "mla":
@@ -81,7 +102,8 @@ def layout(
     else:  # each TP rank holds ceil(kv_heads / tp) KV heads; beyond kv_heads ranks hold copies
         fraction = -(-model.num_kv_heads // p.tp) / model.num_kv_heads
     return Layout(
-        ffn_group=group, ffn_replicas=stage // group, etp=group // p.ep, kv_tp_fraction=fraction
+        ffn_group=group, ffn_replicas=stage // group, etp=max(group // p.ep, 1),
+        kv_tp_fraction=fraction, ep_span=span,
     )
 
 
@@ -208,7 +230,7 @@ def memory_breakdown(
     ) / p.tp
     dense = w.dense_ffn_total_bytes / (lay.ffn_group * p.pp)
     shared = w.shared_total_bytes / (lay.ffn_group * p.pp)
-    routed = w.routed_total_bytes / (lay.ffn_group * p.pp)
+    routed = w.routed_total_bytes / (lay.routed_group * p.pp)
     router = w.router_total_bytes / p.pp
     weights = attention + embedding + dense + shared + routed + router
     act = activation_peak_bytes(model, p, acc)

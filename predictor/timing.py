@@ -11,7 +11,9 @@ pp microbatches and a step takes pp stage-times; all parts below are per step an
 (every GPU of a stage does the same work). Expert reads follow the reuse model: a routed
 expert is read once per step if any token of the FFN group's microbatch chose it, so the
 bytes scale with the distinct experts touched, uniform expectation by default, or a measured
-value for live use.
+value for live use. EP over DP engines (vLLM's DP attention + EP) pools the tokens of the
+engines it spans for the routed experts: each of its GPUs reads its share of the experts that
+the pooled tokens touched, and dispatch/combine move each GPU's tokens to the experts' GPUs.
 """
 
 from __future__ import annotations
@@ -147,7 +149,8 @@ def step_time(
     distinct_experts_per_layer / expert_counts replace the uniform-routing expectation with a
     measurement (mean distinct experts per MoE layer for the whole step, or one layer's
     per-expert token counts); when the FFN group holds several weight copies the measurement is
-    taken to describe each copy's share.
+    taken to describe each copy's share, and under EP over DP engines the tokens of every
+    engine the experts serve (`Layout.ep_span` engines).
     """
     if batch <= 0:
         raise SpecError("batch", f"must be > 0, got {batch}")
@@ -159,6 +162,9 @@ def step_time(
     pp = p.pp
     micro = batch / (p.dp * pp)  # tokens one stage processes at a time
     group_tokens = micro / lay.ffn_replicas  # tokens one copy of the FFN weights serves
+    # tokens one copy of the routed experts serves: EP over DP engines pools their tokens
+    routed_tokens = group_tokens * lay.ep_span
+    fr = lay.routed_group
     layers, dense_layers, moe_layers = (
         model.num_layers / pp,
         model.num_dense_layers / pp,
@@ -181,9 +187,11 @@ def step_time(
     fl_shared = 2.0 * group_tokens * moe_layers * shared_params_per_moe_layer(model) / f
     fl_routed = (
         2.0
-        * group_tokens
         * moe_layers
-        * (model.experts_per_token * expert_params(model) / f + router_params_per_moe_layer(model))
+        * (
+            routed_tokens * model.experts_per_token * expert_params(model) / fr
+            + group_tokens * router_params_per_moe_layer(model)
+        )
     )
     fl_head = 2.0 * micro * model.vocab_size * model.hidden_size / p.tp  # tied or not, it runs
 
@@ -202,16 +210,16 @@ def step_time(
             distinct = float(distinct_experts_per_layer)
         else:
             distinct = expected_distinct_experts(
-                model.num_experts, model.experts_per_token, group_tokens
+                model.num_experts, model.experts_per_token, routed_tokens
             )
-        per_expert = group_tokens * model.experts_per_token / distinct if distinct > 0 else 0.0
+        per_expert = routed_tokens * model.experts_per_token / distinct if distinct > 0 else 0.0
 
     # HBM bytes per GPU per stage pass.
     by_proj = layers * w.attention_bytes_per_layer / p.tp
     by_kv = micro * kv_bytes_per_sequence(model, context_tokens) * lay.kv_tp_fraction / (pp * p.kvp)
     by_dense = dense_layers * w.dense_ffn_bytes_per_dense_layer / f
     by_shared = moe_layers * w.shared_experts_bytes_per_moe_layer / f
-    by_routed = moe_layers * (distinct * w.routed_expert_bytes / f + w.router_bytes_per_moe_layer)
+    by_routed = moe_layers * (distinct * w.routed_expert_bytes / fr + w.router_bytes_per_moe_layer)
     by_head = (w.lm_head_bytes or w.embedding_bytes) / p.tp
 
     wdt, edt = model.weight_dtype, model.expert_weight_dtype
@@ -278,10 +286,11 @@ def step_time(
     add(c_dense, coll("ffn_all_reduce", "all_reduce", f, hidden_msg, f), dense_layers)
     if model.is_moe:
         if p.ep > 1:
-            send = hidden_msg * model.experts_per_token / p.ep
-            add(c_moe, coll("moe_dispatch_combine", "all_to_all", p.ep, send, f), 2 * moe_layers)
-            add(c_moe, coll("moe_expert_all_reduce", "all_reduce", lay.etp, send, f), moe_layers)
-            add(c_moe, coll("moe_all_gather", "all_gather", p.ep, hidden_msg, f), moe_layers)
+            routed_msg = routed_tokens * model.hidden_size * act
+            send = routed_msg * model.experts_per_token / p.ep
+            add(c_moe, coll("moe_dispatch_combine", "all_to_all", p.ep, send, fr), 2 * moe_layers)
+            add(c_moe, coll("moe_expert_all_reduce", "all_reduce", lay.etp, send, fr), moe_layers)
+            add(c_moe, coll("moe_all_gather", "all_gather", p.ep, routed_msg, fr), moe_layers)
         else:
             add(c_moe, coll("ffn_all_reduce", "all_reduce", f, hidden_msg, f), moe_layers)
     c_pipe = (

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field, replace
 from .closed_loop import demand_from_loop, solve, wait_quantile
 from .deployment import DEFAULT_ACCOUNTING, Accounting, Partition
 from .errors import SpecError
-from .memory import memory_breakdown
+from .memory import layout, memory_breakdown
 from .quality import DEFAULT_Q, dense_twin
 from .quantiles import load_tail, mix_quantile, poisson_quantile
 from .reuse import RoutingCurve
@@ -148,7 +148,10 @@ def _step(
 ) -> float:
     distinct = None
     if dep.routing is not None and dep.model.is_moe:
-        distinct = dep.routing.distinct(tokens / max(dep.partition.dp, 1))
+        # the tokens one copy of the routed experts serves: one engine's, or under EP over DP
+        # engines those of every engine it spans
+        span = layout(dep.model, hw, dep.partition, acc).ep_span
+        distinct = dep.routing.distinct(tokens * span / max(dep.partition.dp, 1))
     return step_time(
         dep.model, hw, dep.partition, tokens, context, acc, distinct_experts_per_layer=distinct,
         sequences=sequences,

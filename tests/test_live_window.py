@@ -17,12 +17,14 @@ from moe_reuse.plugin.live.twin import twin_config
 from moe_reuse.plugin.live.window import (
     WINDOW_GAUGES,
     WindowAccumulator,
+    predict_group,
     ridge_point_tokens,
     window_figures,
     window_gauges,
 )
 from moe_reuse.plugin.recorder.aggregate import BlockStats, ByteModel
-from moe_reuse.predictor import hardware_from_dict, step_time
+from moe_reuse.predictor import expected_distinct_experts, hardware_from_dict, step_time
+from moe_reuse.predictor.sizes import weight_bytes_breakdown
 
 HW = hardware_from_dict({
     "name": "test-cpu", "hbm_capacity_gb": 16, "hbm_bandwidth_gb_per_s": 30,
@@ -174,6 +176,44 @@ def test_capacity_factor_on_gpu_grows_with_freed_weights() -> None:
     s = big_specs(kv_fixed=False)
     dense = s.dense_kv_capacity_tokens(10_000, 32768)
     assert dense > 10_000  # the twin's weights are smaller, so it gets more KV
+
+
+def dp_ep_specs(dp: int, kv_fixed: bool = True):  # type: ignore[no-untyped-def]
+    """vLLM's DP attention + EP as the seam reports it: tp 1, dp engines, ep = tp x dp."""
+    facts = ServedFacts(hf_config=model_spec("big-moe")["config"], weight_dtype="bfloat16",
+                        kv_dtype="bfloat16", kv_fixed_size=kv_fixed, tp=1, dp=dp, ep=dp)
+    return build_specs(facts, HW, 5.0)
+
+
+def test_dp_attention_with_ep_predicts_reads_for_every_engines_tokens() -> None:
+    """Each engine's recorder counts its own batch B (vLLM routes before the dispatch), but its
+    GPU's experts serve the 4B tokens of all four engines. Uniform routing measured at B must
+    predict uniform routing at 4B; a skewed measurement stays skewed (fewer experts than uniform
+    at 4B) while more than the engine's own B touched."""
+    s = dp_ep_specs(4)
+    assert s.ep_span == 4
+    E, k, B = s.model.num_experts, s.model.experts_per_token, 8
+    uniform_b, uniform_4b = (expected_distinct_experts(E, k, n) for n in (B, 4 * B))
+    pg = predict_group(s, B, 100.0, uniform_b)
+    assert pg.moe_route.distinct_experts_per_layer == pytest.approx(uniform_4b, rel=1e-6)
+    assert pg.moe_uniform.distinct_experts_per_layer == pytest.approx(uniform_4b, rel=1e-9)
+    skewed = predict_group(s, B, 100.0, 0.6 * uniform_b).moe_route.distinct_experts_per_layer
+    assert 0.6 * uniform_b < skewed < uniform_4b
+    one = predict_group(big_specs(), B, 100.0, uniform_b)  # one engine: the measurement as is
+    assert one.moe_route.distinct_experts_per_layer == pytest.approx(uniform_b, rel=1e-9)
+
+
+def test_dp_attention_with_ep_frees_only_each_gpus_share_of_the_experts() -> None:
+    """On a GPU the dense twin's cache grows by the weights it does not hold: per GPU, the
+    engine's non-expert MoE weights less the twin's, plus a quarter of the routed experts."""
+    s = dp_ep_specs(4, kv_fixed=False)
+    per_token = 32768.0
+    w = weight_bytes_breakdown(s.model)
+    freed = (w.total_bytes - w.routed_total_bytes - weight_bytes_breakdown(s.dense).total_bytes
+             + w.routed_total_bytes / 4)
+    assert s.dense_kv_capacity_tokens(10_000, per_token) == int(10_000 + freed / per_token)
+    assert s.dense_kv_capacity_tokens(10_000, per_token) < big_specs(
+        kv_fixed=False).dense_kv_capacity_tokens(10_000, per_token)
 
 
 def test_js_divergence_and_dead_cold() -> None:

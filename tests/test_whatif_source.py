@@ -159,6 +159,18 @@ def test_the_partition_is_the_served_one(served, ranks, sizes, want):
     assert (part.dp, part.tp, part.pp, part.ep) == want
 
 
-def test_dp_attention_with_experts_over_every_engine_is_refused(served):
-    with pytest.raises(SpecError, match="--from-server: the server runs 4 data-parallel engines"):
-        facts_from(with_parallel(metrics(), 1, 1, 4, 4), served)
+def test_dp_attention_with_experts_over_every_engine_models_the_whole_deployment(served):
+    """DP attention + EP (ep = tp x dp): no engine stands alone, so the partition and the KV
+    capacity are the deployment's, and one engine's measured routing is carried to the tokens
+    of all four engines, which every GPU's experts serve."""
+    facts = facts_from(with_parallel(metrics(), 1, 1, 4, 4), served)
+    part = facts.partition
+    assert (part.dp, part.tp, part.pp, part.ep) == (4, 1, 1, 4)
+    assert facts.kv_capacity_tokens == 4 * 1234 * 16  # four engines' caches
+    r = whatif_from_server(facts, [4, 24], Workload(32, 32, 2048, 64))
+    assert r.moe.partition == part and r.dense.partition.ep == 1
+    # 24 sequences over 4 engines: 6 per engine, the measured batch; the experts see all 24
+    moe24 = r.levels[-1][0]
+    assert moe24.batch == 24
+    assert facts.routing is not None
+    assert facts.routing.distinct(24) > facts.routing.distinct(6) == pytest.approx(5.0, rel=1e-6)

@@ -26,6 +26,7 @@ from moe_reuse.predictor import (
     model_from_hf_config,
 )
 from moe_reuse.predictor.loading import packaged_data
+from moe_reuse.predictor.memory import layout
 from moe_reuse.predictor.sizes import weight_bytes_breakdown
 
 logger = logging.getLogger("vllm.moe_reuse")
@@ -73,6 +74,12 @@ class LiveSpecs:
     def routing_factor(self) -> float:
         return self.model.num_experts / self.model.experts_per_token
 
+    @property
+    def ep_span(self) -> int:
+        """Engines whose tokens one copy of the routed experts serves: 1, or dp under vLLM's
+        DP attention + EP (each engine's recorder counts only its own tokens)."""
+        return layout(self.model, self.hardware, self.partition).ep_span
+
     def dense_kv_capacity_tokens(self, moe_tokens: int, kv_bytes_per_token_rank: float) -> int:
         """KV capacity the dense twin would get on the same deployment.
 
@@ -84,8 +91,10 @@ class LiveSpecs:
         if self.kv_fixed_size or kv_bytes_per_token_rank <= 0:
             return int(moe_tokens)
         shards = max(self.partition.tp * self.partition.pp, 1)
-        delta = (weight_bytes_breakdown(self.model).total_bytes
-                 - weight_bytes_breakdown(self.dense).total_bytes) / shards
+        w = weight_bytes_breakdown(self.model)
+        routed = w.routed_total_bytes  # split over every GPU EP spans, the rest per engine
+        delta = ((w.total_bytes - routed - weight_bytes_breakdown(self.dense).total_bytes) / shards
+                 + routed / (shards * self.ep_span))
         return max(int(moe_tokens + delta / kv_bytes_per_token_rank), 0)
 
 

@@ -7,10 +7,12 @@ and hands `moe_reuse.predictor.whatif.ServerFacts` (a frozen dataclass) back:
 * model: the served config.json (``/v1/models`` ``root``), dtypes from it and the KV cache dtype;
 * partition: ``moe_reuse_info``'s ``tp``, ``pp`` and ``ep`` (vLLM's parallel config, which the plugin
   publishes at bind; a plugin that does not: TP = the ranks that export ``moe_reuse_info``, PP 1).
-  One engine: data-parallel engines are replicas, each serving its share of the concurrency; an
-  engine whose experts are sharded over other engines too (DP attention + EP) is refused, the
-  predictor's partitions shard experts within an engine;
-* KV capacity: ``vllm:cache_config_info`` num_gpu_blocks x block_size (vLLM's own figure);
+  One engine: data-parallel engines are replicas, each serving its share of the concurrency. Under
+  DP attention + EP (``ep`` = ``tp`` x ``dp``: the experts sharded over every engine's GPUs) no
+  engine stands alone, so the partition is the whole deployment, ``dp`` included, and the
+  concurrency levels are the deployment's;
+* KV capacity: ``vllm:cache_config_info`` num_gpu_blocks x block_size (vLLM's own figure, one
+  engine's; times ``dp`` for the whole deployment);
 * scheduler limits: ``moe_reuse_info``'s ``max_num_batched_tokens`` and ``max_num_seqs`` (vLLM's
   resolved scheduler config, which the plugin publishes at bind);
 * routing: distinct experts per MoE layer per decode step against the decode batch, from
@@ -144,11 +146,12 @@ def facts_from(
             model.num_experts, model.experts_per_token, m["decode_batch"], m["distinct_per_layer"]
         )
     hardware = hw or hardware_by_name(m["info"].get("hardware", ""))
+    partition = served_partition(m)
     return ServerFacts(
         model=model,
         hardware=hardware,
-        partition=served_partition(m),
-        kv_capacity_tokens=blocks * block,
+        partition=partition,
+        kv_capacity_tokens=blocks * block * partition.dp,
         routing=routing,
         max_num_seqs=_info_int(m["info"], "max_num_seqs"),
         max_num_batched_tokens=_info_int(m["info"], "max_num_batched_tokens"),
@@ -162,14 +165,8 @@ def served_partition(m: dict[str, Any]) -> Partition:
     info = m["info"]
     tp = _info_int(info, "tp") or m["ranks"]
     pp, dp, ep = (_info_int(info, k) or 1 for k in ("pp", "dp", "ep"))
-    if dp > 1 and ep > tp:
-        raise SpecError(
-            "--from-server",
-            f"the server runs {dp} data-parallel engines with their experts sharded over all "
-            f"{ep} GPUs (DP attention + EP); the what-if models one engine's partition, and its "
-            "partitions shard experts within an engine",
-            "run the what-if with --model (the served config.json) and --gpus instead",
-        )
+    if dp > 1 and ep > tp:  # DP attention + EP: the experts span the engines
+        return Partition(tp=tp, pp=pp, dp=dp, ep=ep)
     return Partition(tp=tp, pp=pp, ep=ep)
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from moe_reuse.predictor import StepTime, expected_distinct_experts, step_time
+from moe_reuse.predictor.reuse import RoutingCurve
 from moe_reuse.predictor.specs import dtype_bytes
 
 from . import drift as drift_mod
@@ -186,6 +187,9 @@ def predict_group(specs: LiveSpecs, batch: int, context_per_seq: float,
     uni = step_time(m, hw, specs.partition, batch * dp, context_per_seq)
     if distinct_per_layer is not None and distinct_per_layer > 0:
         d = min(float(distinct_per_layer), float(m.num_experts))
+        span = specs.ep_span
+        if span > 1:  # measured on this engine's batch; the experts serve `span` engines' tokens
+            d = RoutingCurve.fit(m.num_experts, m.experts_per_token, batch, d).distinct(batch * span)
         route = step_time(m, hw, specs.partition, batch * dp, context_per_seq,
                           distinct_experts_per_layer=d)
     else:
