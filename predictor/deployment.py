@@ -70,8 +70,9 @@ class Accounting:
         ffn_all_reduce, moe_dispatch_combine, moe_expert_all_reduce, moe_all_gather) costed on
         the scale-out (inter-node) link when their ranks, packed into nodes of node_gpus,
         span more than one node; "" none.
-    ep_policy: "search" tries every EP that divides E and the FFN group; "max" places experts
-        whole, EP = the largest such divisor (DeepSeek-style expert parallelism).
+    ep_policy: "search" tries every EP that divides E and the FFN group, and with dp > 1
+        (max_dp > 1) every EP that spans whole DP engines (vLLM's DP attention + EP); "max"
+        places experts whole, EP = the largest of these (DeepSeek-style expert parallelism).
     latency_exposed: True exposes every collective's start-up (it cannot overlap a kernel that
         waits for its data) and overlaps only the bandwidth part."""
 

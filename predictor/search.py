@@ -1,7 +1,7 @@
 """Partition search and the MoE-versus-dense-twin case behind `moe-reuse predict`.
 
 For every partition of the GPUs (tp inside a node, kvp x dp x pp over the rest, ep over the
-FFN group) the search finds B_max, evaluates a decode step at that batch (or at a fixed
+FFN group or over whole DP engines) the search finds B_max, evaluates a decode step at that batch (or at a fixed
 batch) and keeps the highest throughput. Following the paper, each model is evaluated at its
 own B_max, so the batch of the winning partition is the B that Table 3 reports.
 """
@@ -58,6 +58,9 @@ def candidate_partitions(
                     if model.is_moe
                     else [1]
                 )
+                if model.is_moe and group == stage:  # EP over s whole engines (DP attention + EP)
+                    eps += [group * s for s in _divisors(dp)[1:]
+                            if model.num_experts % (group * s) == 0]
                 if accounting.ep_policy == "max":
                     eps = eps[-1:]
                 out.extend(Partition(tp=tp, kvp=kvp, pp=pp, dp=dp, ep=ep) for ep in eps)
@@ -120,9 +123,9 @@ def search_partitions(
         raise SpecError("batch", f"must be an integer >= 1, got {batch!r}")
     candidates = candidate_partitions(model, hw, gpus, accounting)
     best: tuple[float, Partition, int, StepTime, MemoryBreakdown] | None = None
-    memo: dict[tuple[int, int, int, int], MemoryBreakdown] = {}
+    memo: dict[tuple[int, int, int, int, int], MemoryBreakdown] = {}
     for part in candidates:
-        key = (part.tp, part.kvp, part.pp, part.dp)
+        key = (part.tp, part.kvp, part.pp, part.dp, part.ep)
         mem = memo.get(key)
         if mem is None:
             mem = memo[key] = memory_breakdown(model, hw, part, context_tokens, accounting)

@@ -101,3 +101,17 @@ def test_a_measured_routing_is_taken_to_describe_the_pooled_tokens(ds):
     w = weight_bytes_breakdown(ds)
     routed = ds.num_moe_layers * (100.0 * w.routed_expert_bytes / 8 + w.router_bytes_per_moe_layer)
     assert st.hbm_bytes["routed_ffn"] == pytest.approx(routed, rel=REL)
+
+
+def test_the_search_tries_ep_over_engines_only_where_dp_is_allowed(ds):
+    """Default accounting (max_dp 1): no candidate spans engines, so no default answer moves.
+    With max_dp 8 on 8 GPUs the search tries DP8 x EP8 and every candidate is a valid layout."""
+    from moe_reuse.predictor import Accounting, candidate_partitions
+
+    assert all(layout(ds, HW, p).ep_span == 1 for p in candidate_partitions(ds, HW, 8))
+    acc = Accounting(tp_policy="search", max_dp=8)
+    parts = candidate_partitions(ds, HW, 8, acc)
+    spans = {(p.tp, p.dp, p.ep): layout(ds, HW, p, acc).ep_span for p in parts}
+    assert spans[(1, 8, 8)] == 8 and spans[(2, 4, 8)] == 4 and spans[(1, 8, 2)] == 2
+    assert spans[(8, 1, 8)] == 1
+    assert len(parts) == len(set(parts))
