@@ -17,14 +17,8 @@ from typing import Any
 from .errors import SpecError
 from .loading import resolve_hardware, resolve_model
 from .quality import DEFAULT_Q
-from .whatif import (
-    DEFAULT_MAX_NUM_BATCHED_TOKENS,
-    ServerFacts,
-    WhatIfResult,
-    Workload,
-    whatif,
-    whatif_from_server,
-)
+from .whatif import DEFAULT_MAX_NUM_BATCHED_TOKENS, WhatIfResult, Workload, whatif
+from .whatif_server import ServerFacts, whatif_from_server
 
 SOURCE_MODULE = "moe_reuse.plugin.live.whatif_source"
 

@@ -15,7 +15,8 @@ import pytest
 
 from moe_reuse.plugin.live.whatif_source import facts_from, parse_metrics
 from moe_reuse.predictor import SpecError, expected_distinct_experts, load_hardware_preset
-from moe_reuse.predictor.whatif import Workload, whatif_from_server
+from moe_reuse.predictor.whatif import Workload
+from moe_reuse.predictor.whatif_server import whatif_from_server
 
 CONFIG = {
     "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": 512,

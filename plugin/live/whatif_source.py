@@ -2,7 +2,7 @@
 
 The predictor does no I/O; this module scrapes the server (``/metrics`` with prometheus-client's
 parser, the one the baseline command uses, and ``/v1/models``), reads the served config.json,
-and hands `moe_reuse.predictor.whatif.ServerFacts` (a frozen dataclass) back:
+and hands `moe_reuse.predictor.whatif_server.ServerFacts` (a frozen dataclass) back:
 
 * model: the served config.json (``/v1/models`` ``root``), dtypes from it and the KV cache dtype;
 * partition: ``moe_reuse_info``'s ``tp``, ``pp`` and ``ep`` (vLLM's parallel config, which the plugin
@@ -39,7 +39,8 @@ from moe_reuse.predictor import (
     load_hardware_preset,
     model_from_hf_config,
 )
-from moe_reuse.predictor.whatif import RoutingCurve, ServerFacts
+from moe_reuse.predictor.reuse import RoutingCurve
+from moe_reuse.predictor.whatif_server import ServerFacts
 
 from ..metrics_text import samples
 from .spec import resolve_hardware
