@@ -2,9 +2,13 @@
 
 The plugin calls this on the model vLLM serves, so it reads the keys the families actually
 use rather than transformers' defaults: MLA and shared experts with leading dense layers
-(deepseek_v2/v3), decoder_sparse_step and mlp_only_layers (qwen2_moe/qwen3_moe), interleaved
-MoE layers and text_config nesting (llama4), sliding-window layer types (gpt_oss), and plain
-dense configs (llama, qwen2, qwen3), which become `num_experts == 0`. Pure: no file access.
+(deepseek_v2/v3, glm4_moe, bailing, dots1), decoder_sparse_step and mlp_only_layers
+(qwen2_moe/qwen3_moe), interleaved MoE layers and text_config nesting (llama4), sliding-window
+layer types (gpt_oss), the MoE-layer rules of ernie4_5_moe (start, end, interval), afmoe and
+lfm2_moe (leading dense layers), exaone_moe (`mlp_layer_types`), step3 (`moe_layers_enum`) and
+jamba (expert layer period), per-layer lists (hunyuan), dbrx's nested `ffn_config`, and plain
+dense configs (llama, qwen2, qwen3), which become `num_experts == 0`. Every family's layer rule
+is the one vLLM's model file applies. Pure: no file access.
 """
 
 from __future__ import annotations
@@ -40,9 +44,73 @@ def _int(cfg: Mapping[str, Any], *keys: str, required: bool = False, default: in
     return value
 
 
+def _flatten_dbrx(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """dbrx's config.json: experts in `ffn_config`, KV heads in `attn_config`, `max_seq_len`."""
+    ffn, attn = cfg["ffn_config"], cfg.get("attn_config")
+    out = {**cfg}
+    for key, src in (("moe_num_experts", "moe_num_experts"), ("moe_top_k", "moe_top_k"),
+                     ("moe_intermediate_size", "ffn_hidden_size")):
+        if ffn.get(src) is not None:
+            out.setdefault(key, ffn[src])
+    if isinstance(attn, Mapping) and attn.get("kv_n_heads") is not None:
+        out.setdefault("num_key_value_heads", attn["kv_n_heads"])
+    if cfg.get("max_seq_len") is not None:
+        out.setdefault("max_position_embeddings", cfg["max_seq_len"])
+    return out
+
+
+def _layer_list(cfg: Mapping[str, Any], key: str) -> Sequence[Any] | None:
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise SpecError(f"{_SOURCE} {key}", f"must be a list with one entry per layer, got {value!r}")
+    return value
+
+
+def _first_int(cfg: Mapping[str, Any], *keys: str) -> int:
+    """An integer key that some families give per layer (hunyuan's moe_topk, num_experts): the
+    first entry of such a list (vLLM builds every MoE layer alike)."""
+    key = next((k for k in keys if cfg.get(k) is not None), None)
+    if key is None:
+        return 0
+    value = cfg[key]
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if not value:
+            raise SpecError(f"{_SOURCE} {key}", "is an empty list")
+        return _int({key: value[0]}, key)
+    return _int(cfg, key)
+
+
 def _moe_layer_count(cfg: Mapping[str, Any], num_layers: int, num_experts: int) -> int:
+    """MoE layers by the rule vLLM's model file applies for the family that sets these keys."""
     if num_experts <= 0:
         return 0
+    kinds = _layer_list(cfg, "mlp_layer_types")  # exaone_moe: "sparse" / "dense" per layer
+    if kinds is not None:
+        return sum(1 for t in kinds[:num_layers] if t == "sparse")
+    per_layer = _layer_list(cfg, "layers_num_experts")  # jamba (vLLM reads this list)
+    if per_layer is not None:
+        return sum(1 for n in per_layer[:num_layers] if isinstance(n, int) and n > 1)
+    if "expert_layer_period" in cfg:  # jamba: what layers_num_experts is derived from
+        period = max(1, _int(cfg, "expert_layer_period", default=1))
+        offset = _int(cfg, "expert_layer_offset")
+        return sum(1 for i in range(num_layers) if i % period == offset)
+    if "moe_layer_start_index" in cfg or "moe_layer_interval" in cfg:  # ernie4_5_moe
+        start = _int(cfg, "moe_layer_start_index")
+        end = _int(cfg, "moe_layer_end_index", default=num_layers - 1)
+        if end < 0:
+            end = num_layers - 1
+        step = max(1, _int(cfg, "moe_layer_interval", default=1))
+        return sum(1 for i in range(num_layers) if start <= i <= end and (i + 1) % step == 0)
+    if isinstance(cfg.get("moe_layers_enum"), str):  # step3: "3,4,5,..."
+        try:
+            ids = {int(i) for i in cfg["moe_layers_enum"].split(",") if i.strip()}
+        except ValueError:
+            raise SpecError(f"{_SOURCE} moe_layers_enum", "must list layer indices separated by commas") from None
+        return len({i for i in ids if 0 <= i < num_layers})
+    if "num_dense_layers" in cfg:  # afmoe, lfm2_moe: the first num_dense_layers are dense
+        return max(num_layers - _int(cfg, "num_dense_layers"), 0)
     if "first_k_dense_replace" in cfg or "moe_layer_freq" in cfg:  # deepseek_v2 / v3
         first = _int(cfg, "first_k_dense_replace")
         freq = max(1, _int(cfg, "moe_layer_freq", default=1))
@@ -130,15 +198,18 @@ def model_from_hf_config(
         for key in ("quantization_config", "torch_dtype", "tie_word_embeddings"):
             if key in config and key not in cfg:
                 cfg[key] = config[key]  # type: ignore[index]
+    if isinstance(cfg.get("ffn_config"), Mapping):  # dbrx nests its MoE and attention keys
+        cfg = _flatten_dbrx(cfg)
     model_type = str(cfg.get("model_type") or config.get("model_type") or "")
     hidden = _int(cfg, "hidden_size", "d_model", "n_embd", required=True)
-    layers = _int(cfg, "num_hidden_layers", "n_layer", "num_layers", required=True)
-    heads = _int(cfg, "num_attention_heads", "n_head", required=True)
+    layers = _int(cfg, "num_hidden_layers", "n_layer", "num_layers", "n_layers", required=True)
+    heads = _int(cfg, "num_attention_heads", "n_head", "n_heads", required=True)
     vocab = _int(cfg, "vocab_size", required=True)
     kv_heads = _int(cfg, "num_key_value_heads", default=heads) or heads
-    experts = _int(cfg, "n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts")
-    top_k = _int(
-        cfg, "num_experts_per_tok", "experts_per_token", "moe_top_k", "num_experts_per_token"
+    experts = _first_int(cfg, "n_routed_experts", "num_experts", "num_local_experts", "moe_num_experts")
+    top_k = _first_int(
+        cfg, "num_experts_per_tok", "experts_per_token", "moe_top_k", "num_experts_per_token",
+        "moe_k", "moe_topk",
     )
     if experts and not top_k:
         raise SpecError(
@@ -153,7 +224,10 @@ def model_from_hf_config(
     moe_layers = _moe_layer_count(cfg, layers, experts)
     is_llama4 = model_type.startswith("llama4")
     if experts:
-        moe_inter = _int(cfg, "moe_intermediate_size", "intermediate_size", required=True)
+        moe_inter = _first_int(cfg, "moe_intermediate_size", "intermediate_size")
+        if moe_inter <= 0:
+            raise SpecError(f"{_SOURCE} moe_intermediate_size", "is missing",
+                            "the predictor needs each expert's width")
         dense_inter = (
             _int(cfg, "intermediate_size_mlp") if is_llama4 else _int(cfg, "intermediate_size")
         )
@@ -169,10 +243,15 @@ def model_from_hf_config(
         )
     shared, shared_inter = 0, 0
     if experts:
-        if _int(cfg, "n_shared_experts"):
-            shared, shared_inter = _int(cfg, "n_shared_experts"), moe_inter
-        elif _int(cfg, "shared_expert_intermediate_size"):
-            shared, shared_inter = 1, _int(cfg, "shared_expert_intermediate_size")
+        n_shared = _first_int(cfg, "n_shared_experts", "num_shared_experts", "moe_num_shared_experts",
+                              "num_shared_expert")
+        one_shared = _int(cfg, "shared_expert_intermediate_size", "shared_intermediate_size",
+                          "share_expert_dim")
+        if n_shared:  # n shared experts, each as wide as a routed one unless the config says
+            shared = n_shared
+            shared_inter = _int(cfg, "moe_shared_expert_intermediate_size") or moe_inter
+        elif one_shared:
+            shared, shared_inter = 1, one_shared
         elif is_llama4:
             shared, shared_inter = 1, moe_inter
     mla = cfg.get("kv_lora_rank") is not None
