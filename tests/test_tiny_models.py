@@ -29,6 +29,8 @@ EXPECTED_MOE_LAYERS = {
     "llama4-chunked": (1, 3),  # llama4 with a 64-token attention chunk (KV bytes test)
     "qwen2-moe": (0, 1, 2, 3),
     "olmoe": (0, 1, 2, 3),
+    "glm4-moe": (1, 2, 3),  # first_k_dense_replace = 1
+    "ernie45-moe": (1, 2, 3),  # moe_layer_start_index = 1
     "gpt-oss": (0, 1, 2, 3),
     "dense": (),
     "big-moe": tuple(range(8)),

@@ -153,6 +153,20 @@ def _facts_from_config(name: str, cfg: Mapping[str, Any], dead: tuple[int, ...])
         shared = int(text.get("n_shared_experts") or 0)
         moe_inter = int(text["moe_intermediate_size"])
         is_mla = True
+    elif arch == "Glm4MoeForCausalLM":
+        # glm4_moe.py: n_routed_experts is not None and i >= first_k_dense_replace
+        experts, top_k = int(text["n_routed_experts"]), int(text["num_experts_per_tok"])
+        moe = [i for i in range(n) if i >= int(text.get("first_k_dense_replace", 1))]
+        shared = int(text.get("n_shared_experts") or 0)
+        moe_inter = int(text["moe_intermediate_size"])
+    elif arch == "Ernie4_5_MoeForCausalLM":
+        # ernie45_moe.py: (i + 1) % moe_layer_interval == 0 and start <= i <= end
+        experts, top_k = int(text["moe_num_experts"]), int(text["moe_k"])
+        start, step = int(text.get("moe_layer_start_index", 0)), int(text.get("moe_layer_interval", 1))
+        end = int(text.get("moe_layer_end_index", n - 1))
+        moe = [i for i in range(n) if experts > 0 and (i + 1) % step == 0 and start <= i <= end]
+        shared = int(text.get("moe_num_shared_experts") or 0)
+        moe_inter = int(text["moe_intermediate_size"])
     elif arch in ("Llama4ForCausalLM", "Llama4ForConditionalGeneration"):
         # llama4.py: step > 0 and (i + 1) % interleave_moe_layer_step == 0; always one shared expert
         experts, top_k = int(text["num_local_experts"]), int(text["num_experts_per_tok"])

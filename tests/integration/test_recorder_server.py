@@ -27,7 +27,10 @@ pytestmark = pytest.mark.integration
 
 # qwen3-moe-wide: 256 experts, top-8 (DeepSeek-V3's and Qwen3-235B's width: ids past 127)
 CONSERVATION_MODELS = ["qwen3-moe", "mixtral", "deepseek-v3", "llama4", "qwen2-moe", "olmoe",
-                       "qwen3-moe-wide"]
+                       "qwen3-moe-wide", "glm4-moe", "ernie45-moe"]
+# GLM-4.5 (sigmoid grouped top-k, shared expert, leading dense layer, partial RoPE) and ERNIE-4.5
+# (MoE layers by start/end/interval, shared expert): CI runs each on the runner the other lacks
+CI_ONE_RUNNER = {"glm4-moe": "v2", "ernie45-moe": "v1"}
 FLUSH = {"flush_interval_s": 0.2}
 
 
@@ -144,7 +147,7 @@ def _check_conservation(text: str, before: str, facts, sent, ranks=("0",)) -> No
 # is bound at KV-cache init, after the model was traced and compiled without it.
 FULL = os.environ.get("MOE_REUSE_FULL_MATRIX") == "1"
 MODES = {"compiled": False, "eager": True}
-ROUTED_MODELS = {"mixtral", "deepseek-v3", "llama4", "qwen2-moe", "olmoe"}
+ROUTED_MODELS = {"mixtral", "deepseek-v3", "llama4", "qwen2-moe", "olmoe", "glm4-moe"}
 CI_COMPILED = {("deepseek-v3", "v2"), ("llama4", "v1")}
 
 
@@ -156,6 +159,8 @@ def _runs() -> list[tuple[str, str, bool, bool]]:
                 continue  # CI time: the ring is runner-agnostic (unit test on both widths)
             if name == "qwen3-moe" and not FULL:
                 continue  # CI time: conserved on V1 and V2 by other CI tests (below)
+            if CI_ONE_RUNNER.get(name, runner) != runner and not FULL:
+                continue  # CI time: the full matrix runs both
             for mode, eager in MODES.items():
                 if FULL or (mode == "compiled") == ((name, runner) in CI_COMPILED):
                     out.append((name, runner, eager,
