@@ -286,7 +286,7 @@ def calibrate(*, threads: int = 1, device: str = "cpu", size_mb: int = 512, repe
         f"tokens/expert, bf16 {bf16 / 1e9:.0f} GFLOP/s, overlap {overlap:.2f}")
     del bench
     if engine:
-        from moe_reuse.predictor.specs import JITTER_QUANTILES
+        from moe_reuse.predictor.hardware import JITTER_QUANTILES
 
         from .calibrate_engine import engine_overhead
 

@@ -394,7 +394,7 @@ def load_tail_quantiles(gaps_at_one: list[float], gaps_loaded: list[float]) -> l
     what-if's 32- and 64-client P99 40 to 54% high with 128-token outputs.) Why additive: the
     engine stalls now and then for every running sequence at once (vLLM's own inter-token
     histogram shows it), for a time that does not scale with the step."""
-    from moe_reuse.predictor.specs import JITTER_QUANTILES
+    from moe_reuse.predictor.hardware import JITTER_QUANTILES
 
     if min(len(gaps_at_one), len(gaps_loaded)) < 1000:
         return []
@@ -409,7 +409,7 @@ def load_tail_quantiles(gaps_at_one: list[float], gaps_loaded: list[float]) -> l
 def jitter_ratios(normalised_gaps: list[float]) -> list[float]:
     """The noise quantiles a hardware spec carries (`JITTER_QUANTILES`), 1.0 at the median;
     none from fewer than 1,000 gaps (the 99.9th percentile would be one gap)."""
-    from moe_reuse.predictor.specs import JITTER_QUANTILES
+    from moe_reuse.predictor.hardware import JITTER_QUANTILES
 
     if len(normalised_gaps) < 1000:
         return []

@@ -7,6 +7,7 @@ does no work. See docs/predictor.md for the accounting and the reproduction of t
 
 from .deployment import DEFAULT_ACCOUNTING, PAPER_ACCOUNTING, PROFILES, Accounting, Partition
 from .errors import SpecError
+from .hardware import HardwareSpec
 from .hf_config import model_from_hf_config
 from .loading import (
     hardware_from_dict,
@@ -38,7 +39,7 @@ from .sizes import (
     total_params,
     weight_bytes_breakdown,
 )
-from .specs import HardwareSpec, ModelSpec
+from .specs import ModelSpec
 from .timing import StepTime, step_time
 
 __all__ = [

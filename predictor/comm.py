@@ -9,7 +9,7 @@ a ring is as slow as its slowest hop.
 
 from __future__ import annotations
 
-from .specs import HardwareSpec
+from .hardware import HardwareSpec
 
 
 def link(hw: HardwareSpec, span_gpus: int) -> tuple[float, float]:

@@ -31,8 +31,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import SpecError
+from .hardware import HardwareSpec
 from .sizes import expert_params, weight_bytes_breakdown
-from .specs import HardwareSpec, ModelSpec
+from .specs import ModelSpec
 
 TERMS = ("rank_load", "replica_reads")  # compute-bound: slowest rank's load; bandwidth: reads
 

@@ -130,6 +130,29 @@ def _moe_layer_count(cfg: Mapping[str, Any], num_layers: int, num_experts: int) 
     return num_layers
 
 
+_RECURRENT_MARKS = ("linear", "mamba", "conv", "deltanet", "kda", "recurrent", "ssm")
+
+
+def _recurrent_layers(cfg: Mapping[str, Any], num_layers: int) -> int:
+    """Layers of a hybrid whose token mixer keeps a fixed state instead of a KV cache:
+    `layer_types` / `layers_block_type` entries such as linear_attention (qwen3_next, minimax),
+    mamba (granitemoehybrid, jamba) or conv (lfm2); jamba's attention period; minimax's
+    `attn_type_list` (0 = linear). Unknown entries count as attention, as before."""
+    for key in ("layer_types", "layers_block_type"):
+        types = cfg.get(key)
+        if isinstance(types, Sequence) and not isinstance(types, str) and types:
+            return sum(1 for t in list(types)[:num_layers]
+                       if isinstance(t, str) and any(m in t.lower() for m in _RECURRENT_MARKS))
+    if "attn_layer_period" in cfg:  # jamba: attention where i % period == offset, Mamba elsewhere
+        period = max(1, _int(cfg, "attn_layer_period", default=1))
+        offset = _int(cfg, "attn_layer_offset")
+        return num_layers - sum(1 for i in range(num_layers) if i % period == offset)
+    kinds = cfg.get("attn_type_list")
+    if isinstance(kinds, Sequence) and not isinstance(kinds, str):
+        return sum(1 for k in list(kinds)[:num_layers] if k == 0)
+    return 0
+
+
 def _sliding_layers(cfg: Mapping[str, Any], model_type: str, num_layers: int) -> tuple[int, int]:
     """(window_tokens, layers using it). Chunked attention (llama4) is costed as a window."""
     if cfg.get("use_sliding_window") is False:
@@ -273,6 +296,7 @@ def model_from_hf_config(
         kind = "mha" if kv_heads == heads else "mqa" if kv_heads == 1 else "gqa"
         attention = {"attention_kind": kind, "num_kv_heads": kv_heads, "head_dim": head_dim}
     window, window_layers = _sliding_layers(cfg, model_type, layers)
+    recurrent = _recurrent_layers(cfg, layers)
     weight, expert, kv, act = _dtypes(cfg, weight_dtype, kv_dtype)
     return ModelSpec(
         name=name
@@ -290,6 +314,7 @@ def model_from_hf_config(
         shared_expert_intermediate_size=shared_inter,
         sliding_window_tokens=window,
         num_sliding_window_layers=window_layers,
+        num_recurrent_layers=recurrent,
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         weight_dtype=weight,
         expert_weight_dtype=expert,

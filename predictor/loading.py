@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import SpecError
+from .hardware import HardwareSpec
 from .hf_config import model_from_hf_config
-from .specs import HardwareSpec, ModelSpec
+from .specs import ModelSpec
 
 _PACKAGE = __name__.rpartition(".")[0]  # moe_reuse.predictor, where data/ ships
 

@@ -31,13 +31,14 @@ from dataclasses import asdict, dataclass
 
 from .deployment import DEFAULT_ACCOUNTING, Accounting, Partition
 from .errors import SpecError
+from .hardware import HardwareSpec
 from .sizes import (
     attention_output_width,
     kv_bytes_per_sequence,
     kv_bytes_per_token_per_layer,
     weight_bytes_breakdown,
 )
-from .specs import HardwareSpec, ModelSpec, dtype_bytes
+from .specs import ModelSpec, dtype_bytes
 
 
 @dataclass(frozen=True)
@@ -207,7 +208,7 @@ def kv_bytes_per_token_per_gpu(
     """Cache bytes one context token takes on one GPU, every layer counted (vLLM's page size
     over block size, summed over the rank's layers)."""
     lay = layout(model, hw, p, acc)
-    return kv_bytes_per_token_per_layer(model) * model.num_layers * lay.kv_tp_fraction / (p.pp * p.kvp)
+    return kv_bytes_per_token_per_layer(model) * model.num_kv_layers * lay.kv_tp_fraction / (p.pp * p.kvp)
 
 
 def memory_breakdown(

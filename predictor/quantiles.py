@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .specs import JITTER_QUANTILES
+from .hardware import JITTER_QUANTILES
 
 
 def poisson_quantile(mean: float, q: float) -> int:

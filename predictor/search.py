@@ -13,9 +13,10 @@ from typing import Any
 
 from .deployment import DEFAULT_ACCOUNTING, Accounting, Partition
 from .errors import SpecError
+from .hardware import HardwareSpec
 from .memory import MemoryBreakdown, memory_breakdown
 from .quality import DEFAULT_Q, dense_twin, qs_verdict
-from .specs import HardwareSpec, ModelSpec
+from .specs import ModelSpec
 from .timing import StepTime, step_time
 
 

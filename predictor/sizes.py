@@ -169,7 +169,7 @@ def kv_bytes_per_token(model: ModelSpec, context_tokens: int | None = None) -> f
     """
     per_layer = kv_bytes_per_token_per_layer(model)
     if context_tokens is None or context_tokens <= 0:
-        return per_layer * model.num_layers
+        return per_layer * model.num_kv_layers
     return kv_bytes_per_sequence(model, context_tokens) / context_tokens
 
 
@@ -177,16 +177,17 @@ def kv_bytes_per_sequence(model: ModelSpec, context_tokens: float) -> float:
     """Cache bytes of one sequence holding `context_tokens` tokens."""
     per_layer = kv_bytes_per_token_per_layer(model)
     swa = model.num_sliding_window_layers
-    full = model.num_layers - swa
+    full = model.num_kv_layers - swa
     window = min(context_tokens, model.sliding_window_tokens) if swa else 0.0
     return per_layer * (full * context_tokens + swa * window)
 
 
 def attended_tokens_per_layer(model: ModelSpec, context_tokens: float) -> float:
-    """Context positions one new token attends to, averaged over layers."""
+    """Context positions one new token attends to, averaged over layers (a recurrent layer
+    attends to none: its per-token work does not grow with the context)."""
     swa = model.num_sliding_window_layers
     window = min(context_tokens, model.sliding_window_tokens) if swa else 0.0
-    return ((model.num_layers - swa) * context_tokens + swa * window) / model.num_layers
+    return ((model.num_kv_layers - swa) * context_tokens + swa * window) / model.num_layers
 
 
 def attention_core_flops_per_token_per_position(model: ModelSpec) -> float:

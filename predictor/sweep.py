@@ -13,8 +13,9 @@ from typing import Any
 
 from .deployment import DEFAULT_ACCOUNTING, Accounting
 from .errors import SpecError
+from .hardware import HardwareSpec
 from .search import CaseResult, evaluate_case
-from .specs import HardwareSpec, ModelSpec
+from .specs import ModelSpec
 
 DEFAULT_CONTEXTS = tuple(1024 * 2**i for i in range(15))  # 1k .. 16M tokens
 DEFAULT_GPU_COUNTS = (8, 16, 32, 64, 128, 256)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from . import comm
 from .deployment import DEFAULT_ACCOUNTING, Accounting, Partition
 from .errors import SpecError
+from .hardware import HardwareSpec
 from .memory import layout
 from .reuse import expected_distinct_experts, reuse_from_counts
 from .sizes import (
@@ -38,7 +39,7 @@ from .sizes import (
     shared_params_per_moe_layer,
     weight_bytes_breakdown,
 )
-from .specs import HardwareSpec, ModelSpec, dtype_bytes
+from .specs import ModelSpec, dtype_bytes
 
 COMPUTE_PARTS = ("projections", "attention", "dense_ffn", "shared_ffn", "routed_ffn", "lm_head")
 HBM_PARTS = ("projections", "kv", "dense_ffn", "shared_ffn", "routed_ffn", "lm_head")

@@ -43,12 +43,13 @@ from dataclasses import dataclass, field, replace
 from .closed_loop import demand_from_loop, solve, wait_quantile
 from .deployment import DEFAULT_ACCOUNTING, Accounting, Partition
 from .errors import SpecError
+from .hardware import HardwareSpec
 from .memory import layout, memory_breakdown
 from .quality import DEFAULT_Q, dense_twin
 from .quantiles import load_tail, mix_quantile, poisson_quantile
 from .reuse import RoutingCurve
 from .search import search_partitions
-from .specs import HardwareSpec, ModelSpec
+from .specs import ModelSpec
 from .timing import step_time
 
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192

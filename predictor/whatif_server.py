@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from .deployment import DEFAULT_ACCOUNTING, Accounting, Partition
+from .hardware import HardwareSpec
 from .memory import memory_breakdown
 from .quality import DEFAULT_Q, dense_twin
 from .reuse import RoutingCurve
-from .specs import HardwareSpec, ModelSpec
+from .specs import ModelSpec
 from .whatif import Deployment, WhatIfResult, Workload, whatif
 
 

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import pytest
 
-from moe_reuse.predictor import SpecError, model_from_hf_config, total_params
+from moe_reuse.predictor import (
+    Partition,
+    SpecError,
+    load_hardware_preset,
+    memory_breakdown,
+    model_from_hf_config,
+    step_time,
+    total_params,
+)
 from moe_reuse.predictor.sizes import active_params
 
 ERNIE_21B = {  # baidu/ERNIE-4.5-21B-A3B-PT: 21B total, 3B active
@@ -90,3 +98,47 @@ def test_each_familys_moe_layer_rule(extra, moe_layers, shared):
 def test_bad_family_keys_name_the_field(extra, field):
     with pytest.raises(SpecError, match=f"config.json {field}"):
         model_from_hf_config({**BASE, **extra})
+
+
+QWEN3_NEXT = {  # Qwen/Qwen3-Next-80B-A3B-Instruct: 80B total, 3B active; 3 of 4 layers linear
+    "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "hidden_size": 2048,
+    "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+    "vocab_size": 151936, "intermediate_size": 5120, "num_experts": 512,
+    "num_experts_per_tok": 10, "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512, "decoder_sparse_step": 1, "mlp_only_layers": [],
+    "full_attention_interval": 4,
+    "layer_types": ["linear_attention"] * 3 + ["full_attention"] + ["linear_attention"] * 3
+    + ["full_attention"] + (["linear_attention"] * 3 + ["full_attention"]) * 10,
+    "torch_dtype": "bfloat16",
+}
+
+
+def test_a_hybrids_recurrent_layers_hold_no_kv_cache():
+    """Qwen3-Next caches K and V in its 12 full-attention layers only: 12 x (K + V) x 2 heads x
+    256 x 2 bytes = 24,576 bytes per token, a quarter of what 48 attention layers would hold."""
+    from moe_reuse.predictor import kv_bytes_per_token
+
+    m = model_from_hf_config(QWEN3_NEXT)
+    assert (m.num_recurrent_layers, m.num_kv_layers, m.num_moe_layers) == (36, 12, 48)
+    per_token = 12 * 2 * 2 * 256 * 2
+    assert kv_bytes_per_token(m) == per_token
+    assert total_params(m) / 1e9 == pytest.approx(80.0, rel=0.05)
+    hw = load_hardware_preset("h200")
+    assert memory_breakdown(m, hw, Partition(), 4096).kv_bytes_per_token == per_token
+    assert step_time(m, hw, Partition(), 1, 1000).hbm_bytes["kv"] == per_token * 1000
+
+
+@pytest.mark.parametrize(("extra", "recurrent"), [
+    ({"attn_layer_period": 4, "attn_layer_offset": 1}, 6),  # jamba: attention at 1 and 5
+    ({"layers_block_type": ["mamba"] * 6 + ["attention"] * 2}, 6),  # granite hybrid, older key
+    ({"layer_types": ["conv", "conv", "full_attention", "conv"] * 2}, 6),  # lfm2
+    ({"attn_type_list": [0, 1] * 4}, 4),  # minimax: 0 = lightning (linear) attention
+    ({"layer_types": ["sliding_attention", "full_attention"] * 4, "sliding_window": 64}, 0),
+])
+def test_recurrent_layers_by_family(extra, recurrent):
+    assert model_from_hf_config({**BASE, **extra}).num_recurrent_layers == recurrent
+
+
+def test_a_model_without_an_attention_layer_is_refused_by_name():
+    with pytest.raises(SpecError, match="num_recurrent_layers: 8 of 8 layers leave no attention"):
+        model_from_hf_config({**BASE, "layer_types": ["mamba"] * 8})

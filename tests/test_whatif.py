@@ -281,8 +281,8 @@ def test_calibrate_turns_a_loaded_runs_gaps_into_the_load_tail():
     additive tail, zero up to the median, non-decreasing; none from fewer than 1,000 gaps.
     The what-if, given the noise and this tail, gives back the loaded run's quantiles."""
     from moe_reuse.plugin.calibrate_engine import jitter_ratios, load_tail_quantiles
+    from moe_reuse.predictor.hardware import JITTER_QUANTILES
     from moe_reuse.predictor.quantiles import load_tail, mix_quantile
-    from moe_reuse.predictor.specs import JITTER_QUANTILES
 
     one = [2e-3] * 985 + [3e-3] * 15  # P99 1.5 x the median
     loaded = [4e-3] * 970 + [12e-3] * 30  # 3% of the gaps stalled 8 ms
