@@ -30,6 +30,15 @@ def attention_params_per_layer(model: ModelSpec) -> int:
     return h * n * d + 2 * h * model.num_kv_heads * d + n * d * h
 
 
+def mixer_params_per_layer(model: ModelSpec) -> float:
+    """Token-mixer weights per layer, averaged over the layers: attention on the KV layers plus
+    the recurrent mixers' own weights where the spec gives them (else attention-sized)."""
+    attention = attention_params_per_layer(model)
+    if not model.recurrent_mixer_params:
+        return float(attention)
+    return (model.num_kv_layers * attention + model.recurrent_mixer_params) / model.num_layers
+
+
 def expert_params(model: ModelSpec) -> int:
     """Parameters of one routed expert."""
     return (
@@ -63,9 +72,9 @@ def lm_head_params(model: ModelSpec) -> int:
 
 
 def non_ffn_params(model: ModelSpec) -> int:
-    """Attention and embeddings: what a dense twin keeps unchanged."""
+    """Token mixers and embeddings: what a dense twin keeps unchanged."""
     return (
-        model.num_layers * attention_params_per_layer(model)
+        round(model.num_layers * mixer_params_per_layer(model))
         + embedding_params(model)
         + lm_head_params(model)
     )
@@ -123,7 +132,7 @@ def weight_bytes_breakdown(model: ModelSpec) -> WeightBytes:
     shared = shared_params_per_moe_layer(model) * w
     router = router_params_per_moe_layer(model) * w
     dense = dense_ffn_params_per_layer(model) * w
-    attn = attention_params_per_layer(model) * w
+    attn = mixer_params_per_layer(model) * w
     emb = embedding_params(model) * w
     head = lm_head_params(model) * w
     routed_t = routed * model.num_experts * model.num_moe_layers

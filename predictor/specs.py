@@ -130,6 +130,9 @@ class ModelSpec:
     # hybrids: layers whose token mixer is recurrent (Mamba, linear attention, short convolution)
     # keep a fixed state per sequence and no per-token KV cache
     num_recurrent_layers: int = 0
+    # the weights of all mixers without a KV cache together, where the config gives their shape
+    # (Mamba2); 0 costs each recurrent layer's mixer as an attention layer
+    recurrent_mixer_params: int = 0
     tie_word_embeddings: bool = False
     weight_dtype: str = "bf16"
     expert_weight_dtype: str = ""
@@ -165,6 +168,7 @@ class ModelSpec:
             "sliding_window_tokens",
             "num_sliding_window_layers",
             "num_recurrent_layers",
+            "recurrent_mixer_params",
             "max_context_tokens",
         ):
             check_int(self, name, 0)

@@ -31,10 +31,10 @@ from .sizes import (
     attended_tokens_per_layer,
     attention_core_flops_per_token_per_position,
     attention_output_width,
-    attention_params_per_layer,
     dense_ffn_params_per_layer,
     expert_params,
     kv_bytes_per_sequence,
+    mixer_params_per_layer,
     router_params_per_moe_layer,
     shared_params_per_moe_layer,
     weight_bytes_breakdown,
@@ -175,7 +175,7 @@ def step_time(
     act = dtype_bytes(model.activation_dtype)
 
     # FLOPs per GPU per stage pass.
-    fl_proj = 2.0 * micro * layers * attention_params_per_layer(model) / p.tp
+    fl_proj = 2.0 * micro * layers * mixer_params_per_layer(model) / p.tp
     attended = attended_tokens_per_layer(model, context_tokens)
     fl_attn = (
         micro

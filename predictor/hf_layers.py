@@ -1,0 +1,231 @@
+"""Layer rules of Hugging Face configs: which layers are MoE, recurrent or windowed.
+
+Each family's rule is the one vLLM's model file applies (see `hf_config`, which builds the
+ModelSpec from these counts). The key readers here name the config key in every error.
+Pure: no file access.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .errors import SpecError
+
+SOURCE = "config.json"
+
+
+def get_key(cfg: Mapping[str, Any], *keys: str) -> Any:
+    """The first key present with a non-null value."""
+    for key in keys:
+        value = cfg.get(key)
+        if value is not None:
+            return value
+    return None
+
+
+def int_key(cfg: Mapping[str, Any], *keys: str, required: bool = False, default: int = 0) -> int:
+    value = get_key(cfg, *keys)
+    if value is None:
+        if required:
+            raise SpecError(
+                f"{SOURCE} {keys[0]}", "is missing", "the predictor needs it to size the model"
+            )
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise SpecError(f"{SOURCE} {keys[0]}", f"must be an integer, got {value!r}")
+    return value
+
+
+def layer_list(cfg: Mapping[str, Any], key: str) -> Sequence[Any] | None:
+    value = cfg.get(key)
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise SpecError(f"{SOURCE} {key}", f"must be a list with one entry per layer, got {value!r}")
+    return value
+
+
+def first_int(cfg: Mapping[str, Any], *keys: str) -> int:
+    """An integer key that some families give per layer (hunyuan's moe_topk, num_experts): the
+    first entry of such a list (vLLM builds every MoE layer alike)."""
+    key = next((k for k in keys if cfg.get(k) is not None), None)
+    if key is None:
+        return 0
+    value = cfg[key]
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if not value:
+            raise SpecError(f"{SOURCE} {key}", "is an empty list")
+        return int_key({key: value[0]}, key)
+    return int_key(cfg, key)
+
+
+def moe_layer_count(cfg: Mapping[str, Any], num_layers: int, num_experts: int) -> int:
+    """MoE layers by the rule vLLM's model file applies for the family that sets these keys."""
+    if num_experts <= 0:
+        return 0
+    kinds = layer_list(cfg, "mlp_layer_types")  # exaone_moe: "sparse" / "dense" per layer
+    if kinds is not None:
+        return sum(1 for t in kinds[:num_layers] if t == "sparse")
+    per_layer = layer_list(cfg, "layers_num_experts")  # jamba (vLLM reads this list)
+    if per_layer is not None:
+        return sum(1 for n in per_layer[:num_layers] if isinstance(n, int) and n > 1)
+    if "expert_layer_period" in cfg:  # jamba: what layers_num_experts is derived from
+        period = max(1, int_key(cfg, "expert_layer_period", default=1))
+        offset = int_key(cfg, "expert_layer_offset")
+        return sum(1 for i in range(num_layers) if i % period == offset)
+    if "moe_layer_start_index" in cfg or "moe_layer_interval" in cfg:  # ernie4_5_moe
+        start = int_key(cfg, "moe_layer_start_index")
+        end = int_key(cfg, "moe_layer_end_index", default=num_layers - 1)
+        if end < 0:
+            end = num_layers - 1
+        step = max(1, int_key(cfg, "moe_layer_interval", default=1))
+        return sum(1 for i in range(num_layers) if start <= i <= end and (i + 1) % step == 0)
+    if isinstance(cfg.get("moe_layers_enum"), str):  # step3: "3,4,5,..."
+        try:
+            ids = {int(i) for i in cfg["moe_layers_enum"].split(",") if i.strip()}
+        except ValueError:
+            raise SpecError(f"{SOURCE} moe_layers_enum", "must list layer indices separated by commas") from None
+        return len({i for i in ids if 0 <= i < num_layers})
+    if "num_dense_layers" in cfg:  # afmoe, lfm2_moe: the first num_dense_layers are dense
+        return max(num_layers - int_key(cfg, "num_dense_layers"), 0)
+    if "first_k_dense_replace" in cfg or "moe_layer_freq" in cfg:  # deepseek_v2 / v3
+        first = int_key(cfg, "first_k_dense_replace")
+        freq = max(1, int_key(cfg, "moe_layer_freq", default=1))
+        return sum(1 for i in range(num_layers) if i >= first and i % freq == 0)
+    if cfg.get("moe_layers") is not None:  # llama4 explicit list
+        layers = cfg["moe_layers"]
+        if not isinstance(layers, Sequence):
+            raise SpecError(f"{SOURCE} moe_layers", "must be a list of layer indices")
+        return len({int(i) for i in layers if 0 <= int(i) < num_layers})
+    if "interleave_moe_layer_step" in cfg:  # llama4
+        step = max(1, int_key(cfg, "interleave_moe_layer_step", default=1))
+        return len(range(step - 1, num_layers, step))
+    if "decoder_sparse_step" in cfg or "mlp_only_layers" in cfg:  # qwen2_moe / qwen3_moe
+        step = max(1, int_key(cfg, "decoder_sparse_step", default=1))
+        dense_only = set(cfg.get("mlp_only_layers") or [])
+        return sum(1 for i in range(num_layers) if i not in dense_only and (i + 1) % step == 0)
+    return num_layers
+
+
+BLOCK_KINDS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+
+
+def blocks_of(cfg: Mapping[str, Any]) -> Counter[str] | None:
+    """Block counts of a hybrid whose every layer is ONE block (nemotron_h): a Mamba mixer,
+    attention, a dense MLP or an MoE, from `hybrid_override_pattern` (vLLM builds one layer per
+    character) or from a `layers_block_type` list that names FFN blocks ("moe", "mlp"). None
+    for the usual layer of mixer + FFN (granitemoehybrid's list names only mixers)."""
+    pattern = cfg.get("hybrid_override_pattern")
+    if pattern is not None:
+        if not isinstance(pattern, str) or not pattern:
+            raise SpecError(f"{SOURCE} hybrid_override_pattern",
+                            f"must be a non-empty string, got {pattern!r}")
+        bad = sorted(set(pattern) - set(BLOCK_KINDS))
+        if bad:
+            raise SpecError(f"{SOURCE} hybrid_override_pattern", f"has unknown blocks {bad}",
+                            "use M (Mamba), * (attention), - (MLP) and E (MoE), as vLLM does")
+        return Counter(BLOCK_KINDS[c] for c in pattern)
+    types = cfg.get("layers_block_type")
+    if not isinstance(types, Sequence) or isinstance(types, str):
+        return None
+    kinds = [str(t).lower() for t in types]
+    if not any(k in ("moe", "mlp") for k in kinds):
+        return None
+    bad = sorted(set(kinds) - set(BLOCK_KINDS.values()))
+    if bad:
+        raise SpecError(f"{SOURCE} layers_block_type", f"has unknown blocks {bad}",
+                        "use mamba, attention, mlp and moe")
+    return Counter(kinds)
+
+
+def block_layers(blocks: Counter[str], has_experts: bool) -> tuple[int, int, int]:
+    """(layers, MoE layers, recurrent layers) of a one-block-per-layer hybrid, as the cost model's
+    layers of mixer + FFN: one layer per FFN block (MLP or MoE), of which as many hold a KV cache
+    as there are attention blocks. Exact for the FFN weights and the KV cache; the Mamba blocks'
+    weights join as `recurrent_mixer_params`."""
+    ffn = blocks["moe"] + blocks["mlp"]
+    attention = blocks["attention"]
+    field = f"{SOURCE} hybrid_override_pattern"
+    if not attention:
+        raise SpecError(field, "has no attention block (*)",
+                        "the cost model sizes a KV cache: the model needs one attention layer")
+    if attention > ffn:
+        raise SpecError(field, f"has {attention} attention blocks but {ffn} FFN blocks (-, E)",
+                        "the cost model pairs every attention layer with an FFN")
+    return ffn, blocks["moe"] if has_experts else 0, ffn - attention
+
+
+def shape_int(cfg: Mapping[str, Any], *keys: str) -> int:
+    """A shape key read leniently: 0 where absent or not an integer ("auto")."""
+    value = get_key(cfg, *keys)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def mamba2_params(cfg: Mapping[str, Any], hidden: int) -> int:
+    """Weights of one Mamba2 mixer (nemotron_h, granitemoehybrid spellings), as vLLM's
+    MambaMixer2 holds them: in_proj to z, xBC and dt; the depthwise conv; A, D, dt_bias; the
+    gated norm; out_proj. 0 (the mixer is then costed as attention) where the config does not
+    give the shape: a better estimate, never a reason to refuse the model."""
+    heads = shape_int(cfg, "mamba_num_heads", "mamba_n_heads")
+    state = shape_int(cfg, "ssm_state_size", "mamba_d_state")
+    head_dim = shape_int(cfg, "mamba_head_dim", "mamba_d_head")
+    inner = heads * head_dim or shape_int(cfg, "mamba_expand", "expand") * hidden
+    if not (heads and state and inner):
+        return 0
+    conv_dim = inner + 2 * (shape_int(cfg, "n_groups", "mamba_n_groups") or 1) * state
+    kernel = shape_int(cfg, "conv_kernel", "mamba_d_conv") or 4
+    conv_bias = conv_dim if cfg.get("use_conv_bias", cfg.get("mamba_conv_bias", True)) else 0
+    return (hidden * (inner + conv_dim + heads) + conv_dim * kernel + conv_bias
+            + 3 * heads + inner + inner * hidden)
+
+
+RECURRENT_MARKS = ("linear", "mamba", "conv", "deltanet", "kda", "recurrent", "ssm")
+
+
+def recurrent_layers(cfg: Mapping[str, Any], num_layers: int) -> int:
+    """Layers of a hybrid whose token mixer keeps a fixed state instead of a KV cache:
+    `layer_types` / `layers_block_type` entries such as linear_attention (qwen3_next, minimax),
+    mamba (granitemoehybrid, jamba) or conv (lfm2); jamba's attention period; minimax's
+    `attn_type_list` (0 = linear). Unknown entries count as attention, as before."""
+    for key in ("layer_types", "layers_block_type"):
+        types = cfg.get(key)
+        if isinstance(types, Sequence) and not isinstance(types, str) and types:
+            return sum(1 for t in list(types)[:num_layers]
+                       if isinstance(t, str) and any(m in t.lower() for m in RECURRENT_MARKS))
+    if "attn_layer_period" in cfg:  # jamba: attention where i % period == offset, Mamba elsewhere
+        period = max(1, int_key(cfg, "attn_layer_period", default=1))
+        offset = int_key(cfg, "attn_layer_offset")
+        return num_layers - sum(1 for i in range(num_layers) if i % period == offset)
+    kinds = cfg.get("attn_type_list")
+    if isinstance(kinds, Sequence) and not isinstance(kinds, str):
+        return sum(1 for k in list(kinds)[:num_layers] if k == 0)
+    return 0
+
+
+def sliding_layers(cfg: Mapping[str, Any], model_type: str, num_layers: int) -> tuple[int, int]:
+    """(window_tokens, layers using it). Chunked attention (llama4) is costed as a window."""
+    if cfg.get("use_sliding_window") is False:
+        return 0, 0
+    layer_types = cfg.get("layer_types")
+    if isinstance(layer_types, Sequence) and not isinstance(layer_types, str) and layer_types:
+        sliding = sum(1 for t in layer_types if t == "sliding_attention")
+        chunked = sum(1 for t in layer_types if t == "chunked_attention")
+        if sliding and get_key(cfg, "sliding_window"):
+            return int(cfg["sliding_window"]), sliding
+        if chunked and get_key(cfg, "attention_chunk_size"):
+            return int(cfg["attention_chunk_size"]), chunked
+        return 0, 0
+    if model_type == "gpt_oss" and get_key(cfg, "sliding_window"):
+        return int(cfg["sliding_window"]), (num_layers + 1) // 2
+    if model_type == "llama4_text" and get_key(cfg, "attention_chunk_size"):
+        interval = max(1, int_key(cfg, "no_rope_layer_interval", default=4))
+        return int(cfg["attention_chunk_size"]), num_layers - num_layers // interval
+    if model_type in ("mistral", "mixtral") and get_key(cfg, "sliding_window"):
+        return int(cfg["sliding_window"]), num_layers
+    if cfg.get("use_sliding_window") is True and get_key(cfg, "sliding_window"):
+        # qwen2: layers from max_window_layers on use the window.
+        count = max(0, num_layers - int_key(cfg, "max_window_layers", default=0))
+        return (int(cfg["sliding_window"]), count) if count else (0, 0)
+    return 0, 0

@@ -1,0 +1,121 @@
+"""Hybrid MoEs with Mamba2 mixers: Nemotron-H's one block per layer, Granite-4.0-H's mixer + MoE.
+
+Nemotron-3 Nano's config.json has 52 "layers", but vLLM builds one block per character of
+`hybrid_override_pattern` (nemotron_h.py: M Mamba, * attention, - MLP, E MoE): 23 MoE blocks,
+6 attention blocks, 23 Mamba blocks. Read as 52 layers of attention + MoE, the spec had 2.3x the
+MoE layers and 8.7x the KV cache. Granite-4.0-H's 36 Mamba2 mixers hold 3.7B weights; costed as
+attention layers they were 1.5B, so its active weights (what a decode step reads) were 25% low.
+Expected values come from the model cards and from the configs by hand; none from the predictor.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_reuse.predictor import (
+    Partition,
+    SpecError,
+    kv_bytes_per_token,
+    load_hardware_preset,
+    memory_breakdown,
+    model_from_hf_config,
+    step_time,
+    total_params,
+)
+from moe_reuse.predictor.sizes import active_params, expert_params
+
+PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
+NEMOTRON_NANO = {  # nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16: 31.6B total, 3.6B active
+    "architectures": ["NemotronHForCausalLM"], "model_type": "nemotron_h", "vocab_size": 131072,
+    "hidden_size": 2688, "intermediate_size": 1856, "num_hidden_layers": 52,
+    "hybrid_override_pattern": PATTERN, "num_attention_heads": 32, "num_key_value_heads": 2,
+    "head_dim": 128, "mamba_num_heads": 64, "mamba_head_dim": 64, "ssm_state_size": 128,
+    "n_groups": 8, "conv_kernel": 4, "expand": 2, "n_routed_experts": 128, "n_shared_experts": 1,
+    "num_experts_per_tok": 6, "moe_intermediate_size": 1856,
+    "moe_shared_expert_intermediate_size": 3712, "mlp_hidden_act": "relu2",
+    "max_position_embeddings": 262144, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+}
+# the same model with its blocks named in a list (transformers' newer spelling)
+_NAMES = {"M": "mamba", "E": "moe", "*": "attention", "-": "mlp"}
+NEMOTRON_LIST = {k: v for k, v in NEMOTRON_NANO.items() if k != "hybrid_override_pattern"} | {
+    "layers_block_type": [_NAMES[c] for c in PATTERN]}
+GRANITE_H_SMALL = {  # ibm-granite/granite-4.0-h-small: 32B total, 9B active
+    "architectures": ["GraniteMoeHybridForCausalLM"], "model_type": "granitemoehybrid",
+    "hidden_size": 4096, "num_hidden_layers": 40, "num_attention_heads": 32,
+    "num_key_value_heads": 8, "vocab_size": 100352, "num_local_experts": 72,
+    "num_experts_per_tok": 10, "intermediate_size": 768, "shared_intermediate_size": 1536,
+    "layer_types": (["mamba"] * 9 + ["attention"]) * 4, "mamba_n_heads": 128,
+    "mamba_d_head": 64, "mamba_d_state": 128, "mamba_n_groups": 1, "mamba_d_conv": 4,
+    "mamba_expand": 2, "mamba_conv_bias": True, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+}
+
+# One Mamba2 mixer of Nemotron-3 Nano by hand (vLLM's MambaMixer2): in_proj 2688 x (4096 z +
+# 6144 xBC + 64 dt), conv 6144 x 4 + bias 6144, A/D/dt_bias 3 x 64, norm 4096, out_proj 4096 x 2688
+NANO_MAMBA = 2688 * (4096 + 6144 + 64) + 6144 * 4 + 6144 + 3 * 64 + 4096 + 4096 * 2688
+NANO_ATTENTION = 2688 * 32 * 128 + 2 * 2688 * 2 * 128 + 32 * 128 * 2688  # q, k, v, o
+
+
+@pytest.mark.parametrize("config", [NEMOTRON_NANO, NEMOTRON_LIST], ids=["pattern", "list"])
+def test_nemotron_h_blocks_are_counted_as_vllm_builds_them(config):
+    m = model_from_hf_config(config)
+    # one cost-model layer per FFN block (23 E), 6 of them with a KV cache
+    assert (m.num_layers, m.num_moe_layers, m.num_kv_layers) == (23, 23, 6)
+    assert (m.num_experts, m.experts_per_token, m.num_shared_experts) == (128, 6, 1)
+    assert not m.gated_ffn  # relu2: up and down projections only
+    assert expert_params(m) == 2 * 2688 * 1856
+    assert kv_bytes_per_token(m) == 6 * 2 * 2 * 128 * 2  # 6 layers x (K + V) x 2 heads x 128 x bf16
+    assert total_params(m) / 1e9 == pytest.approx(31.6, rel=0.01)
+    assert active_params(m) / 1e9 == pytest.approx(3.6, rel=0.03)
+
+
+def test_every_mixers_weights_are_read_each_step():
+    """A decode step reads every mixer's weights once: 6 attention and 23 Mamba2 blocks."""
+    m = model_from_hf_config(NEMOTRON_NANO)
+    hw = load_hardware_preset("h200")
+    step = step_time(m, hw, Partition(), 1, 1000)
+    assert step.hbm_bytes["projections"] == pytest.approx(
+        2 * (6 * NANO_ATTENTION + 23 * NANO_MAMBA), rel=1e-9)
+    assert step.hbm_bytes["kv"] == 6144 * 1000
+    assert memory_breakdown(m, hw, Partition(), 4096).kv_bytes_per_token == 6144
+
+
+def test_granite_hybrid_mamba_mixers_match_the_model_card():
+    m = model_from_hf_config(GRANITE_H_SMALL)
+    assert (m.num_layers, m.num_moe_layers, m.num_recurrent_layers) == (40, 40, 36)
+    assert total_params(m) / 1e9 == pytest.approx(32.0, rel=0.03)
+    assert active_params(m) / 1e9 == pytest.approx(9.0, rel=0.05)
+
+
+def test_mixer_shape_keys_that_are_not_numbers_fall_back_to_attention_sized_mixers():
+    """transformers writes mamba_d_head "auto"; the inner width then comes from mamba_expand.
+    Without any Mamba shape the mixers are costed as attention layers, never refused."""
+    auto = model_from_hf_config({**GRANITE_H_SMALL, "mamba_d_head": "auto"})
+    assert auto.recurrent_mixer_params == model_from_hf_config(GRANITE_H_SMALL).recurrent_mixer_params
+    bare = {k: v for k, v in GRANITE_H_SMALL.items() if not k.startswith("mamba_")}
+    assert model_from_hf_config(bare).recurrent_mixer_params == 0
+
+
+def test_latent_moe_experts_are_sized_at_the_latent_width():
+    """nemotron_h's latent MoE (moe_latent_size): routed experts multiply at the latent width,
+    so each holds 2 x latent x moe_intermediate_size weights, not 2 x hidden x ..."""
+    m = model_from_hf_config({**NEMOTRON_NANO, "moe_latent_size": 1024})
+    assert expert_params(m) == pytest.approx(2 * 1024 * 1856, rel=1e-3)
+
+
+@pytest.mark.parametrize(("pattern", "match"), [
+    ("MEMEX", r"hybrid_override_pattern: has unknown blocks \['X'\]"),
+    ("MEMEME", "hybrid_override_pattern: has no attention block"),
+    ("M*E**", "hybrid_override_pattern: has 3 attention blocks but 1 FFN blocks"),
+    ("", "hybrid_override_pattern: must be a non-empty string"),
+])
+def test_bad_patterns_name_the_key(pattern, match):
+    with pytest.raises(SpecError, match=match):
+        model_from_hf_config({**NEMOTRON_NANO, "hybrid_override_pattern": pattern})
+
+
+def test_a_plain_layer_list_of_mixers_is_not_read_as_blocks():
+    """Granite's older `layers_block_type` names only mixers: every layer still has its MoE."""
+    cfg = {k: v for k, v in GRANITE_H_SMALL.items() if k != "layer_types"}
+    m = model_from_hf_config({**cfg, "layers_block_type": GRANITE_H_SMALL["layer_types"]})
+    assert (m.num_layers, m.num_moe_layers, m.num_recurrent_layers) == (40, 40, 36)
