@@ -26,9 +26,9 @@ from .hf_layers import (
     first_int,
     get_key,
     int_key,
-    mamba2_params,
     moe_layer_count,
     recurrent_layers,
+    recurrent_mixer_params,
     sliding_layers,
 )
 from .specs import ModelSpec, normalize_dtype
@@ -119,10 +119,10 @@ def model_from_hf_config(
     moe_layers = moe_layer_count(cfg, layers, experts)
     blocks = blocks_of(cfg)
     recurrent = recurrent_layers(cfg, layers)
-    mixers = recurrent * mamba2_params(cfg, hidden)
+    mixers = recurrent * recurrent_mixer_params(cfg, hidden)
     if blocks is not None:
         layers, moe_layers, recurrent = block_layers(blocks, experts > 0)
-        mixers = blocks["mamba"] * mamba2_params(cfg, hidden)
+        mixers = blocks["mamba"] * recurrent_mixer_params(cfg, hidden)
     is_llama4 = model_type.startswith("llama4")
     if experts:
         moe_inter = first_int(cfg, "moe_intermediate_size", "intermediate_size")

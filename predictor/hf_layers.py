@@ -181,6 +181,28 @@ def mamba2_params(cfg: Mapping[str, Any], hidden: int) -> int:
             + 3 * heads + inner + inner * hidden)
 
 
+def gated_deltanet_params(cfg: Mapping[str, Any], hidden: int) -> int:
+    """Weights of one Gated DeltaNet mixer (qwen3_next, qwen3_5_moe linear attention), as vLLM's
+    GDN layer holds them: in_proj_qkvz (q, k of key_dim, v, z of value_dim), in_proj_ba (b, a
+    per value head), the depthwise conv over q, k, v, dt_bias and A_log, the gated norm, out_proj.
+    0 where the config does not give the shape."""
+    k_heads = shape_int(cfg, "linear_num_key_heads")
+    v_heads = shape_int(cfg, "linear_num_value_heads")
+    k_dim = shape_int(cfg, "linear_key_head_dim")
+    v_dim = shape_int(cfg, "linear_value_head_dim")
+    if not (k_heads and v_heads and k_dim and v_dim):
+        return 0
+    key, value = k_heads * k_dim, v_heads * v_dim
+    kernel = shape_int(cfg, "linear_conv_kernel_dim") or 4
+    return (hidden * (2 * key + 2 * value) + hidden * 2 * v_heads + (2 * key + value) * kernel
+            + 2 * v_heads + v_dim + value * hidden)
+
+
+def recurrent_mixer_params(cfg: Mapping[str, Any], hidden: int) -> int:
+    """One recurrent mixer's weights by the shape keys its family gives; 0 if none."""
+    return mamba2_params(cfg, hidden) or gated_deltanet_params(cfg, hidden)
+
+
 RECURRENT_MARKS = ("linear", "mamba", "conv", "deltanet", "kda", "recurrent", "ssm")
 
 

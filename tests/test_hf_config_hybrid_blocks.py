@@ -119,3 +119,26 @@ def test_a_plain_layer_list_of_mixers_is_not_read_as_blocks():
     cfg = {k: v for k, v in GRANITE_H_SMALL.items() if k != "layer_types"}
     m = model_from_hf_config({**cfg, "layers_block_type": GRANITE_H_SMALL["layer_types"]})
     assert (m.num_layers, m.num_moe_layers, m.num_recurrent_layers) == (40, 40, 36)
+
+
+QWEN3_NEXT_GDN = {  # Qwen/Qwen3-Next-80B-A3B-Instruct with its Gated DeltaNet shape keys
+    "architectures": ["Qwen3NextForCausalLM"], "model_type": "qwen3_next", "hidden_size": 2048,
+    "num_hidden_layers": 48, "num_attention_heads": 16, "num_key_value_heads": 2, "head_dim": 256,
+    "vocab_size": 151936, "intermediate_size": 5120, "num_experts": 512,
+    "num_experts_per_tok": 10, "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512, "decoder_sparse_step": 1, "mlp_only_layers": [],
+    "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 12,
+    "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "torch_dtype": "bfloat16",
+}
+# One Gated DeltaNet mixer by hand (vLLM's GDN layer; key 16 x 128 = 2048, value 32 x 128 = 4096):
+# in_proj_qkvz 2048 x (2 x 2048 + 2 x 4096), in_proj_ba 2048 x 2 x 32, conv (2 x 2048 + 4096) x 4,
+# dt_bias and A_log 2 x 32, norm 128, out_proj 4096 x 2048
+QWEN3_NEXT_GDN_PARAMS = (2048 * 12288 + 2048 * 64 + 8192 * 4 + 64 + 128 + 4096 * 2048)
+
+
+def test_gated_deltanet_mixers_are_costed_by_their_weights():
+    m = model_from_hf_config(QWEN3_NEXT_GDN)
+    assert (m.num_recurrent_layers, m.num_kv_layers) == (36, 12)
+    assert m.recurrent_mixer_params == 36 * QWEN3_NEXT_GDN_PARAMS
+    assert total_params(m) / 1e9 == pytest.approx(80.0, rel=0.02)
