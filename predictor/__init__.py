@@ -40,7 +40,7 @@ from .sizes import (
     weight_bytes_breakdown,
 )
 from .specs import ModelSpec
-from .timing import StepTime, step_time
+from .timing import StepTime, stage_pass, step_time
 
 __all__ = [
     "DEFAULT_ACCOUNTING",
@@ -86,6 +86,7 @@ __all__ = [
     "reuse_uniform",
     "search_partitions",
     "sparsity",
+    "stage_pass",
     "step_time",
     "tokens_per_expert_uniform",
     "total_params",

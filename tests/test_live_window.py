@@ -216,6 +216,24 @@ def test_dp_attention_with_ep_frees_only_each_gpus_share_of_the_experts() -> Non
         kv_fixed=False).dense_kv_capacity_tokens(10_000, per_token)
 
 
+def test_a_pipeline_ranks_step_is_one_stage_pass_of_its_batch() -> None:
+    """Under PP 2 a rank's step runs its own batch B through half the layers once (vLLM keeps two
+    batches in flight). Its predicted routed, projection and KV reads are half of the one-stage
+    step's at the same B and the same measured routing; the LM head is priced once per pass."""
+    model = model_spec("big-moe")["config"]
+    assert model["num_hidden_layers"] % 2 == 0
+    one = big_specs()
+    facts = ServedFacts(hf_config=model, weight_dtype="bfloat16", kv_dtype="bfloat16", pp=2)
+    two = build_specs(facts, HW, 5.0)
+    B, distinct = 8, 20.0
+    a, b = (predict_group(s, B, 100.0, distinct).moe_route for s in (one, two))
+    assert b.batch == B and b.distinct_experts_per_layer == a.distinct_experts_per_layer
+    for part in ("routed_ffn", "projections", "kv", "shared_ffn", "dense_ffn"):
+        assert b.hbm_bytes[part] == pytest.approx(a.hbm_bytes[part] / 2, rel=1e-9), part
+    assert b.hbm_bytes["lm_head"] == pytest.approx(a.hbm_bytes["lm_head"], rel=1e-9)
+    assert sum(b.hbm_seconds.values()) == pytest.approx(b.hbm_total_seconds, rel=1e-9)
+
+
 def test_js_divergence_and_dead_cold() -> None:
     p = np.array([1, 1, 1, 1.0])
     assert drift.js_divergence(p, p) == pytest.approx(0.0)

@@ -137,3 +137,13 @@ def test_every_role_from_module_types(fmt: str, expert_dtype: torch.dtype,
         "attention_bytes": attention,
         "embedding_bytes": VOCAB * H * 2,  # the LM head, read once per step
     }
+
+
+def test_only_the_last_pipeline_stage_reads_the_vocabulary_matrix() -> None:
+    """A first PP stage holds the embedding but no LM head: its lookup reads the scheduled
+    tokens' rows, not the 2 x VOCAB x H table, so its step reads none of it."""
+    model, runners = _model("bf16", BF16)
+    assert byte_model(model, runners, holds_lm_head=False)["embedding_bytes"] == 0
+    model.lm_head = nn.Identity()  # vLLM's PPMissingLayer on a stage without the head
+    assert byte_model(model, runners, holds_lm_head=False)["embedding_bytes"] == 0
+    assert byte_model(model, runners)["embedding_bytes"] == VOCAB * H * 2  # tied: the embedding

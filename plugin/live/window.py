@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from moe_reuse.predictor import StepTime, expected_distinct_experts, step_time
+from moe_reuse.predictor import StepTime, expected_distinct_experts, stage_pass, step_time
 from moe_reuse.predictor.reuse import RoutingCurve
 from moe_reuse.predictor.specs import dtype_bytes
 
@@ -181,20 +181,23 @@ def predict_group(specs: LiveSpecs, batch: int, context_per_seq: float,
     """Predict one group: the MoE under measured and under uniform routing, and the dense twin.
 
     distinct_per_layer: mean distinct experts the group's steps touched per MoE layer (None or
-    <= 0 when the recorder saw no MoE layer: the uniform figure stands in).
+    <= 0 when the recorder saw no MoE layer: the uniform figure stands in). Under PP a rank's
+    step is one stage's pass of one of the pp batches in flight, so the prediction is the
+    predictor's step at pp x the batch, one stage pass of it (`stage_pass`).
     """
-    m, hw, dp = specs.model, specs.hardware, specs.partition.dp
-    uni = step_time(m, hw, specs.partition, batch * dp, context_per_seq)
+    m, hw, dp, pp = specs.model, specs.hardware, specs.partition.dp, specs.partition.pp
+    tokens = batch * dp * pp
+    uni = stage_pass(step_time(m, hw, specs.partition, tokens, context_per_seq))
     if distinct_per_layer is not None and distinct_per_layer > 0:
         d = min(float(distinct_per_layer), float(m.num_experts))
         span = specs.ep_span
         if span > 1:  # measured on this engine's batch; the experts serve `span` engines' tokens
             d = RoutingCurve.fit(m.num_experts, m.experts_per_token, batch, d).distinct(batch * span)
-        route = step_time(m, hw, specs.partition, batch * dp, context_per_seq,
-                          distinct_experts_per_layer=d)
+        route = stage_pass(step_time(m, hw, specs.partition, tokens, context_per_seq,
+                                     distinct_experts_per_layer=d))
     else:
         route = uni
-    dense = step_time(specs.dense, hw, specs.dense_partition, batch * dp, context_per_seq)
+    dense = stage_pass(step_time(specs.dense, hw, specs.dense_partition, tokens, context_per_seq))
     return GroupPrediction(route, uni, dense)
 
 

@@ -60,6 +60,16 @@ def labels(worker: Any) -> dict[str, str]:
     }
 
 
+def last_pp_stage() -> bool:
+    """Whether this rank is the last pipeline stage (the one that computes the logits)."""
+    try:
+        from vllm.distributed import get_pp_group
+
+        return bool(get_pp_group().is_last_rank)
+    except Exception:  # noqa: BLE001  (no PP group: a single stage)
+        return True
+
+
 def comm_mode(worker: Any) -> str:
     pc = worker.vllm_config.parallel_config
     tp = int(pc.tensor_parallel_size)
@@ -94,7 +104,8 @@ def model_facts(worker: Any) -> ModelFacts:
         labels=labels(worker), sources=sources, layer_ids=layer_ids, num_experts=num_experts,
         top_k=top_k, max_tokens=int(vc.scheduler_config.max_num_batched_tokens) * dp + 1024,
         device=device, compile_mode="eager" if mc.enforce_eager else "compiled",
-        comm_mode=comm_mode(worker), byte_model=weights.byte_model(model, runners),
+        comm_mode=comm_mode(worker),
+        byte_model=weights.byte_model(model, runners, holds_lm_head=last_pp_stage()),
         declared_experts=declared_experts(worker),
         extra_info={"sources": ",".join(sorted({s.kind for s in sources})) or "none",
                     "vllm_version": vllm_version(), **scheduler_limits(vc),

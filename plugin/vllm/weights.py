@@ -46,7 +46,8 @@ def _descendant_ids(roots: list[torch.nn.Module]) -> set[int]:
     return {id(d) for r in roots for d in r.modules()}
 
 
-def byte_model(model: torch.nn.Module, runners: list[Any]) -> dict[str, Any]:
+def byte_model(model: torch.nn.Module, runners: list[Any], *, holds_lm_head: bool = True,
+               ) -> dict[str, Any]:
     """Bytes per routed expert per layer and the per-step constant parts of this rank (the
     fields of `recorder.aggregate.ByteModel`, as a plain dict), all as loaded (`tensor_bytes`).
 
@@ -57,6 +58,9 @@ def byte_model(model: torch.nn.Module, runners: list[Any]) -> dict[str, Any]:
     `Attention`/`MLAAttention` layer; the LM head a `ParallelLMHead` (a tied head is the
     embedding, read once per step either way); every other linear is dense FFN. Models whose MoE
     block calls its shared experts itself (no reference on the runner) fall back to the name.
+    Only the rank that computes the logits (`holds_lm_head`: the last PP stage) reads the whole
+    vocabulary matrix each step; an earlier stage's embedding lookup reads only the scheduled
+    tokens' rows, so it counts none of it.
     """
     from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
     from vllm.model_executor.layers.linear import LinearBase
@@ -112,7 +116,7 @@ def byte_model(model: torch.nn.Module, runners: list[Any]) -> dict[str, Any]:
     return {
         "expert_bytes_per_layer": tuple(expert_bytes), "shared_expert_bytes": shared,
         "dense_ffn_bytes": dense, "attention_bytes": attention,
-        "embedding_bytes": lm_head or embed,
+        "embedding_bytes": (lm_head or embed) if holds_lm_head else 0,
     }
 
 
