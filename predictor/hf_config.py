@@ -33,6 +33,10 @@ from .hf_layers import (
 )
 from .specs import ModelSpec, normalize_dtype
 
+_GATED_ATTENTION_FAMILIES = ("qwen3_next", "qwen3_5")
+"""Families whose attention gates its output per head (q_proj twice as wide; vLLM's
+Qwen3NextAttention, `attn_output_gate`, on unless the config turns it off)."""
+
 _UNGATED_FAMILIES = ("nemotron_h",)
 """Families whose MLPs and experts have no gate (up and down only: nemotron_h's relu2)."""
 
@@ -175,7 +179,9 @@ def model_from_hf_config(
     else:
         head_dim = int_key(cfg, "head_dim") or hidden // heads
         kind = "mha" if kv_heads == heads else "mqa" if kv_heads == 1 else "gqa"
-        attention = {"attention_kind": kind, "num_kv_heads": kv_heads, "head_dim": head_dim}
+        attention = {"attention_kind": kind, "num_kv_heads": kv_heads, "head_dim": head_dim,
+                     "attention_output_gate": model_type.startswith(_GATED_ATTENTION_FAMILIES)
+                     and bool(cfg.get("attn_output_gate", True))}
     window, window_layers = sliding_layers(cfg, model_type, layers)
     weight, expert, kv, act = _dtypes(cfg, weight_dtype, kv_dtype)
     return ModelSpec(

@@ -27,7 +27,8 @@ def attention_params_per_layer(model: ModelSpec) -> int:
         kv_b = model.kv_lora_rank * n * (model.qk_nope_head_dim + model.v_head_dim)
         return q + kv_a + kv_b + n * model.v_head_dim * h
     d = model.head_dim
-    return h * n * d + 2 * h * model.num_kv_heads * d + n * d * h
+    q = h * n * d * (2 if model.attention_output_gate else 1)
+    return q + 2 * h * model.num_kv_heads * d + n * d * h
 
 
 def mixer_params_per_layer(model: ModelSpec) -> float:

@@ -120,6 +120,8 @@ class ModelSpec:
     shared_expert_intermediate_size: int = 0
     gated_ffn: bool = True
     attention_kind: str = "gqa"
+    # the query projection also emits a per-head output gate (Qwen3-Next): twice as wide
+    attention_output_gate: bool = False
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
     qk_nope_head_dim: int = 0

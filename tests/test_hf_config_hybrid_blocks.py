@@ -138,7 +138,14 @@ QWEN3_NEXT_GDN_PARAMS = (2048 * 12288 + 2048 * 64 + 8192 * 4 + 64 + 128 + 4096 *
 
 
 def test_gated_deltanet_mixers_are_costed_by_their_weights():
+    from moe_reuse.predictor.sizes import attention_params_per_layer
+
     m = model_from_hf_config(QWEN3_NEXT_GDN)
     assert (m.num_recurrent_layers, m.num_kv_layers) == (36, 12)
     assert m.recurrent_mixer_params == 36 * QWEN3_NEXT_GDN_PARAMS
+    # vLLM's Qwen3NextAttention: q_proj emits the query and a per-head output gate
+    assert attention_params_per_layer(m) == (2048 * 16 * 256 * 2 + 2 * 2048 * 2 * 256
+                                             + 16 * 256 * 2048)
+    off = model_from_hf_config({**QWEN3_NEXT_GDN, "attn_output_gate": False})
+    assert attention_params_per_layer(off) == 2048 * 16 * 256 * 2 + 2 * 2048 * 2 * 256
     assert total_params(m) / 1e9 == pytest.approx(80.0, rel=0.02)
