@@ -31,6 +31,7 @@ EXPECTED_MOE_LAYERS = {
     "olmoe": (0, 1, 2, 3),
     "glm4-moe": (1, 2, 3),  # first_k_dense_replace = 1
     "ernie45-moe": (1, 2, 3),  # moe_layer_start_index = 1
+    "qwen3-next": (0, 1, 2, 3),  # every layer MoE; layers 0 and 2 Gated DeltaNet, 1 and 3 attention
     "gpt-oss": (0, 1, 2, 3),
     "dense": (),
     "big-moe": tuple(range(8)),

@@ -15,6 +15,7 @@ from torch import nn
 pytest.importorskip("vllm")
 from vllm.model_executor.layers.attention.attention import Attention  # noqa: E402
 from vllm.model_executor.layers.linear import ReplicatedLinear  # noqa: E402
+from vllm.model_executor.layers.mamba.mamba_mixer2 import MambaMixer2  # noqa: E402
 from vllm.model_executor.layers.vocab_parallel_embedding import (  # noqa: E402
     ParallelLMHead,
     VocabParallelEmbedding,
@@ -147,3 +148,23 @@ def test_only_the_last_pipeline_stage_reads_the_vocabulary_matrix() -> None:
     model.lm_head = nn.Identity()  # vLLM's PPMissingLayer on a stage without the head
     assert byte_model(model, runners, holds_lm_head=False)["embedding_bytes"] == 0
     assert byte_model(model, runners)["embedding_bytes"] == VOCAB * H * 2  # tied: the embedding
+
+
+def test_a_state_space_mixer_owns_its_projections_not_its_layers_mlp() -> None:
+    """A hybrid's decoder layer holds a Mamba mixer (its in/out projections inside it, where an
+    attention op's projections are its siblings) and a dense MLP: the mixer's linears are the
+    token mixer's reads, the MLP's stay dense FFN."""
+    model, runners = _model("bf16", BF16)
+    hybrid = nn.Module()
+    hybrid.mixer = _bare(MambaMixer2)
+    hybrid.mixer.in_proj = linear("bf16", H, 3 * H)
+    hybrid.mixer.out_proj = linear("bf16", H, H)
+    hybrid.mlp = nn.Module()
+    hybrid.mlp.up_proj = linear("bf16", H, 2 * I_SHARED)
+    hybrid.mlp.down_proj = linear("bf16", I_SHARED, H)
+    base = byte_model(model, runners)
+    model.layers.append(hybrid)
+    got = byte_model(model, runners)
+    assert got["attention_bytes"] - base["attention_bytes"] == (3 * H * H + H * H) * 2
+    assert got["dense_ffn_bytes"] - base["dense_ffn_bytes"] == 3 * I_SHARED * H * 2
+

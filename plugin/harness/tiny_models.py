@@ -130,14 +130,15 @@ def _facts_from_config(name: str, cfg: Mapping[str, Any], dead: tuple[int, ...])
     moe_inter = 0
     moe: list[int] = []
     is_mla = False
-    if arch in ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"):
-        # qwen3_moe.py / qwen2_moe.py: not in mlp_only_layers and (i+1) % decoder_sparse_step == 0
+    if arch in ("Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "Qwen3NextForCausalLM"):
+        # qwen3_moe.py / qwen2_moe.py / qwen3_next.py: not in mlp_only_layers and
+        # (i+1) % decoder_sparse_step == 0
         experts, top_k = int(text["num_experts"]), int(text["num_experts_per_tok"])
         step = int(text.get("decoder_sparse_step", 1))
         only = set(text.get("mlp_only_layers") or [])
         moe = [i for i in range(n) if i not in only and experts > 0 and (i + 1) % step == 0]
         moe_inter = int(text["moe_intermediate_size"])
-        if arch == "Qwen2MoeForCausalLM" and int(text.get("shared_expert_intermediate_size", 0)):
+        if arch != "Qwen3MoeForCausalLM" and int(text.get("shared_expert_intermediate_size", 0)):
             shared = 1
     elif arch == "MixtralForCausalLM":
         experts, top_k = int(text["num_local_experts"]), int(text["num_experts_per_tok"])

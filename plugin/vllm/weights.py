@@ -55,7 +55,9 @@ def byte_model(model: torch.nn.Module, runners: list[Any], *, holds_lm_head: boo
     names: routed experts are the runner's per-expert tensors (first dimension = local experts:
     weights, scales, zero points); shared experts the module vLLM passed as `shared_experts`;
     router gates the runner's `gate`; attention every linear under a module that owns an
-    `Attention`/`MLAAttention` layer; the LM head a `ParallelLMHead` (a tied head is the
+    `Attention`/`MLAAttention` layer, and every linear inside a state-space mixer (`MambaBase`:
+    Mamba, Gated DeltaNet, short convolutions), which holds its own projections where an
+    attention op's are its siblings (a hybrid's decoder layer also holds its MLP); the LM head a `ParallelLMHead` (a tied head is the
     embedding, read once per step either way); every other linear is dense FFN. Models whose MoE
     block calls its shared experts itself (no reference on the runner) fall back to the name.
     Only the rank that computes the logits (`holds_lm_head`: the last PP stage) reads the whole
@@ -64,6 +66,7 @@ def byte_model(model: torch.nn.Module, runners: list[Any], *, holds_lm_head: boo
     """
     from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
     from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.mamba.abstract import MambaBase
     from vllm.model_executor.layers.vocab_parallel_embedding import (
         ParallelLMHead,
         VocabParallelEmbedding,
@@ -90,8 +93,8 @@ def byte_model(model: torch.nn.Module, runners: list[Any], *, holds_lm_head: boo
         if isinstance(gate, torch.nn.Module):
             gates.append(gate)
     shared_ids, gate_ids = _descendant_ids(shared_roots), _descendant_ids(gates)
-    attn_owners = [m for m in model.modules()
-                   if any(isinstance(c, AttentionLayerBase) for c in m.children())]
+    attn_owners = [c if isinstance(c, MambaBase) else m for m in model.modules()
+                   for c in m.children() if isinstance(c, AttentionLayerBase)]
     attn_ids = _descendant_ids(attn_owners)
     runner_ids = _descendant_ids(list(runners))
     shared = dense = attention = 0
