@@ -350,6 +350,11 @@ def selfcheck_mismatch(s: Scope) -> str:
     return f"sum by (rank) (increase(moe_reuse_selfcheck_mismatch_assignments_total{s.sel()}[{s.interval}]))"
 
 
+def unrecorded_moe_layers(s: Scope) -> str:
+    """MoE layers a rank runs that the plugin does not record (a speculative drafter's; 0 else)."""
+    return f"sum by (rank) (moe_reuse_unrecorded_moe_layers{s.sel()})"
+
+
 # ------------------------------------------------------------------------------------------------
 # EP advisor (plugin/live/advisor.py; docs/eplb.md)
 # ------------------------------------------------------------------------------------------------

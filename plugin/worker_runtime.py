@@ -32,7 +32,7 @@ from typing import Any
 from . import compat, faults
 from .config import ConfigError, PluginConfig, config_from_additional
 from .recorder import rawstream
-from .recorder.aggregate import ByteModel
+from .recorder.aggregate import ByteModel, unrecorded_gauge
 from .recorder.ring import RingLayout
 from .recorder.session import Publisher, RecorderSession
 from .snapshot import open_dir, rank_run_dir, snapshot_path, write_snapshot
@@ -211,6 +211,10 @@ def _bind(worker: Any, cfg: PluginConfig, labels: dict[str, str],
         inject_fault_after_steps=faults.after("step"),
         ablate=ablate if ablate in ("protocol", "copy") else "",
     )
+    session.gauges["unrecorded_moe_layers"] = unrecorded_gauge(facts.draft_moe_layers)
+    if facts.draft_moe_layers:
+        logger.warning("moe_reuse: the speculative drafter's %d MoE layers are not recorded "
+                       "(moe_reuse_unrecorded_moe_layers); the target's are", facts.draft_moe_layers)
     record: Any = session.record
     if os.environ.get(BREAK_COUNTING_ENV):
         def skip_slot0(slot: int, ids: Any, _r: Any = session.record) -> None:

@@ -168,5 +168,6 @@ def test_cardinality() -> None:
             assert "moe_reuse_expert_tokens_total" not in r["expr"]
             assert "expert)" not in r["expr"]
     # 38 before the measured HBM bandwidth (GPM), which added measured vs modelled, the share
-    # the byte model explains, and why a rank is not measured
-    assert len(_exprs()) <= 42
+    # the byte model explains, and why a rank is not measured; 43 with the MoE layers a rank
+    # does not record (a speculative drafter's)
+    assert len(_exprs()) <= 43

@@ -160,3 +160,22 @@ def test_unknown_layers_are_noted_not_counted_and_a_model_without_sources_fails_
     assert got == [0] and cap.unexpected_layers == {3, 5}
     with pytest.raises(ValueError, match="No supported MoE router"):
         routing.bind(torch.nn.Linear(2, 2), routing.FanoutCapturer({}, lambda s, _ids: None))
+
+
+def test_a_drafters_own_moe_layers_are_counted_as_unrecorded() -> None:
+    """`facts.draft_moe_layers`: the drafter's routing sources, not the ones it shares with the
+    target (an MTP head may reuse target modules), and 0 without a drafter or a model-free one."""
+    from moe_reuse.plugin.vllm import facts
+
+    target = _model()
+    draft = torch.nn.Module()
+    draft.own_a, draft.own_b, draft.shared = _runner(1, False), _ModelSource(2), target.a
+    runner = SimpleNamespace(get_draft_model=lambda: draft)
+    assert facts.draft_moe_layers(runner, target) == 2
+    assert facts.draft_moe_layers(SimpleNamespace(get_draft_model=lambda: None), target) == 0
+    assert facts.draft_moe_layers(SimpleNamespace(), target) == 0  # a runner without drafters
+
+    def broken() -> None:
+        raise RuntimeError("drafter not loaded")
+
+    assert facts.draft_moe_layers(SimpleNamespace(get_draft_model=broken), target) == 0

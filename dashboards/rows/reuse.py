@@ -145,7 +145,9 @@ def plugin_status(cfg: Config) -> stat.Panel:
             "(MoeReusePluginErrors); `dropped steps/s` are steps the flusher missed; `age` is "
             "how old each rank's snapshot is (MoeReuseRankStale); `miscounted` is the "
             "self-check, assignments counted minus scheduled tokens x top-k "
-            "(MoeReuseCountingMismatch), 0 while counting is exact."
+            "(MoeReuseCountingMismatch), 0 while counting is exact; `unrecorded MoE layers` "
+            "are layers the rank runs that nothing counts (a speculative drafter's: MTP, EAGLE, "
+            "a draft model), 0 when the figures cover every MoE layer."
         )
         .unit("short")
         .datasource(DATASOURCE)
@@ -157,6 +159,8 @@ def plugin_status(cfg: Config) -> stat.Panel:
         )
         .with_target(target(q.snapshot_age(s), "age s r{{rank}}", "D", instant=True))
         .with_target(target(q.selfcheck_mismatch(s), "miscounted r{{rank}}", "E", instant=True))
+        .with_target(target(q.unrecorded_moe_layers(s), "unrecorded MoE layers r{{rank}}", "F",
+                            instant=True))
         .graph_mode(BigValueGraphMode.NONE)
         .height(8)
         .span(6)

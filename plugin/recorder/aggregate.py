@@ -15,6 +15,7 @@ HBM bytes per step (documented in the README, "How bytes are counted"):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -307,3 +308,16 @@ def fold_block(
         distinct_all=distinct_all,
         expert_decode=c[:, :, DECODE].sum(axis=1, dtype=np.int64),
     )
+
+
+UNRECORDED_DOC = (
+    "MoE layers this rank runs whose routing the plugin does not record, by source: draft_model "
+    "is a speculative-decoding drafter's (MTP, EAGLE, a draft model), whose forwards run other "
+    "token counts than the step. Their tokens, assignments and weight reads are in no moe_reuse "
+    "series; 0 when every MoE layer the rank runs is recorded.")
+
+
+def unrecorded_gauge(draft_moe_layers: int) -> dict[str, Any]:
+    """`moe_reuse_unrecorded_moe_layers`, always present, so a blind spot shows on /metrics."""
+    return {"doc": UNRECORDED_DOC, "labels": ["source"],
+            "samples": [(("draft_model",), float(draft_moe_layers))]}

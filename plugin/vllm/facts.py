@@ -29,6 +29,7 @@ class ModelFacts:
     comm_mode: str
     byte_model: dict[str, Any]
     declared_experts: int  # experts the HF config declares (0: a dense model)
+    draft_moe_layers: int = 0  # MoE layers of a speculative drafter, which nothing records
     extra_info: dict[str, str] = field(default_factory=dict)
 
 
@@ -38,6 +39,27 @@ def find_moe_runners(model: torch.nn.Module) -> list[Any]:
 
     runners = [m for m in model.modules() if isinstance(m, MoERunner)]
     return sorted(runners, key=lambda r: int(r.layer_id))
+
+
+def draft_moe_layers(runner: Any, target: torch.nn.Module) -> int:
+    """MoE layers of the speculative-decoding drafter (MTP, EAGLE, a draft model), 0 without one.
+
+    The recorder binds the target model only: a drafter's forwards run other token counts (one
+    pass per draft position), so their routing cannot be folded into the step's counts without
+    breaking conservation. They still read expert weights every step, so the plugin says on
+    /metrics how many MoE layers it does not see. Modules the drafter shares with the target are
+    the target's, and recorded. Both runners have `get_draft_model()` (None without a drafter, or
+    with a model-free one such as n-gram); never raises.
+    """
+    try:
+        get = getattr(runner, "get_draft_model", None)
+        draft = get() if callable(get) else None
+        if not isinstance(draft, torch.nn.Module):
+            return 0
+        shared = frozenset(id(m) for m in target.modules())
+        return len(routing.find_routing_sources(draft, skip=shared))
+    except Exception:  # noqa: BLE001 - a missing fact, never the bind
+        return 0
 
 
 def declared_experts(worker: Any) -> int:
@@ -107,6 +129,7 @@ def model_facts(worker: Any) -> ModelFacts:
         comm_mode=comm_mode(worker),
         byte_model=weights.byte_model(model, runners, holds_lm_head=last_pp_stage()),
         declared_experts=declared_experts(worker),
+        draft_moe_layers=draft_moe_layers(worker.model_runner, model),
         extra_info={"sources": ",".join(sorted({s.kind for s in sources})) or "none",
                     "vllm_version": vllm_version(), **scheduler_limits(vc),
                     **parallel_info(worker)},

@@ -43,11 +43,13 @@ class RoutingSource:
     layer_id: int
 
 
-def find_routing_sources(model: torch.nn.Module) -> list[RoutingSource]:
+def find_routing_sources(model: torch.nn.Module,
+                         skip: frozenset[int] = frozenset()) -> list[RoutingSource]:
     """Every routing source vLLM's binder would bind, sorted by layer id (no side effects).
 
     Mirrors the classification of `bind_routed_experts_capturer`; only used to size the recorder
     before binding, so a kind this misses is still bound (and counted in `unexpected_layers`).
+    Modules whose `id()` is in `skip` are not counted (a drafter's modules shared with the target).
     """
     from vllm.model_executor.layers.fused_moe.layer import MoERunner
     from vllm.model_executor.layers.fused_moe.routed_experts_capturer import (
@@ -56,6 +58,8 @@ def find_routing_sources(model: torch.nn.Module) -> list[RoutingSource]:
 
     out: list[RoutingSource] = []
     for module in model.modules():
+        if id(module) in skip:
+            continue
         if isinstance(module, RoutedExpertsCaptureSource):
             out.append(RoutingSource("model", int(module.layer_id)))
         elif isinstance(module, MoERunner):

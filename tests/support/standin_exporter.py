@@ -34,7 +34,13 @@ from prometheus_client.core import (
 from moe_reuse.plugin.exporters.families import reader_families, snapshot_families
 from moe_reuse.plugin.live.advisor import advisor_gauges
 from moe_reuse.plugin.live.window import window_gauges
-from moe_reuse.plugin.recorder.aggregate import COMPONENTS, HIST_BOUNDS, KINDS, Totals
+from moe_reuse.plugin.recorder.aggregate import (
+    COMPONENTS,
+    HIST_BOUNDS,
+    KINDS,
+    Totals,
+    unrecorded_gauge,
+)
 from moe_reuse.plugin.snapshot import RankFile, ScanResult
 
 E, K, LAYERS = 8, 2, 2
@@ -163,7 +169,8 @@ class StandInExporter:
                          "hardware": "cpu", "comm_mode": "none"},
                 "totals": {k: v.copy() for k, v in self.totals.arrays().items()},
                 "gauges": {**window_gauges(self._figures(), list(range(LAYERS))),
-                           **advisor_gauges(self._advice(), list(range(LAYERS)))},
+                           **advisor_gauges(self._advice(), list(range(LAYERS))),
+                           "unrecorded_moe_layers": unrecorded_gauge(0)},
                 "options": {"per_expert_series": True, "max_expert_series": 2000},
                 "hbm_measured": {"source": "gpm", "reason": "gpm", "detail": "",
                                  "bytes": self.measured_bytes, "seconds": self.measured_seconds,
