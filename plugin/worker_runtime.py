@@ -264,7 +264,8 @@ def publish_facts(session: RecorderSession, cfg: PluginConfig, worker: Any,
         extra["served"] = {
             "hf_config": json.loads(json.dumps(f.served_hf_config(worker), default=str)),
             "weight_dtype": weight, "kv_dtype": kv, "tp": tp, "ep": ep, "dp": dp, "pp": pp,
-            "kv_fixed_size": f.kv_cache_fixed_size(worker), "device": f.device_name()}
+            "kv_fixed_size": f.kv_cache_fixed_size(worker), "device": f.device_name(),
+            "last_pp_stage": f.last_pp_stage()}
     except Exception as exc:  # noqa: BLE001 - the reader reports it (live_setup)
         extra["served_error"] = f"{type(exc).__name__}: {exc}"
     lay = session.layout

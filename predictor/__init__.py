@@ -40,7 +40,8 @@ from .sizes import (
     weight_bytes_breakdown,
 )
 from .specs import ModelSpec
-from .timing import StepTime, stage_pass, step_time
+from .stages import stage_pass, without_lm_head
+from .timing import StepTime, step_time
 
 __all__ = [
     "DEFAULT_ACCOUNTING",
@@ -91,4 +92,5 @@ __all__ = [
     "tokens_per_expert_uniform",
     "total_params",
     "weight_bytes_breakdown",
+    "without_lm_head",
 ]

@@ -19,7 +19,7 @@ the pooled tokens touched, and dispatch/combine move each GPU's tokens to the ex
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from . import comm
 from .deployment import DEFAULT_ACCOUNTING, Accounting, Partition
@@ -365,38 +365,4 @@ def step_time(
         hbm_bytes={k: pp * v for k, v in hbm_bytes.items()},
         distinct_experts_per_layer=distinct,
         tokens_per_expert=per_expert,
-    )
-
-
-def stage_pass(step: StepTime) -> StepTime:
-    """One stage's pass of one microbatch: every figure of a pipelined step over pp.
-
-    `step_time` prices a step as pp stage-times of batch/pp tokens (every GPU runs each of the pp
-    microbatches through its layers). vLLM's pipeline keeps pp scheduled batches in flight and a
-    rank's step is one such pass: predict that with `step_time` at pp x the rank's batch, then
-    take this. Parts still sum to their totals; pp == 1 returns the step unchanged.
-    """
-    pp = step.partition.pp
-    if pp == 1:
-        return step
-
-    def per(m: Mapping[str, float]) -> dict[str, float]:
-        return {k: v / pp for k, v in m.items()}
-
-    return replace(
-        step,
-        batch=step.batch / pp,
-        compute_seconds=per(step.compute_seconds),
-        hbm_seconds=per(step.hbm_seconds),
-        comm_seconds=per(step.comm_seconds),
-        comm_exposed_seconds=per(step.comm_exposed_seconds),
-        compute_total_seconds=step.compute_total_seconds / pp,
-        hbm_total_seconds=step.hbm_total_seconds / pp,
-        comm_total_seconds=step.comm_total_seconds / pp,
-        comm_exposed_total_seconds=step.comm_exposed_total_seconds / pp,
-        total_seconds=step.total_seconds / pp,
-        flops=per(step.flops),
-        unhidden_seconds=step.unhidden_seconds / pp,
-        overhead_seconds=step.overhead_seconds / pp,
-        hbm_bytes=per(step.hbm_bytes),
     )

@@ -234,6 +234,30 @@ def test_a_pipeline_ranks_step_is_one_stage_pass_of_its_batch() -> None:
     assert sum(b.hbm_seconds.values()) == pytest.approx(b.hbm_total_seconds, rel=1e-9)
 
 
+def test_only_the_last_pipeline_stage_is_priced_the_lm_head() -> None:
+    """vLLM computes the logits on the last stage only: a stage before it is predicted the same
+    pass without the LM head's reads and compute (the recorder's bytes of a first stage hold no
+    vocabulary matrix either), for the MoE and its dense twin alike; parts still sum to totals."""
+    model = model_spec("big-moe")["config"]
+    served = {"hf_config": model, "weight_dtype": "bfloat16", "kv_dtype": "bfloat16", "pp": 2}
+    last = build_specs(ServedFacts(**served), HW, 5.0)
+    first = build_specs(ServedFacts(**served, last_pp_stage=False), HW, 5.0)
+    assert last.holds_lm_head and not first.holds_lm_head
+    B, distinct = 8, 20.0
+    a, b = predict_group(last, B, 100.0, distinct), predict_group(first, B, 100.0, distinct)
+    for x, y in ((a.moe_route, b.moe_route), (a.moe_uniform, b.moe_uniform), (a.dense, b.dense)):
+        assert x.hbm_bytes["lm_head"] > 0 and y.hbm_bytes["lm_head"] == 0
+        assert y.flops["lm_head"] == 0 and y.compute_seconds["lm_head"] == 0
+        for part in ("routed_ffn", "projections", "kv", "shared_ffn", "dense_ffn"):
+            assert y.hbm_bytes[part] == x.hbm_bytes[part], part
+        assert sum(y.hbm_seconds.values()) == pytest.approx(y.hbm_total_seconds, rel=1e-12)
+        assert sum(y.compute_seconds.values()) == pytest.approx(y.compute_total_seconds, rel=1e-12)
+        head = x.hbm_seconds["lm_head"]  # decode at B = 8 is HBM-bound on both
+        assert x.hbm_total_seconds > x.compute_total_seconds
+        assert y.total_seconds < x.total_seconds
+        assert x.total_seconds - y.total_seconds >= head * (1 - 1e-9)
+
+
 def test_js_divergence_and_dead_cold() -> None:
     p = np.array([1, 1, 1, 1.0])
     assert drift.js_divergence(p, p) == pytest.approx(0.0)

@@ -55,6 +55,7 @@ class ServedFacts:
     pp: int = 1
     kv_fixed_size: bool = True  # KV size set by configuration (CPU), not by leftover memory
     device: str = "cpu"  # "cpu" or a GPU name (for hardware=auto)
+    last_pp_stage: bool = True  # this rank computes the logits (PP: only the last stage does)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,8 @@ class LiveSpecs:
     dense_partition: Partition
     q: float
     kv_fixed_size: bool
+    holds_lm_head: bool = True  # the rank's stage computes the logits (`stage_pass`)
+
     @property
     def qs(self) -> float:
         return self.q * self.model.sparsity
@@ -116,7 +119,8 @@ def build_specs(facts: ServedFacts, hardware: HardwareSpec, q: float) -> LiveSpe
     dense = dense_twin(model, q)
     part = Partition(tp=facts.tp, pp=facts.pp, dp=facts.dp, ep=facts.ep)
     dense_part = Partition(tp=facts.tp, pp=facts.pp, dp=facts.dp, ep=1)
-    return LiveSpecs(model, dense, hardware, part, dense_part, q, facts.kv_fixed_size)
+    return LiveSpecs(model, dense, hardware, part, dense_part, q, facts.kv_fixed_size,
+                     holds_lm_head=facts.last_pp_stage)
 
 
 def resolve_hardware(setting: str, device: str = "cpu") -> HardwareSpec:

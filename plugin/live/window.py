@@ -183,21 +183,24 @@ def predict_group(specs: LiveSpecs, batch: int, context_per_seq: float,
     distinct_per_layer: mean distinct experts the group's steps touched per MoE layer (None or
     <= 0 when the recorder saw no MoE layer: the uniform figure stands in). Under PP a rank's
     step is one stage's pass of one of the pp batches in flight, so the prediction is the
-    predictor's step at pp x the batch, one stage pass of it (`stage_pass`).
+    predictor's step at pp x the batch, one stage pass of it (`stage_pass`), with the LM head
+    only on the last stage.
     """
     m, hw, dp, pp = specs.model, specs.hardware, specs.partition.dp, specs.partition.pp
     tokens = batch * dp * pp
-    uni = stage_pass(step_time(m, hw, specs.partition, tokens, context_per_seq))
+    head = specs.holds_lm_head
+    uni = stage_pass(step_time(m, hw, specs.partition, tokens, context_per_seq), head)
     if distinct_per_layer is not None and distinct_per_layer > 0:
         d = min(float(distinct_per_layer), float(m.num_experts))
         span = specs.ep_span
         if span > 1:  # measured on this engine's batch; the experts serve `span` engines' tokens
             d = RoutingCurve.fit(m.num_experts, m.experts_per_token, batch, d).distinct(batch * span)
         route = stage_pass(step_time(m, hw, specs.partition, tokens, context_per_seq,
-                                     distinct_experts_per_layer=d))
+                                     distinct_experts_per_layer=d), head)
     else:
         route = uni
-    dense = stage_pass(step_time(specs.dense, hw, specs.dense_partition, tokens, context_per_seq))
+    dense = stage_pass(step_time(specs.dense, hw, specs.dense_partition, tokens, context_per_seq),
+                       head)
     return GroupPrediction(route, uni, dense)
 
 

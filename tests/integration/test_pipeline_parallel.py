@@ -38,7 +38,8 @@ def test_pp2_stages_split_the_layers_and_only_the_last_reads_the_lm_head(runner:
     name = "qwen3-moe"
     facts, cfg = model_facts(name), model_spec(name)["config"]
     with VllmServer(
-        build_model(name), runner=runner, additional_config={"moe_reuse": {"flush_interval_s": 0.2}},
+        build_model(name), runner=runner,
+        additional_config={"moe_reuse": {"flush_interval_s": 0.2, "window_s": 2.0}},
         extra_args=["--pipeline-parallel-size", "2", "--enable-logging-iteration-details"],
         env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
     ).start() as srv:
@@ -54,6 +55,11 @@ def test_pp2_stages_split_the_layers_and_only_the_last_reads_the_lm_head(runner:
             time.sleep(0.2)
             text = srv.metrics_text()
         steps = engine_iterations(srv.log_text()[log_start:])["iterations"]
+        deadline = time.monotonic() + 30
+        while not all(metric_value(live := srv.metrics_text(), "moe_reuse_model_error_ratio",
+                                   quantity="step_bytes", rank=r) > 0 for r in RANKS):
+            assert time.monotonic() < deadline, "no live window closed on both stages"
+            time.sleep(0.5)
 
     prefill = sum(len(p) for p, _ in sent) - (prefix_cache_hits(text)[0] - prefix_cache_hits(before)[0])
     k = facts.top_k
@@ -81,3 +87,10 @@ def test_pp2_stages_split_the_layers_and_only_the_last_reads_the_lm_head(runner:
     emb = {r: _delta(text, before, "moe_reuse_hbm_read_bytes_total", rank=r, component="embedding")
            for r in RANKS}
     assert emb == {"0": 0, "1": lm_head * steps}
+    # the live comparison prices each stage as vLLM runs it: its own layers, one pass of its
+    # batch, the LM head on the last stage only (the first stage read 1.140 when every stage carried one)
+    ratios = {r: metric_value(live, "moe_reuse_model_error_ratio", quantity="step_bytes", rank=r)
+              for r in RANKS}
+    print(f"PP=2 {runner}: predicted / measured step bytes by stage {ratios}")
+    for r, ratio in ratios.items():
+        assert ratio == pytest.approx(1.0, abs=0.01), (r, ratio)
