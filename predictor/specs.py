@@ -133,7 +133,7 @@ class ModelSpec:
     # keep a fixed state per sequence and no per-token KV cache
     num_recurrent_layers: int = 0
     # the weights of all mixers without a KV cache together, where the config gives their shape
-    # (Mamba2); 0 costs each recurrent layer's mixer as an attention layer
+    # (Mamba2, Gated DeltaNet); 0 costs each recurrent layer's mixer as an attention layer
     recurrent_mixer_params: int = 0
     tie_word_embeddings: bool = False
     weight_dtype: str = "bf16"

@@ -57,9 +57,10 @@ def byte_model(model: torch.nn.Module, runners: list[Any], *, holds_lm_head: boo
     router gates the runner's `gate`; attention every linear under a module that owns an
     `Attention`/`MLAAttention` layer, and every linear inside a state-space mixer (`MambaBase`:
     Mamba, Gated DeltaNet, short convolutions), which holds its own projections where an
-    attention op's are its siblings (a hybrid's decoder layer also holds its MLP); the LM head a `ParallelLMHead` (a tied head is the
-    embedding, read once per step either way); every other linear is dense FFN. Models whose MoE
-    block calls its shared experts itself (no reference on the runner) fall back to the name.
+    attention op's are its siblings (a hybrid's decoder layer also holds its MLP); the LM head a
+    `ParallelLMHead` (a tied head is the embedding, read once per step either way); every other
+    linear is dense FFN. Models whose MoE block calls its shared experts itself (no reference on
+    the runner) fall back to the name.
     Only the rank that computes the logits (`holds_lm_head`: the last PP stage) reads the whole
     vocabulary matrix each step; an earlier stage's embedding lookup reads only the scheduled
     tokens' rows, so it counts none of it.
