@@ -1,5 +1,6 @@
 """`promtool test rules` cases for the recording rules: per-rank figures on one target (prefill
-traffic left out), and the cluster totals across two nodes (each engine counted once).
+traffic left out), the cluster totals across two nodes (each engine counted once), and a
+pipeline-parallel engine whose stages hold different layers.
 """
 
 from __future__ import annotations
@@ -123,5 +124,37 @@ def cluster_tests(cfg: Config) -> dict[str, Any]:
             expect(rq.REC_CLUSTER_DECODE_TOKENS_PER_EXPERT, [({"model": "m"}, 2.0)]),
             # every rank's bytes: (6e9 + 6e9 + 3e9) a minute.
             expect(rq.REC_CLUSTER_HBM_READ_RATE, [({"model": "m"}, 2.5e8)]),
+        ],
+    }
+
+
+def pipeline_tests(cfg: Config) -> dict[str, Any]:
+    """One PP=2 engine: stage 0 (rank 0) holds layer 0, stage 1 (rank 1) layer 1, and each
+    computes every token. The cluster's decode reuse is over both stages' layers, and its
+    tokens are the engine's once."""
+    r0, r1 = pc.labels(A), {**pc.labels(A), "rank": "1"}
+    series = []
+    for lab, layer, asg, tch in ((r0, "0", 120, 60), (r1, "1", 240, 60)):
+        series += [
+            pc.series("moe_reuse_tokens_total", {**lab, **DEC}, "0+60x30"),
+            pc.series("moe_reuse_expert_assignments_total", {**lab, "layer": layer, **DEC},
+                      f"0+{asg}x30"),
+            pc.series("moe_reuse_experts_touched_total", {**lab, "layer": layer, **DEC},
+                      f"0+{tch}x30"),
+        ]
+
+    def expect(name: str, samples: list[tuple[dict[str, str], float]]) -> dict[str, Any]:
+        return {"expr": rq.rec(name, cfg), "eval_time": "10m",
+                "exp_samples": [{"labels": pc.sel(rq.rec(name, cfg), lbl), "value": v}
+                                for lbl, v in samples]}
+
+    return {
+        "interval": "1m",
+        "input_series": series,
+        "promql_expr_test": [
+            # (120 + 240) assignments / (60 + 60) touched a minute, not one stage's 240 / 60.
+            expect(rq.REC_CLUSTER_DECODE_TOKENS_PER_EXPERT, [({"model": "m"}, 3.0)]),
+            # both stages compute the same 60 tokens a minute: 1 a second, not 2.
+            expect(rq.REC_CLUSTER_TOKENS_RATE, [({"model": "m", **DEC}, 1.0)]),
         ],
     }

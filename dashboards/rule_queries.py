@@ -32,7 +32,9 @@ REC_CLUSTER_HBM_READ_RATE = "model:moe_reuse_hbm_read_bytes"
 # server's node, `moe-reuse exporter` on the others) and however many nodes the ranks span.
 # Every rank of an engine (its TP/PP ranks) computes all of that engine's tokens, so an engine's
 # figure is the max over its ranks (which also drops a rank scraped twice); engines are summed.
-# Bytes are per rank (each reads its own shard), so they are summed over every rank.
+# Per-layer counts are the max over the ranks that hold the layer (every TP rank, one PP stage),
+# summed over the layers: under PP each stage holds only its own. Bytes are per rank (each reads
+# its own shard), so they are summed over every rank.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -47,10 +49,15 @@ def cluster_tokens_rate(s: Scope) -> str:
             f"(sum by (model, engine, rank, phase) ({s.rate('moe_reuse_tokens_total')})))")
 
 
+def _per_layer(s: Scope, metric: str, *extra: str) -> str:
+    return f"sum by (model) (max by (model, engine, layer) ({s.rate(metric, *extra)}))"
+
+
 def cluster_decode_tokens_per_expert(s: Scope) -> str:
-    """The deployment's decode reuse: assignments over experts touched, all engines."""
-    return (f"sum by (model) ({_per_engine(s, 'moe_reuse_expert_assignments_total', DECODE)})\n/\n"
-            f"sum by (model) ({_per_engine(s, 'moe_reuse_experts_touched_total', DECODE)})")
+    """The deployment's decode reuse: assignments over experts touched, every layer of every
+    engine once (a PP engine's stages hold different layers)."""
+    return (f"{_per_layer(s, 'moe_reuse_expert_assignments_total', DECODE)}\n/\n"
+            f"{_per_layer(s, 'moe_reuse_experts_touched_total', DECODE)}")
 
 
 def cluster_hbm_read_rate(s: Scope) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 from . import promtool_cases as pc
 from .config import Config
 from .promtool_cases import DEC, PRE, A, B, C, D
-from .recording_rule_tests import cluster_tests, recording_tests
+from .recording_rule_tests import cluster_tests, pipeline_tests, recording_tests
 from .rules import alerts
 
 RULES_FILE_FROM_TESTS = "../moe-reuse-rules.yml"
@@ -325,6 +325,7 @@ def tests_file(cfg: Config) -> dict[str, Any]:
         "tests": [
             recording_tests(cfg),
             cluster_tests(cfg),
+            pipeline_tests(cfg),
             _collapse(cfg),
             _dense_speedup(cfg),
             _dead_experts(cfg),
