@@ -351,7 +351,8 @@ def selfcheck_mismatch(s: Scope) -> str:
 
 
 def unrecorded_moe_layers(s: Scope) -> str:
-    """MoE layers a rank runs that the plugin does not record (a speculative drafter's; 0 else)."""
+    """MoE layers a rank runs that the plugin does not record (a speculative drafter's, or a
+    routing source it was not sized for; 0 else)."""
     return f"sum by (rank) (moe_reuse_unrecorded_moe_layers{s.sel()})"
 
 

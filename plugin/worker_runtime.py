@@ -42,6 +42,9 @@ logger = logging.getLogger("vllm.moe_reuse")
 _SESSION: RecorderSession | None = None  # this worker process's session (one rank)
 # Testing only: skip counting layer slot 0, to prove the self-check catches broken counting.
 BREAK_COUNTING_ENV = "MOE_REUSE_TEST_BREAK_COUNTING"
+# Testing only: size the recorder without the last MoE layer, as if the sizing missed a routing
+# source vLLM's binder binds, to prove /metrics says so (the self-check cannot see that layer).
+UNSIZED_LAYER_ENV = "MOE_REUSE_TEST_UNSIZED_LAYER"
 # Benchmarks only (bench_overhead --ablation): bind part of the plugin, to attribute its cost.
 # capture: the routing hooks alone (every count lands in the idle sink: no step protocol);
 # protocol: + the step protocol and collective timing, each slot consumed at once (no copy);
@@ -191,14 +194,18 @@ def _bind(worker: Any, cfg: PluginConfig, labels: dict[str, str],
             logger.info("moe_reuse: %s has no MoE layers; nothing to record", labels["model"])
             publish_status(cfg, labels, info, reason="not_moe", applicable=False)
         return None
-    layer_ids = facts.layer_ids
+    layer_ids, byte_facts = facts.layer_ids, facts.byte_model
+    if os.environ.get(UNSIZED_LAYER_ENV):
+        layer_ids = layer_ids[:-1]
+        byte_facts = {**byte_facts, "expert_bytes_per_layer":
+                      tuple(byte_facts["expert_bytes_per_layer"])[:len(layer_ids)]}
     layout = RingLayout(
         num_layers=len(layer_ids), num_experts=facts.num_experts, top_k=facts.top_k,
         max_tokens=facts.max_tokens,
         ring_steps=RingLayout.auto_ring_steps(len(layer_ids), facts.num_experts, cfg.ring_steps),
     )
     ablate = ablation()
-    bytes_model = ByteModel(**facts.byte_model)
+    bytes_model = ByteModel(**byte_facts)
     info.update({
         "moe_layers": str(len(layer_ids)), "experts": str(facts.num_experts),
         "top_k": str(facts.top_k), "shared_experts": str(int(bytes_model.shared_expert_bytes > 0)),
@@ -224,6 +231,19 @@ def _bind(worker: Any, cfg: PluginConfig, labels: dict[str, str],
         record = skip_slot0
     capturer = routing.FanoutCapturer({lid: i for i, lid in enumerate(layer_ids)}, record)
     routing.bind(worker.model_runner.get_model(), capturer)
+
+    logged = [0]
+
+    def unrecorded(s: RecorderSession, draft: int = facts.draft_moe_layers) -> None:
+        # a routing source the sizing missed fires on the first forward: its captures are dropped
+        unknown = len(capturer.unexpected_layers)
+        if unknown != logged[0]:
+            logged[0] = unknown
+            logger.error("moe_reuse: routing from MoE layers %s that the recorder was not sized "
+                         "for is not recorded", sorted(capturer.unexpected_layers))
+        s.gauges["unrecorded_moe_layers"] = unrecorded_gauge(draft, unknown)
+
+    session.status_hooks.append(unrecorded)
     if ablate:
         logger.warning("moe_reuse: %s=%s: a partial plugin for benchmarks, exporting nothing",
                        ABLATE_ENV, ablate)

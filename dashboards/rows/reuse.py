@@ -147,7 +147,8 @@ def plugin_status(cfg: Config) -> stat.Panel:
             "self-check, assignments counted minus scheduled tokens x top-k "
             "(MoeReuseCountingMismatch), 0 while counting is exact; `unrecorded MoE layers` "
             "are layers the rank runs that nothing counts (a speculative drafter's: MTP, EAGLE, "
-            "a draft model), 0 when the figures cover every MoE layer."
+            "a draft model; or a routing source the recorder was not sized for), 0 when the "
+            "figures cover every MoE layer."
         )
         .unit("short")
         .datasource(DATASOURCE)

@@ -313,11 +313,14 @@ def fold_block(
 UNRECORDED_DOC = (
     "MoE layers this rank runs whose routing the plugin does not record, by source: draft_model "
     "is a speculative-decoding drafter's (MTP, EAGLE, a draft model), whose forwards run other "
-    "token counts than the step. Their tokens, assignments and weight reads are in no moe_reuse "
-    "series; 0 when every MoE layer the rank runs is recorded.")
+    "token counts than the step; unknown_layer a routing source vLLM's binder bound that the "
+    "recorder was not sized for (a vLLM change; the self-check cannot see it). Their tokens, "
+    "assignments and weight reads are in no moe_reuse series; 0 when every MoE layer the rank "
+    "runs is recorded.")
 
 
-def unrecorded_gauge(draft_moe_layers: int) -> dict[str, Any]:
+def unrecorded_gauge(draft_moe_layers: int, unknown_layers: int = 0) -> dict[str, Any]:
     """`moe_reuse_unrecorded_moe_layers`, always present, so a blind spot shows on /metrics."""
     return {"doc": UNRECORDED_DOC, "labels": ["source"],
-            "samples": [(("draft_model",), float(draft_moe_layers))]}
+            "samples": [(("draft_model",), float(draft_moe_layers)),
+                        (("unknown_layer",), float(unknown_layers))]}

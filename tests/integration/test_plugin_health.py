@@ -6,6 +6,10 @@
 - The self-check reads 0 under load in every conservation run (test_recorder_server.py); here the
   counting is broken on purpose (layer slot 0 never counted, MOE_REUSE_TEST_BREAK_COUNTING) and it
   must equal what the test sent: every computed token x top-k, once per step of the broken layer.
+  In the same server the recorder is sized without the last MoE layer
+  (MOE_REUSE_TEST_UNSIZED_LAYER), as if it missed a routing source vLLM binds: the self-check
+  cannot see a layer it has no slot for, so /metrics must say so,
+  `moe_reuse_unrecorded_moe_layers{source="unknown_layer"} 1`.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ def test_selfcheck_catches_a_layer_that_is_not_counted() -> None:
     facts = model_facts("qwen3-moe")
     with VllmServer(build_model("qwen3-moe"), enforce_eager=True, runner="v2",
                     additional_config={"moe_reuse": FLUSH},
-                    env={"MOE_REUSE_TEST_BREAK_COUNTING": "1"}).start() as srv:
+                    env={"MOE_REUSE_TEST_BREAK_COUNTING": "1",
+                         "MOE_REUSE_TEST_UNSIZED_LAYER": "1"}).start() as srv:
         before = srv.metrics_text()
         prompts = random_prompts(6, 30, facts.vocab_size, seed=17)
         sent = [(p[: 10 + 3 * i], 4 + i) for i, p in enumerate(prompts)]
@@ -73,3 +78,7 @@ def test_selfcheck_catches_a_layer_that_is_not_counted() -> None:
         assert d("moe_reuse_scheduled_tokens_total") == computed
         assert d("moe_reuse_selfcheck_mismatch_assignments_total") == computed * facts.top_k
         assert metric_value(text, "moe_reuse_enabled", reason="recording") == 1  # still records
+        counted = {s.labels["layer"] for s in samples(text, "moe_reuse_expert_assignments_total")}
+        assert counted == {str(i) for i in facts.moe_layer_indices[:-1]}
+        assert metric_value(text, "moe_reuse_unrecorded_moe_layers", source="unknown_layer") == 1
+        assert metric_value(text, "moe_reuse_unrecorded_moe_layers", source="draft_model") == 0
