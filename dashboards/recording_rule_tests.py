@@ -5,12 +5,26 @@ pipeline-parallel engine whose stages hold different layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from . import promtool_cases as pc
 from . import rule_queries as rq
 from .config import Config
 from .promtool_cases import DEC, PRE, A, B
+
+Expect = Callable[[str, list[tuple[dict[str, str], float]]], dict[str, Any]]
+
+
+def _expecter(cfg: Config) -> Expect:
+    """`expect(name, [(labels, value), ...])`: a recorded series' samples at 10 minutes."""
+
+    def expect(name: str, samples: list[tuple[dict[str, str], float]]) -> dict[str, Any]:
+        return {"expr": rq.rec(name, cfg), "eval_time": "10m",
+                "exp_samples": [{"labels": pc.sel(rq.rec(name, cfg), lbl), "value": v}
+                                for lbl, v in samples]}
+
+    return expect
 
 
 def recording_tests(cfg: Config) -> dict[str, Any]:
@@ -52,14 +66,7 @@ def recording_tests(cfg: Config) -> dict[str, Any]:
                 {**pc.labels(B), "source": "gpm", "reason": "not_cuda"}, "1x30"),
     ]
 
-    def expect(name: str, samples: list[tuple[dict[str, str], float]]) -> dict[str, Any]:
-        return {
-            "expr": rq.rec(name, cfg),
-            "eval_time": "10m",
-            "exp_samples": [
-                {"labels": pc.sel(rq.rec(name, cfg), lbl), "value": v} for lbl, v in samples
-            ],
-        }
+    expect = _expecter(cfg)
 
     return {
         "interval": "1m",
@@ -108,10 +115,7 @@ def cluster_tests(cfg: Config) -> dict[str, Any]:
                     f"0+{hbm}x30"),
         ]
 
-    def expect(name: str, samples: list[tuple[dict[str, str], float]]) -> dict[str, Any]:
-        return {"expr": rq.rec(name, cfg), "eval_time": "10m",
-                "exp_samples": [{"labels": pc.sel(rq.rec(name, cfg), lbl), "value": v}
-                                for lbl, v in samples]}
+    expect = _expecter(cfg)
 
     return {
         "interval": "1m",
@@ -143,10 +147,7 @@ def pipeline_tests(cfg: Config) -> dict[str, Any]:
                       f"0+{tch}x30"),
         ]
 
-    def expect(name: str, samples: list[tuple[dict[str, str], float]]) -> dict[str, Any]:
-        return {"expr": rq.rec(name, cfg), "eval_time": "10m",
-                "exp_samples": [{"labels": pc.sel(rq.rec(name, cfg), lbl), "value": v}
-                                for lbl, v in samples]}
+    expect = _expecter(cfg)
 
     return {
         "interval": "1m",

@@ -31,13 +31,58 @@ import pytest
 
 from moe_reuse.plugin.harness.load import random_prompts, run_concurrent
 from moe_reuse.plugin.harness.server import VllmServer, metric_value
-from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
+from moe_reuse.plugin.harness.tiny_models import ModelFacts, build_model, model_facts
 from moe_reuse.plugin.metrics_text import samples
 
 pytestmark = pytest.mark.integration
 FULL = os.environ.get("MOE_REUSE_FULL_MATRIX") == "1"
 # V2 runs under Triton's interpreter here; CI runs the GPU default, the full matrix both
 RUNNERS = ["v1", "v2"] if FULL else ["v2"]
+
+
+def _check_target_counts(text: str, before: str, facts: ModelFacts, sent: list[tuple[list[int], int]],
+                         num_spec: int, what: str) -> None:
+    """The target's counts against vLLM's spec-decode counters and what the test sent: drafts
+    verified are decode tokens, accepted or not (rejected ones must exist, or this proves
+    nothing), only the target's layers count, each decode token k times, and the scheduler's
+    tokens are what was counted."""
+
+    def d(name: str, **lb: str) -> float:
+        return metric_value(text, name, **lb) - metric_value(before, name, **lb)
+
+    drafts = d("vllm:spec_decode_num_draft_tokens_total")
+    accepted = d("vllm:spec_decode_num_accepted_tokens_total")
+    assert drafts > accepted, "no rejected draft: whether they count is not tested"
+    outputs = sum(n - 1 for _, n in sent)
+    prompts = sum(len(p) for p, _ in sent)
+    low = outputs + drafts - accepted
+    decode = d("moe_reuse_tokens_total", phase="decode")
+    assert low <= decode <= low + len(sent) * num_spec, (low, decode)
+    assert d("moe_reuse_tokens_total", phase="prefill") == prompts
+    layers = facts.moe_layer_indices
+    counted = {int(s.labels["layer"]) for s in samples(text, "moe_reuse_expert_assignments_total")}
+    assert counted == set(layers)
+    for layer in layers:
+        got = d("moe_reuse_expert_assignments_total", layer=str(layer), phase="decode")
+        assert got == decode * facts.top_k, layer
+    assert d("moe_reuse_scheduled_tokens_total") == prompts + decode
+    assert d("moe_reuse_selfcheck_mismatch_assignments_total") == 0
+    print(f"{what}: {int(drafts)} drafts, {int(accepted)} accepted; decode tokens counted "
+          f"{int(decode)}, outputs after the first {outputs}, bound [{int(low)}, "
+          f"{int(low) + len(sent) * num_spec}]")
+
+
+def _wait_decode(srv: VllmServer, before: str, decode: int) -> str:
+    """/metrics once the worker flushed at least `decode` decode tokens (every 0.2 s here)."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = srv.metrics_text()
+        got = (metric_value(text, "moe_reuse_tokens_total", phase="decode")
+               - metric_value(before, "moe_reuse_tokens_total", phase="decode"))
+        if got >= decode or time.monotonic() > deadline:
+            time.sleep(0.5)  # the step that flushed last may still be in flight
+            return srv.metrics_text()
+        time.sleep(0.2)
 
 
 @pytest.mark.skipif(not FULL, reason="full matrix (MOE_REUSE_FULL_MATRIX=1): in CI the draft-model "
@@ -55,30 +100,10 @@ def test_ngram_drafts_are_counted_as_decode_tokens() -> None:
         sent = [([5 + (j % (3 + i)) for j in range(24 + 4 * i)], 12 + 2 * i) for i in range(8)]
         outs = run_concurrent(srv.url, sent, concurrency=len(sent))
         assert [o["usage"]["completion_tokens"] for o in outs] == [n for _, n in sent]
-        time.sleep(1.0)
-        text = srv.metrics_text()
-
-        def d(name: str, **lb: str) -> float:
-            return metric_value(text, name, **lb) - metric_value(before, name, **lb)
-
-        drafts = d("vllm:spec_decode_num_draft_tokens_total")
-        accepted = d("vllm:spec_decode_num_accepted_tokens_total")
-        assert drafts > 0, "the n-gram proposer drafted nothing: the test proves nothing"
-        outputs = sum(n - 1 for _, n in sent)
-        prompts = sum(len(p) for p, _ in sent)
-        k, layers = facts.top_k, len(facts.moe_layer_indices)
-        assert drafts > accepted, "no rejected draft: whether they count is not tested"
-        low = outputs + drafts - accepted
-        decode = d("moe_reuse_tokens_total", phase="decode")
-        assert low <= decode <= low + len(sent) * spec["num_speculative_tokens"], (low, decode)
-        assert d("moe_reuse_tokens_total", phase="prefill") == prompts
-        assert d("moe_reuse_expert_assignments_total", phase="decode") == decode * k * layers
-        assert d("moe_reuse_scheduled_tokens_total") == prompts + decode
-        assert d("moe_reuse_selfcheck_mismatch_assignments_total") == 0
-        assert metric_value(text, "moe_reuse_unrecorded_moe_layers", source="draft_model") == 0
-        print(f"n-gram: {int(drafts)} drafts, {int(accepted)} accepted; decode tokens counted "
-              f"{int(decode)}, outputs after the first {outputs}, bound [{int(low)}, "
-              f"{int(low) + len(sent) * spec['num_speculative_tokens']}]")
+        text = _wait_decode(srv, before, sum(n - 1 for _, n in sent))
+    _check_target_counts(text, before, facts, sent, spec["num_speculative_tokens"], "n-gram")
+    # a model-free drafter has no MoE layer to miss
+    assert metric_value(text, "moe_reuse_unrecorded_moe_layers", source="draft_model") == 0
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
@@ -97,42 +122,9 @@ def test_a_draft_models_moe_layers_are_reported_unrecorded_and_the_targets_stay_
         sent = [(p[: 10 + 5 * i], 6 + 3 * i) for i, p in enumerate(prompts)]
         outs = run_concurrent(srv.url, sent, concurrency=len(sent))
         assert [o["usage"]["completion_tokens"] for o in outs] == [n for _, n in sent]
-        outputs = sum(n - 1 for _, n in sent)
-        for _ in range(50):  # the worker flushes every 0.2 s
-            text = srv.metrics_text()
-            got = (metric_value(text, "moe_reuse_tokens_total", phase="decode")
-                   - metric_value(before, "moe_reuse_tokens_total", phase="decode"))
-            if got >= outputs:
-                break
-            time.sleep(0.2)
-        time.sleep(0.5)
-        text = srv.metrics_text()
-
-    def d(name: str, **lb: str) -> float:
-        return metric_value(text, name, **lb) - metric_value(before, name, **lb)
-
-    drafts = d("vllm:spec_decode_num_draft_tokens_total")
-    accepted = d("vllm:spec_decode_num_accepted_tokens_total")
-    assert drafts > accepted, "no rejected draft: whether they count is not tested"
+        text = _wait_decode(srv, before, sum(n - 1 for _, n in sent))
+    _check_target_counts(text, before, facts, sent, spec["num_speculative_tokens"],
+                         f"{runner} draft model")
     # the drafter holds MoE layers the recorder does not see, and /metrics says how many
     assert metric_value(text, "moe_reuse_unrecorded_moe_layers",
                         source="draft_model") == len(draft_facts.moe_layer_indices)
-    # the target's counts are exact: only its layers, each decode token (drafts verified
-    # included) k times, and the scheduler's tokens are what was counted
-    k, layers = facts.top_k, facts.moe_layer_indices
-    counted = {int(s.labels["layer"]) for s in samples(text, "moe_reuse_expert_assignments_total")}
-    assert counted == set(layers)
-    low = outputs + drafts - accepted
-    decode = d("moe_reuse_tokens_total", phase="decode")
-    assert low <= decode <= low + len(sent) * spec["num_speculative_tokens"], (low, decode)
-    prompt_tokens = sum(len(p) for p, _ in sent)
-    assert d("moe_reuse_tokens_total", phase="prefill") == prompt_tokens
-    for layer in layers:
-        assert d("moe_reuse_expert_assignments_total", layer=str(layer),
-                 phase="decode") == decode * k, layer
-    assert d("moe_reuse_scheduled_tokens_total") == prompt_tokens + decode
-    assert d("moe_reuse_selfcheck_mismatch_assignments_total") == 0
-    print(f"{runner} draft model: {int(drafts)} drafts, {int(accepted)} accepted; decode tokens "
-          f"counted {int(decode)}, bound [{int(low)}, "
-          f"{int(low) + len(sent) * spec['num_speculative_tokens']}]; drafter MoE layers "
-          f"unrecorded {len(draft_facts.moe_layer_indices)}")
