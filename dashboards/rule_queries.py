@@ -38,11 +38,6 @@ REC_CLUSTER_HBM_READ_RATE = "model:moe_reuse_hbm_read_bytes"
 # ------------------------------------------------------------------------------------------------
 
 
-def _per_engine(s: Scope, metric: str, *extra: str) -> str:
-    return (f"max by (model, engine) (sum by (model, engine, rank) "
-            f"({s.rate(metric, *extra)}))")
-
-
 def cluster_tokens_rate(s: Scope) -> str:
     """Tokens the whole deployment computes per second, by phase."""
     return (f"sum by (model, phase) (max by (model, engine, phase) "

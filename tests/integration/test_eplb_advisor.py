@@ -17,7 +17,6 @@ second pick. One server start, eager, under the shared lock.
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -25,6 +24,7 @@ import time
 
 import numpy as np
 import pytest
+from matrix import runners
 
 from moe_reuse.plugin import metrics_text
 from moe_reuse.plugin.harness.load import random_prompts, run_concurrent
@@ -94,7 +94,7 @@ def balancedness(loads: np.ndarray) -> float:
 
 # CI runs the V1 runner (the advisor reads only the recorder's per-expert counts, which the
 # conservation square checks on both runners); MOE_REUSE_FULL_MATRIX=1 adds Model Runner V2.
-RUNNERS = ["v1", "v2"] if os.environ.get("MOE_REUSE_FULL_MATRIX") == "1" else ["v1"]
+RUNNERS = runners("v1")
 
 
 @pytest.mark.parametrize("runner", RUNNERS)

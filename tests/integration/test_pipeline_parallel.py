@@ -10,10 +10,10 @@ and from config.json: never from the plugin's counters.
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
+from matrix import runners
 from vllm_figures import engine_iterations, prefix_cache_hits
 
 from moe_reuse.plugin.harness.load import random_prompts, run_concurrent
@@ -23,9 +23,8 @@ from moe_reuse.plugin.metrics_text import samples
 
 pytestmark = pytest.mark.integration
 
-FULL = os.environ.get("MOE_REUSE_FULL_MATRIX") == "1"
 # V2 runs under Triton's interpreter here; CI runs the GPU default, the full matrix both
-RUNNERS = ["v1", "v2"] if FULL else ["v2"]
+RUNNERS = runners("v2")
 RANKS = ("0", "1")
 
 

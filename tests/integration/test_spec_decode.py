@@ -24,10 +24,10 @@ while the target's counts stay exact.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
+from matrix import FULL, runners
 
 from moe_reuse.plugin.harness.load import random_prompts, run_concurrent
 from moe_reuse.plugin.harness.server import VllmServer, metric_value
@@ -35,9 +35,8 @@ from moe_reuse.plugin.harness.tiny_models import ModelFacts, build_model, model_
 from moe_reuse.plugin.metrics_text import samples
 
 pytestmark = pytest.mark.integration
-FULL = os.environ.get("MOE_REUSE_FULL_MATRIX") == "1"
 # V2 runs under Triton's interpreter here; CI runs the GPU default, the full matrix both
-RUNNERS = ["v1", "v2"] if FULL else ["v2"]
+RUNNERS = runners("v2")
 
 
 def _check_target_counts(text: str, before: str, facts: ModelFacts, sent: list[tuple[list[int], int]],

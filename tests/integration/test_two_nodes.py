@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from matrix import runners
 from split_check import check_split
 from test_monitoring_e2e import MonitoringStack, WebhookReceiver, _free_port, _wait_for
 from test_recorder_server import FLUSH, _check_conservation, _workload
@@ -36,9 +37,8 @@ from moe_reuse.plugin.harness.server import VllmServer, metric_value
 from moe_reuse.plugin.harness.tiny_models import build_model, model_facts
 
 pytestmark = pytest.mark.integration
-FULL = os.environ.get("MOE_REUSE_FULL_MATRIX") == "1"
 # V2 (every GPU server's runner) in CI; V1 as well in the full matrix.
-RUNNERS = ["v1", "v2"] if FULL else ["v2"]
+RUNNERS = runners("v2")
 
 
 def _exporter_cmd() -> list[str]:

@@ -24,6 +24,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 
 import pytest
+from matrix import runners
 
 from moe_reuse.plugin import calibrate_engine
 from moe_reuse.plugin.harness.load import random_prompts, run_concurrent_streamed
@@ -49,7 +50,7 @@ CPU_SPEC = str(Path(__file__).resolve().parents[2] / "plugin" / "live" / "data" 
 
 # CI runs the V1 runner (KV capacity and the routing come through the seam the same way on both);
 # MOE_REUSE_FULL_MATRIX=1 adds Model Runner V2.
-RUNNERS = ["v1", "v2"] if os.environ.get("MOE_REUSE_FULL_MATRIX") == "1" else ["v1"]
+RUNNERS = runners("v1")
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
