@@ -31,7 +31,7 @@ from contextlib import redirect_stdout
 from pathlib import Path
 from typing import Any
 
-from moe_reuse.plugin.calibrate_engine import pooled_gaps
+from moe_reuse.plugin.calibrate_gaps import pooled_gaps
 from moe_reuse.plugin.harness.load import (
     pct,
     random_prompts,
@@ -114,7 +114,7 @@ def measure_levels(srv: VllmServer, levels: list[int], args: argparse.Namespace,
                    vocab: int) -> list[dict[str, Any]]:
     """Streamed closed-loop load at each level, in `--passes` passes over the levels; each level
     from its fastest pass (the client's P50), the other passes' gaps scaled to it and pooled
-    into its P99, as calibrate takes its points (`calibrate_engine.pooled_gaps`). A row also
+    into its P99, as calibrate takes its points (`calibrate_gaps.pooled_gaps`). A row also
     keeps the figures over every pass unscaled (`all_passes`)."""
     name = srv.served_model_name
     warm = random_prompts(4, args.prompt_len, vocab, seed=1)

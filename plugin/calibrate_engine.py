@@ -39,6 +39,15 @@ from typing import Any
 
 import numpy as np
 
+from .calibrate_gaps import (
+    PASSES,
+    fastest_pass,
+    jitter_ratios,
+    load_tail_quantiles,
+    pass_rounds,
+    pooled_gaps,
+)
+
 Say = Callable[[str], None]
 MODELS = ("qwen3-moe", "qwen3-moe-deep")  # 4 and 16 layers, otherwise the same
 # (concurrency, output tokens, rounds): 384 tokens keep concurrent requests overlapping for
@@ -47,14 +56,6 @@ MODELS = ("qwen3-moe", "qwen3-moe-deep")  # 4 and 16 layers, otherwise the same
 # seconds, because the engine's stalls are rare and a second of serving may hold one or none.
 RUNS = ((1, 384, 8), (32, 384, 6), (32, 64, 4))
 LONG = max(t for _, t, _ in RUNS)
-# The runs' rounds are split over PASSES passes through RUNS, and each point takes its fastest
-# pass: the 2-core VM has slow spells of ten seconds to minutes (one that fell on a
-# calibration's 32-client run put 37 us a sequence on the step, against 13 to 17 in the others,
-# and the what-if 33 to 58% high from 16 clients up; in another the three passes of the
-# one-client run took 2.30, 2.38 and 1.86 ms a step, and the benchmark right after 1.92), and
-# another tenant's work only ever adds time. Each pass's gaps are scaled to the chosen pass's
-# median before they are pooled, so a slow pass adds gaps to the tail, not its own level.
-PASSES = 3
 # (clients, output tokens): loaded closed loops, clients started spread over one request's
 # duration (steady traffic, not waves), at least FRONT_S each, for the front end's work per
 # request (`front_end_loop`); outputs threefold apart separate its per-token part. They run
@@ -90,22 +91,6 @@ def _decode_step(before: str, after: str) -> tuple[float, float, float]:
     context = d("moe_reuse_context_tokens_total", phase="decode")
     return (d("moe_reuse_step_duration_seconds_total", kind="decode") / steps, tokens / steps,
             context / max(tokens, 1.0))
-
-
-def pass_rounds(rounds: int, k: int) -> int:
-    """Rounds of a run that pass k takes: `rounds` spread over PASSES, at least one each."""
-    return max(1, rounds // PASSES + (k < rounds % PASSES))
-
-
-def fastest_pass(passes: list[dict[str, Any]]) -> dict[str, Any]:
-    """The pass with the shortest mean step: a slow spell in the others does not reach it."""
-    return min(passes, key=lambda q: q["step_seconds"])
-
-
-def pooled_gaps(passes: list[dict[str, Any]], chosen: dict[str, Any]) -> list[float]:
-    """Every pass's gaps, each pass scaled to the chosen pass's median gap."""
-    return [g * chosen["itl_p50_seconds"] / q["itl_p50_seconds"]
-            for q in passes for g in q["gaps"]]
 
 
 def _measure(name: str, say: Say) -> tuple[list[dict[str, float]], list[float], dict[str, Any],
@@ -378,41 +363,3 @@ def front_end_fit(loops: list[dict[str, float]], say: Say = print) -> dict[str, 
         return {"front_end_request_seconds": float(np.mean(y)), "front_end_token_seconds": 0.0}
     fe = _fit([[1.0, p["output_tokens"]] for p in bound], y, y)
     return {"front_end_request_seconds": fe[0], "front_end_token_seconds": fe[1]}
-
-
-def load_tail_quantiles(gaps_at_one: list[float], gaps_loaded: list[float]) -> list[float]:
-    """What load adds to the gaps' tail, in seconds at `JITTER_QUANTILES`: the loaded run's
-    quantiles less its median times the one-client run's noise ratios at the same quantile,
-    none below the median (a faster-than-median gap is no tail), non-decreasing; none from
-    fewer than 1,000 gaps in either run.
-
-    Why this form: the what-if scales the host's noise (`step_jitter_ratios`, the one-client
-    gaps over their median) with the step, then adds this tail, so the tail is what the loaded
-    run holds beyond its median's own noise, and the what-if gives back the run it came from.
-    (Taken as each run's offset above its median instead, a 3 ms step's noise would count
-    twice, once scaled and once in the tail: +1.4 to +2.4 ms at P99 on the 2-core VM, the
-    what-if's 32- and 64-client P99 40 to 54% high with 128-token outputs.) Why additive: the
-    engine stalls now and then for every running sequence at once (vLLM's own inter-token
-    histogram shows it), for a time that does not scale with the step."""
-    from moe_reuse.predictor.hardware import JITTER_QUANTILES
-
-    if min(len(gaps_at_one), len(gaps_loaded)) < 1000:
-        return []
-    one, loaded = np.asarray(gaps_at_one, dtype=float), np.asarray(gaps_loaded, dtype=float)
-    qs = np.asarray(JITTER_QUANTILES)
-    ratios = np.quantile(one, qs) / np.median(one)
-    extra = np.quantile(loaded, qs) - np.median(loaded) * ratios
-    extra = np.where(qs <= 0.5, 0.0, np.maximum(extra, 0.0))
-    return [float(x) for x in np.maximum.accumulate(extra)]
-
-
-def jitter_ratios(normalised_gaps: list[float]) -> list[float]:
-    """The noise quantiles a hardware spec carries (`JITTER_QUANTILES`), 1.0 at the median;
-    none from fewer than 1,000 gaps (the 99.9th percentile would be one gap)."""
-    from moe_reuse.predictor.hardware import JITTER_QUANTILES
-
-    if len(normalised_gaps) < 1000:
-        return []
-    q = np.quantile(np.asarray(normalised_gaps, dtype=float), JITTER_QUANTILES)
-    q = np.maximum.accumulate(np.maximum(q, 1e-3))
-    return [round(float(x), 4) for x in q]

@@ -280,7 +280,7 @@ def test_calibrate_turns_a_loaded_runs_gaps_into_the_load_tail():
     """The loaded run's quantiles less its median times the one-client noise ratio: an
     additive tail, zero up to the median, non-decreasing; none from fewer than 1,000 gaps.
     The what-if, given the noise and this tail, gives back the loaded run's quantiles."""
-    from moe_reuse.plugin.calibrate_engine import jitter_ratios, load_tail_quantiles
+    from moe_reuse.plugin.calibrate_gaps import jitter_ratios, load_tail_quantiles
     from moe_reuse.predictor.hardware import JITTER_QUANTILES
     from moe_reuse.predictor.quantiles import load_tail, mix_quantile
 
@@ -302,7 +302,7 @@ def test_calibrate_turns_a_loaded_runs_gaps_into_the_load_tail():
 
 
 def test_calibrate_turns_gaps_into_noise_quantiles():
-    from moe_reuse.plugin.calibrate_engine import jitter_ratios
+    from moe_reuse.plugin.calibrate_gaps import jitter_ratios
 
     assert jitter_ratios([1.0] * 999) == []  # too few for a 99.9th percentile
     gaps = [1.0] * 900 + [2.0] * 90 + [5.0] * 10
@@ -445,7 +445,8 @@ def test_calibrate_recovers_the_overheads_and_kv_rate_it_was_given(monkeypatch):
 def test_calibrate_takes_each_point_from_its_fastest_pass():
     """A slow spell over some passes does not reach the point; their gaps join its tail at the
     chosen pass's level; every pass runs a round."""
-    from moe_reuse.plugin import calibrate_engine as ce
+    from moe_reuse.plugin import calibrate_engine
+    from moe_reuse.plugin import calibrate_gaps as ce
 
     passes = [{"step_seconds": s, "itl_p50_seconds": s + 5e-4, "gaps": [s + 5e-4] * 9 + [3 * s]}
               for s in (2.3e-3, 3.7e-3, 1.5e-3)]  # two slow ones
@@ -454,6 +455,6 @@ def test_calibrate_takes_each_point_from_its_fastest_pass():
     pooled = ce.pooled_gaps(passes, chosen)
     assert len(pooled) == 30 and sorted(pooled)[14] == pytest.approx(2e-3)  # its median
     assert max(pooled) == pytest.approx(2e-3 * 3 * 3.7e-3 / 4.2e-3)  # a slow pass's tail, scaled
-    for _, _, rounds in ce.RUNS:
+    for _, _, rounds in calibrate_engine.RUNS:
         split = [ce.pass_rounds(rounds, k) for k in range(ce.PASSES)]
         assert sum(split) == max(rounds, ce.PASSES) and min(split) >= 1
