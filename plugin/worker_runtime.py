@@ -137,8 +137,12 @@ class _Steps:
         if s.bytes_model.kv_bytes_per_token == 0:
             groups = tuple(self.seam_facts.kv_groups(self.worker))
             kv = int(sum(g[0] for g in groups))
+            state = int(self.seam_facts.recurrent_state_bytes(self.worker))
             s.bytes_model = dataclasses.replace(s.bytes_model, kv_bytes_per_token=kv,
-                                                kv_groups=groups)
+                                                kv_groups=groups, recurrent_state_bytes=state)
+            if state:
+                logger.info("moe_reuse: recurrent state %d B a request on this rank, read each "
+                            "step with the KV cache", state)
             if any(w or c for _, w, c in groups):
                 logger.info("moe_reuse: KV bytes per token by attention kind (window, chunk): %s",
                             ", ".join(f"{b:.0f} B ({w or '-'}, {c or '-'})" for b, w, c in groups))

@@ -29,9 +29,10 @@ from .hf_layers import (
     moe_layer_count,
     recurrent_layers,
     recurrent_mixer_params,
+    recurrent_state_elements,
     sliding_layers,
 )
-from .specs import ModelSpec, normalize_dtype
+from .specs import DTYPE_BYTES, ModelSpec, normalize_dtype
 
 _GATED_ATTENTION_FAMILIES = ("qwen3_next", "qwen3_5")
 """Families whose attention gates its output per head (q_proj twice as wide; vLLM's
@@ -81,6 +82,19 @@ def _dtypes(
     return weight, expert or weight, kv, act
 
 
+def _ssm_state_dtype(cfg: Mapping[str, Any], model_type: str, act: str) -> str:
+    """The SSM state's dtype as vLLM picks it with `--mamba-ssm-cache-dtype auto`: the config's
+    own (nemotron_h `mamba_ssm_cache_dtype`, float32 where absent; Qwen3.5 `mamba_ssm_dtype`),
+    else the model's dtype, as the convolution state always is."""
+    given = cfg.get("mamba_ssm_cache_dtype") or cfg.get("mamba_ssm_dtype")
+    if not given and model_type.startswith("nemotron_h"):
+        given = "float32"
+    try:
+        return normalize_dtype(str(given), f"{SOURCE} mamba_ssm_cache_dtype") if given else act
+    except SpecError:
+        return act
+
+
 def model_from_hf_config(
     config: Mapping[str, Any],
     *,
@@ -127,6 +141,9 @@ def model_from_hf_config(
     if blocks is not None:
         layers, moe_layers, recurrent = block_layers(blocks, experts > 0)
         mixers = blocks["mamba"] * recurrent_mixer_params(cfg, hidden)
+        recurrent_mixers = blocks["mamba"]
+    else:
+        recurrent_mixers = recurrent
     is_llama4 = model_type.startswith("llama4")
     if experts:
         moe_inter = first_int(cfg, "moe_intermediate_size", "intermediate_size")
@@ -184,6 +201,9 @@ def model_from_hf_config(
                      and bool(cfg.get("attn_output_gate", True))}
     window, window_layers = sliding_layers(cfg, model_type, layers)
     weight, expert, kv, act = _dtypes(cfg, weight_dtype, kv_dtype)
+    conv, ssm = recurrent_state_elements(cfg, hidden)
+    state_bytes = recurrent_mixers * round(
+        conv * DTYPE_BYTES[act] + ssm * DTYPE_BYTES[_ssm_state_dtype(cfg, model_type, act)])
     return ModelSpec(
         name=name
         or str(cfg.get("_name_or_path") or config.get("_name_or_path") or model_type or "hf-model"),
@@ -202,6 +222,7 @@ def model_from_hf_config(
         num_sliding_window_layers=window_layers,
         num_recurrent_layers=recurrent,
         recurrent_mixer_params=mixers,
+        recurrent_state_bytes=state_bytes,
         gated_ffn=not model_type.startswith(_UNGATED_FAMILIES),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         weight_dtype=weight,

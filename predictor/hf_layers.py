@@ -203,6 +203,31 @@ def recurrent_mixer_params(cfg: Mapping[str, Any], hidden: int) -> int:
     return mamba2_params(cfg, hidden) or gated_deltanet_params(cfg, hidden)
 
 
+def recurrent_state_elements(cfg: Mapping[str, Any], hidden: int) -> tuple[int, int]:
+    """(convolution, SSM) state elements one sequence holds in one recurrent mixer, as vLLM's
+    `MambaStateShapeCalculator` sizes its cache (one rank, no speculative rows): Mamba2's conv
+    over x, B and C and its (heads, head_dim, state) SSM state; Gated DeltaNet's conv over q, k
+    and v and its (value heads, value dim, key dim) state. (0, 0) where the config does not
+    give the shape, as for the weights. Why it matters: every running sequence's state is read
+    (and written back) each step, MiBs a sequence a layer on the full-size hybrids."""
+    heads = shape_int(cfg, "mamba_num_heads", "mamba_n_heads")
+    state = shape_int(cfg, "ssm_state_size", "mamba_d_state")
+    head_dim = shape_int(cfg, "mamba_head_dim", "mamba_d_head")
+    inner = heads * head_dim or shape_int(cfg, "mamba_expand", "expand") * hidden
+    if heads and state and inner:
+        conv_dim = inner + 2 * (shape_int(cfg, "n_groups", "mamba_n_groups") or 1) * state
+        kernel = shape_int(cfg, "conv_kernel", "mamba_d_conv") or 4
+        return conv_dim * (kernel - 1), heads * (inner // heads) * state
+    k_heads = shape_int(cfg, "linear_num_key_heads")
+    v_heads = shape_int(cfg, "linear_num_value_heads")
+    k_dim = shape_int(cfg, "linear_key_head_dim")
+    v_dim = shape_int(cfg, "linear_value_head_dim")
+    if k_heads and v_heads and k_dim and v_dim:
+        kernel = shape_int(cfg, "linear_conv_kernel_dim") or 4
+        return (2 * k_heads * k_dim + v_heads * v_dim) * (kernel - 1), v_heads * v_dim * k_dim
+    return 0, 0
+
+
 RECURRENT_MARKS = ("linear", "mamba", "conv", "deltanet", "kda", "recurrent", "ssm")
 
 

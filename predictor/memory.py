@@ -199,7 +199,10 @@ def kv_bytes_per_sequence_per_gpu(
 ) -> float:
     lay = layout(model, hw, p, acc)
     ctx = _blocked(context_tokens, acc)
-    return kv_bytes_per_sequence(model, ctx) * lay.kv_tp_fraction / (p.pp * p.kvp)
+    # a hybrid's recurrent state sits in the same pool, split by heads over TP and by layers
+    # over PP, whatever the KV heads and the context
+    state = model.recurrent_state_bytes / (p.tp * p.pp)
+    return kv_bytes_per_sequence(model, ctx) * lay.kv_tp_fraction / (p.pp * p.kvp) + state
 
 
 def kv_bytes_per_token_per_gpu(

@@ -135,6 +135,9 @@ class ModelSpec:
     # the weights of all mixers without a KV cache together, where the config gives their shape
     # (Mamba2, Gated DeltaNet); 0 costs each recurrent layer's mixer as an attention layer
     recurrent_mixer_params: int = 0
+    # every recurrent mixer's per-sequence state together (convolution and SSM state, as vLLM
+    # caches it): held once a sequence whatever its context, read once a step
+    recurrent_state_bytes: int = 0
     tie_word_embeddings: bool = False
     weight_dtype: str = "bf16"
     expert_weight_dtype: str = ""
@@ -171,6 +174,7 @@ class ModelSpec:
             "num_sliding_window_layers",
             "num_recurrent_layers",
             "recurrent_mixer_params",
+            "recurrent_state_bytes",
             "max_context_tokens",
         ):
             check_int(self, name, 0)

@@ -217,7 +217,8 @@ def step_time(
 
     # HBM bytes per GPU per stage pass.
     by_proj = layers * w.attention_bytes_per_layer / p.tp
-    by_kv = micro * kv_bytes_per_sequence(model, context_tokens) * lay.kv_tp_fraction / (pp * p.kvp)
+    by_kv = micro * (kv_bytes_per_sequence(model, context_tokens) * lay.kv_tp_fraction / p.kvp
+                     + model.recurrent_state_bytes / p.tp) / pp  # a hybrid's state: once a step
     by_dense = dense_layers * w.dense_ffn_bytes_per_dense_layer / f
     by_shared = moe_layers * w.shared_experts_bytes_per_moe_layer / f
     by_routed = moe_layers * (distinct * w.routed_expert_bytes / fr + w.router_bytes_per_moe_layer)

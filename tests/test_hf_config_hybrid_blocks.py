@@ -10,6 +10,8 @@ Expected values come from the model cards and from the configs by hand; none fro
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from moe_reuse.predictor import (
@@ -17,6 +19,7 @@ from moe_reuse.predictor import (
     SpecError,
     kv_bytes_per_token,
     load_hardware_preset,
+    max_batch,
     memory_breakdown,
     model_from_hf_config,
     step_time,
@@ -76,8 +79,34 @@ def test_every_mixers_weights_are_read_each_step():
     step = step_time(m, hw, Partition(), 1, 1000)
     assert step.hbm_bytes["projections"] == pytest.approx(
         2 * (6 * NANO_ATTENTION + 23 * NANO_MAMBA), rel=1e-9)
-    assert step.hbm_bytes["kv"] == 6144 * 1000
+    # the 6 attention layers' KV of 1000 tokens, and the 23 Mamba2 mixers' state read whole
+    assert step.hbm_bytes["kv"] == 6144 * 1000 + 23 * NANO_STATE
     assert memory_breakdown(m, hw, Partition(), 4096).kv_bytes_per_token == 6144
+
+
+# One Mamba2 mixer's state per sequence, by hand (vLLM's MambaStateShapeCalculator): the conv
+# over xBC (4096 + 2 x 8 groups x 128 = 6144 channels) keeps kernel - 1 = 3 columns in bf16;
+# the SSM state is 64 heads x 64 x 128 in float32, vLLM's default for nemotron_h
+NANO_STATE = 6144 * 3 * 2 + 64 * 64 * 128 * 4
+
+
+def test_the_recurrent_state_is_read_once_a_sequence_a_step_and_takes_cache_room():
+    """Every running sequence's state is read each step whatever its context; it is split over
+    TP by heads (not by KV heads: Nemotron's 2 KV heads are replicated at TP 8); it is taken
+    from the KV pool, so fewer sequences fit."""
+    m = model_from_hf_config(NEMOTRON_NANO)
+    assert m.recurrent_state_bytes == 23 * NANO_STATE
+    hw = load_hardware_preset("h200")
+    one, eight = (step_time(m, hw, Partition(), b, 1000).hbm_bytes["kv"] for b in (1, 8))
+    assert eight == pytest.approx(8 * one)
+    short = step_time(m, hw, Partition(), 1, 10).hbm_bytes["kv"]
+    assert one - short == pytest.approx(6144 * 990)  # the state does not grow with the context
+    tp8 = step_time(m, hw, Partition(tp=8), 1, 1000).hbm_bytes["kv"]
+    assert tp8 == pytest.approx(6144 * 1000 / 2 + 23 * NANO_STATE / 8)
+    ssm = model_from_hf_config({**NEMOTRON_NANO, "mamba_ssm_cache_dtype": "bfloat16"})
+    assert ssm.recurrent_state_bytes == 23 * (6144 * 3 * 2 + 64 * 64 * 128 * 2)
+    stateless = dataclasses.replace(m, recurrent_state_bytes=0)
+    assert max_batch(m, hw, Partition(), 4096) < max_batch(stateless, hw, Partition(), 4096)
 
 
 def test_granite_hybrid_mamba_mixers_match_the_model_card():
@@ -146,6 +175,9 @@ def test_gated_deltanet_mixers_are_costed_by_their_weights():
     # vLLM's Qwen3NextAttention: q_proj emits the query and a per-head output gate
     assert attention_params_per_layer(m) == (2048 * 16 * 256 * 2 + 2 * 2048 * 2 * 256
                                              + 16 * 256 * 2048)
+    # per sequence and mixer: the conv over q, k, v (2 x 2048 + 4096) keeps 3 columns, the
+    # state is 32 value heads x 128 x 128, both bf16 (vLLM's GDN cache)
+    assert m.recurrent_state_bytes == 36 * (8192 * 3 + 32 * 128 * 128) * 2
     off = model_from_hf_config({**QWEN3_NEXT_GDN, "attn_output_gate": False})
     assert attention_params_per_layer(off) == 2048 * 16 * 256 * 2 + 2 * 2048 * 2 * 256
     assert total_params(m) / 1e9 == pytest.approx(80.0, rel=0.02)

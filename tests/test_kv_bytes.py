@@ -79,3 +79,32 @@ def test_no_cache_yet_and_no_groups_fall_back_to_full_context() -> None:
     assert kv_groups(NS()) == [] and kv_bytes_per_token(NS()) == 0
     bm = ByteModel((1,), kv_bytes_per_token=10)
     assert kv_read_bytes(bm, np.array([5, 7])).tolist() == [50, 70]
+
+
+def test_a_hybrids_recurrent_state_is_read_whole_by_each_request_that_has_one() -> None:
+    """Qwen3-Next-style Gated DeltaNet layers: vLLM's MambaSpec, its page padded to the
+    attention page. A request with tokens computed reads its state whole each step, whatever
+    its context; a new one starts from zeros; wider steps than the raw buffers agree."""
+    from moe_reuse.plugin.recorder.aggregate import DECODE, PREFILL, StepMeta
+    from moe_reuse.plugin.vllm.weights import recurrent_state_bytes
+
+    conv, ssm = (3, 2 * 128 + 128), (1, 64, 64)  # one rank's conv columns and heads x v x k
+    state = (3 * 384 + 64 * 64) * 2  # bf16 both
+    gdn = kvi.MambaSpec(block_size=BLOCK, shapes=(conv, ssm), dtypes=(torch.bfloat16,) * 2,
+                        page_size_padded=4 * state)
+    full = kvi.FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD,
+                                 dtype=torch.bfloat16)
+    runner = _runner((full, 1), (gdn, 3))
+    assert recurrent_state_bytes(runner) == 3 * state  # the state, not the padded page
+    assert kv_groups(runner) == [(PER_TOKEN_BF16, 0, 0)]
+    assert recurrent_state_bytes(NS()) == 0 and recurrent_state_bytes(_runner((full, 2))) == 0
+    bm = ByteModel((1,), kv_bytes_per_token=PER_TOKEN_BF16, kv_groups=tuple(kv_groups(runner)),
+                   recurrent_state_bytes=recurrent_state_bytes(runner))
+    # a new prompt of 9, a prefill chunk continuing at 40, two decodes at contexts 10 and 500
+    sched, dec, done = np.array([9, 8, 1, 1]), np.array([0, 0, 1, 1], bool), np.array([0, 40, 9, 499])
+    for width in (8, 2):  # raw and derived by the flusher; derived on the spot
+        meta = StepMeta(4, max_requests=width)
+        meta.record(0, sched, dec, done, int(sched.sum()), bm)
+        meta.derive(0, 1, bm)
+        assert meta.kv_bytes[0, PREFILL] == PER_TOKEN_BF16 * (9 + 48) + 3 * state
+        assert meta.kv_bytes[0, DECODE] == PER_TOKEN_BF16 * (10 + 500) + 2 * 3 * state

@@ -43,6 +43,7 @@ def byte_model_from(data: dict[str, Any]) -> ByteModel:
         embedding_bytes=int(data.get("embedding_bytes", 0)),
         kv_bytes_per_token=int(data.get("kv_bytes_per_token", 0)),
         kv_groups=tuple((float(b), int(w), int(c)) for b, w, c in data.get("kv_groups", ())),
+        recurrent_state_bytes=int(data.get("recurrent_state_bytes", 0)),
     )
 
 

@@ -49,6 +49,11 @@ class ByteModel:
     """(bytes per token, sliding window or 0, attention chunk or 0) per kind of attention layer on
     this rank, from vLLM's KV-cache groups: a sliding-window layer reads at most its window of
     the context, a chunked-local one the tokens of the current chunk. Empty: all full."""
+    recurrent_state_bytes: int = 0
+    """A hybrid's recurrent state (Mamba, Gated DeltaNet, short convolutions) one request holds
+    on this rank, over every such layer, from vLLM's Mamba cache specs: a request that has
+    tokens computed reads it whole each step, whatever its context (a new one starts from
+    zeros). Counted with the KV cache, in whose pool vLLM keeps it."""
 
 
 def kv_read_bytes(bm: ByteModel, context: np.ndarray) -> np.ndarray:
@@ -155,6 +160,8 @@ class StepMeta:
         pre = valid & ~dec
         ctx = np.where(valid, computed + sched, 0)  # KV tokens after the step
         kv = kv_read_bytes(bm, ctx)
+        if bm.recurrent_state_bytes:
+            kv += np.where(valid & (computed > 0), float(bm.recurrent_state_bytes), 0.0)
         for ph, mask in ((PREFILL, pre), (DECODE, dec)):
             self.tokens[slots, ph] = (sched * mask).sum(axis=1)
             self.requests[slots, ph] = mask.sum(axis=1)

