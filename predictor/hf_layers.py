@@ -206,8 +206,9 @@ def recurrent_mixer_params(cfg: Mapping[str, Any], hidden: int) -> int:
 def recurrent_state_elements(cfg: Mapping[str, Any], hidden: int) -> tuple[int, int]:
     """(convolution, SSM) state elements one sequence holds in one recurrent mixer, as vLLM's
     `MambaStateShapeCalculator` sizes its cache (one rank, no speculative rows): Mamba2's conv
-    over x, B and C and its (heads, head_dim, state) SSM state; Gated DeltaNet's conv over q, k
-    and v and its (value heads, value dim, key dim) state. (0, 0) where the config does not
+    over x, B and C and its (heads, head_dim, state) SSM state; Mamba1's (jamba: no heads) conv
+    over x and its (inner, state) SSM state; Gated DeltaNet's conv over q, k and v and its
+    (value heads, value dim, key dim) state. (0, 0) where the config does not
     give the shape, as for the weights. Why it matters: every running sequence's state is read
     (and written back) each step, MiBs a sequence a layer on the full-size hybrids."""
     heads = shape_int(cfg, "mamba_num_heads", "mamba_n_heads")
@@ -218,6 +219,9 @@ def recurrent_state_elements(cfg: Mapping[str, Any], hidden: int) -> tuple[int, 
         conv_dim = inner + 2 * (shape_int(cfg, "n_groups", "mamba_n_groups") or 1) * state
         kernel = shape_int(cfg, "conv_kernel", "mamba_d_conv") or 4
         return conv_dim * (kernel - 1), heads * (inner // heads) * state
+    if not heads and state and inner:  # Mamba1
+        kernel = shape_int(cfg, "mamba_d_conv", "conv_kernel") or 4
+        return inner * (kernel - 1), inner * state
     k_heads = shape_int(cfg, "linear_num_key_heads")
     v_heads = shape_int(cfg, "linear_num_value_heads")
     k_dim = shape_int(cfg, "linear_key_head_dim")

@@ -181,3 +181,20 @@ def test_gated_deltanet_mixers_are_costed_by_their_weights():
     off = model_from_hf_config({**QWEN3_NEXT_GDN, "attn_output_gate": False})
     assert attention_params_per_layer(off) == 2048 * 16 * 256 * 2 + 2 * 2048 * 2 * 256
     assert total_params(m) / 1e9 == pytest.approx(80.0, rel=0.02)
+
+
+def test_jamba_mamba1_state():
+    """ai21labs/AI21-Jamba-Mini-1.5's shape: Mamba1 mixers (no heads) in 28 of 32 layers, each
+    request holding a conv of 2 x 4096 channels x 3 columns and an SSM state of 8192 x 16, bf16
+    (vLLM's mamba1_state_shape)."""
+    jamba = {
+        "architectures": ["JambaForCausalLM"], "model_type": "jamba", "hidden_size": 4096,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+        "vocab_size": 65536, "intermediate_size": 14336, "num_experts": 16,
+        "num_experts_per_tok": 2, "expert_layer_period": 2, "expert_layer_offset": 1,
+        "attn_layer_period": 8, "attn_layer_offset": 4, "mamba_d_state": 16, "mamba_d_conv": 4,
+        "mamba_expand": 2, "mamba_dt_rank": 256, "torch_dtype": "bfloat16",
+    }
+    m = model_from_hf_config(jamba)
+    assert (m.num_recurrent_layers, m.num_kv_layers) == (28, 4)
+    assert m.recurrent_state_bytes == 28 * (8192 * 3 + 8192 * 16) * 2
