@@ -198,3 +198,14 @@ def test_jamba_mamba1_state():
     m = model_from_hf_config(jamba)
     assert (m.num_recurrent_layers, m.num_kv_layers) == (28, 4)
     assert m.recurrent_state_bytes == 28 * (8192 * 3 + 8192 * 16) * 2
+
+
+def test_the_qwen3_next_preset_is_its_config_json():
+    """The bundled preset is what model_from_hf_config makes of the model's config.json, so the
+    data file cannot drift from the rules (its recurrent state included)."""
+    from moe_reuse.predictor import load_model_preset
+
+    preset = load_model_preset("qwen3-next-80b-a3b")
+    assert preset == model_from_hf_config({**QWEN3_NEXT_GDN, "max_position_embeddings": 262144},
+                                          name="qwen3-next-80b-a3b")
+    assert preset.recurrent_state_bytes == 39518208  # 37.7 MiB a sequence

@@ -53,6 +53,7 @@ def ds():
         "mixtral-8x22b",
         "qwen3-30b-a3b",
         "gpt-oss-120b",
+        "qwen3-next-80b-a3b",
     ],
 )
 def test_preset_parameter_counts_match_published_totals(name):
@@ -66,6 +67,7 @@ def test_preset_parameter_counts_match_published_totals(name):
         "mixtral-8x22b": 141e9,
         "qwen3-30b-a3b": 30.5e9,
         "gpt-oss-120b": 116.8e9,
+        "qwen3-next-80b-a3b": 80e9,
     }
     assert total_params(load_model_preset(name)) == pytest.approx(published[name], rel=0.02)
 

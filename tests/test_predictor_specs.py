@@ -37,6 +37,7 @@ MODEL_PRESETS = [
     "mixtral-8x7b",
     "qwen3-235b-a22b",
     "qwen3-30b-a3b",
+    "qwen3-next-80b-a3b",
     "switch-c-2048",
 ]
 HW_PRESETS = ["b200", "h100-sxm", "h200", "mi300x", "paper-reference"]
