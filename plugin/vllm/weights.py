@@ -136,19 +136,14 @@ def kv_groups(model_runner: Any) -> list[tuple[float, int, int]]:
     blocks for those when the hybrid allocator is off, but the layer still reads only its window).
     Specs that hold no per-token state (Mamba and other state-space caches) are skipped.
     """
-    cfg = getattr(model_runner, "kv_cache_config", None)
     acc: dict[tuple[int, int], float] = {}
-    for group in getattr(cfg, "kv_cache_groups", []) or []:
-        spec = group.kv_cache_spec
-        per_layer = getattr(spec, "kv_cache_specs", None)
-        specs = list(per_layer.values()) if per_layer else [spec] * len(group.layer_names)
-        for sp in specs:
-            if not hasattr(sp, "head_size") or not getattr(sp, "block_size", 0):
-                continue  # not an attention cache: no bytes per token of context
-            page = getattr(sp, "real_page_size_bytes", None) or sp.page_size_bytes
-            window = int(getattr(sp, "sliding_window", None) or 0)
-            chunk = int(getattr(sp, "attention_chunk_size", None) or 0)
-            acc[(window, chunk)] = acc.get((window, chunk), 0.0) + page / sp.block_size
+    for sp in _layer_specs(model_runner):
+        if not hasattr(sp, "head_size") or not getattr(sp, "block_size", 0):
+            continue  # not an attention cache: no bytes per token of context
+        page = getattr(sp, "real_page_size_bytes", None) or sp.page_size_bytes
+        window = int(getattr(sp, "sliding_window", None) or 0)
+        chunk = int(getattr(sp, "attention_chunk_size", None) or 0)
+        acc[(window, chunk)] = acc.get((window, chunk), 0.0) + page / sp.block_size
     return [(per_token, w, c) for (w, c), per_token in sorted(acc.items())]
 
 
@@ -158,16 +153,22 @@ def recurrent_state_bytes(model_runner: Any) -> int:
     convolutions), as vLLM sized it: the state's own bytes (`real_page_size_bytes`), not the
     page padded to the attention layers' size; 0 without such layers or before the cache is
     sized."""
+    return sum(int(getattr(sp, "real_page_size_bytes", None) or sp.page_size_bytes)
+               for sp in _layer_specs(model_runner)
+               if getattr(sp, "shapes", None) is not None and not hasattr(sp, "head_size"))
+
+
+def _layer_specs(model_runner: Any) -> list[Any]:
+    """One KV-cache spec per layer on this rank, from vLLM's KV-cache groups (a group's spec
+    for each of its layers, or `UniformTypeKVCacheSpecs`' own per layer); [] before vLLM has
+    sized the cache."""
     cfg = getattr(model_runner, "kv_cache_config", None)
-    total = 0
+    out: list[Any] = []
     for group in getattr(cfg, "kv_cache_groups", []) or []:
         spec = group.kv_cache_spec
         per_layer = getattr(spec, "kv_cache_specs", None)
-        specs = list(per_layer.values()) if per_layer else [spec] * len(group.layer_names)
-        for sp in specs:
-            if getattr(sp, "shapes", None) is not None and not hasattr(sp, "head_size"):
-                total += int(getattr(sp, "real_page_size_bytes", None) or sp.page_size_bytes)
-    return total
+        out += list(per_layer.values()) if per_layer else [spec] * len(group.layer_names)
+    return out
 
 
 def kv_bytes_per_token(model_runner: Any) -> int:

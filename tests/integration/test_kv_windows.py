@@ -46,6 +46,27 @@ def _expected_kv_bytes(cfg: dict, contexts: list[int]) -> int:
                for c in contexts for layer in range(cfg["num_hidden_layers"]))
 
 
+def _one_request_kv_bytes(srv: VllmServer, cfg: dict, prompt: int, n: int, seed: int) -> float:
+    """Serve one request of `prompt` random tokens and `n` output tokens, the server's only
+    one, and return the KV-cache bytes the plugin counted for it, once all its n steps (the
+    prompt's, then n - 1 decodes) reached /metrics."""
+    before = srv.metrics_text()
+    out = complete(srv.url, random_prompts(1, prompt, cfg["vocab_size"], seed=seed)[0], n)
+    assert out["usage"]["completion_tokens"] == n
+    deadline = time.monotonic() + 30
+    while True:
+        text = srv.metrics_text()
+        steps = sum(metric_value(text, "moe_reuse_steps_total", kind=k)
+                    - metric_value(before, "moe_reuse_steps_total", kind=k)
+                    for k in ("prefill", "decode", "mixed"))
+        if steps >= n or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert steps == n
+    return (metric_value(text, "moe_reuse_hbm_read_bytes_total", component="kv_cache")
+            - metric_value(before, "moe_reuse_hbm_read_bytes_total", component="kv_cache"))
+
+
 # CI: each model on one runner, the two runners covered (MOE_REUSE_FULL_MATRIX=1: all four)
 RUNS = ([(m, r) for m in ("gpt-oss", "llama4-chunked") for r in ("v1", "v2")] if FULL
         else [("gpt-oss", "v2"), ("llama4-chunked", "v1")])
@@ -59,22 +80,7 @@ def test_windowed_and_chunked_layers_read_only_their_part(name: str, runner: str
     with VllmServer(model, enforce_eager=True, runner=runner, enable_prefix_caching=False,
                     additional_config={"moe_reuse": {"flush_interval_s": 0.2}},
                     extra_args=["--block-size", "32"]).start() as srv:
-        before = srv.metrics_text()
-        out = complete(srv.url, random_prompts(1, prompt, cfg["vocab_size"], seed=4)[0], n)
-        assert out["usage"]["completion_tokens"] == n
-        want_steps = 1 + (n - 1)
-        deadline = time.monotonic() + 30
-        while True:
-            text = srv.metrics_text()
-            steps = sum(metric_value(text, "moe_reuse_steps_total", kind=k)
-                        - metric_value(before, "moe_reuse_steps_total", kind=k)
-                        for k in ("prefill", "decode", "mixed"))
-            if steps >= want_steps or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert steps == want_steps
-        got = (metric_value(text, "moe_reuse_hbm_read_bytes_total", component="kv_cache")
-               - metric_value(before, "moe_reuse_hbm_read_bytes_total", component="kv_cache"))
+        got = _one_request_kv_bytes(srv, cfg, prompt, n, seed=4)
         contexts = [prompt] + [prompt + i for i in range(1, n)]
         want = _expected_kv_bytes(cfg, contexts)
         full = (sum(contexts) * 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
@@ -105,21 +111,7 @@ def test_a_hybrids_recurrent_state_is_read_each_step_with_the_kv(runner: str) ->
     prompt, n = 40, 12
     with VllmServer(model, enforce_eager=True, runner=runner, enable_prefix_caching=False,
                     additional_config={"moe_reuse": {"flush_interval_s": 0.2}}).start() as srv:
-        before = srv.metrics_text()
-        out = complete(srv.url, random_prompts(1, prompt, cfg["vocab_size"], seed=5)[0], n)
-        assert out["usage"]["completion_tokens"] == n
-        deadline = time.monotonic() + 30
-        while True:
-            text = srv.metrics_text()
-            steps = sum(metric_value(text, "moe_reuse_steps_total", kind=k)
-                        - metric_value(before, "moe_reuse_steps_total", kind=k)
-                        for k in ("prefill", "decode", "mixed"))
-            if steps >= n or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        assert steps == n  # the prompt's step, then n - 1 decodes
-        got = (metric_value(text, "moe_reuse_hbm_read_bytes_total", component="kv_cache")
-               - metric_value(before, "moe_reuse_hbm_read_bytes_total", component="kv_cache"))
+        got = _one_request_kv_bytes(srv, cfg, prompt, n, seed=5)
         contexts = [prompt] + [prompt + i for i in range(1, n)]
         attention = types.count("full_attention")
         kv = sum(contexts) * 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * 2 * attention
