@@ -180,19 +180,21 @@ def _models(args: argparse.Namespace) -> int:
                 "attention": m.attention_kind,
                 "weight_dtype": m.weight_dtype,
                 "kv_bytes_per_token": kv_bytes_per_token(m),
+                "recurrent_state_bytes": m.recurrent_state_bytes,
             }
         )
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(
-        f"{'preset':18} {'E':>5} {'k':>2} {'s':>8} {'total':>8} {'active':>7} {'attn':>4} {'weights':>7} {'KV/token':>9}"
+        f"{'preset':18} {'E':>5} {'k':>2} {'s':>8} {'total':>8} {'active':>7} {'attn':>4} {'weights':>7} {'KV/token':>9} {'state/seq':>9}"
     )
     for r in rows:
         print(
             f"{r['name']:18} {r['num_experts']:>5} {r['experts_per_token']:>2} {r['sparsity']:>8.4g} "
             f"{r['total_params'] / 1e9:>7.1f}B {r['active_params'] / 1e9:>6.1f}B {r['attention']:>4} "
-            f"{r['weight_dtype']:>7} {r['kv_bytes_per_token'] / 1024:>7.1f}KiB"
+            f"{r['weight_dtype']:>7} {r['kv_bytes_per_token'] / 1024:>7.1f}KiB "
+            f"{r['recurrent_state_bytes'] / 2**20:>6.1f}MiB"
         )
     return 0
 

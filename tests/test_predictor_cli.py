@@ -318,6 +318,12 @@ def test_sweep_over_q(capsys):
 def test_models_and_hardware_listings(capsys):
     code, out, _ = run(capsys, "models")
     assert code == 0 and "switch-c-2048" in out and "2048" in out
+    row = next(line for line in out.splitlines() if line.startswith("qwen3-next-80b-a3b "))
+    assert row.split()[-1] == "37.7MiB"  # the hybrid's recurrent state a sequence
+    code, out, _ = run(capsys, "models", "--json")
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert rows["qwen3-next-80b-a3b"]["recurrent_state_bytes"] == 39518208
+    assert rows["deepseek-v3"]["recurrent_state_bytes"] == 0
     code, out, _ = run(capsys, "hardware", "--json")
     names = [h["name"] for h in json.loads(out)]
     assert code == 0 and names == ["b200", "h100-sxm", "h200", "mi300x", "paper-reference"]
