@@ -237,8 +237,9 @@ def test_conservation(run: tuple[str, str, bool, bool]) -> None:
 
 def _check_step_bytes_predicted(srv: VllmServer) -> None:
     """The live comparison's predicted decode-step bytes (the predictor's spec of config.json,
-    Gated DeltaNet mixers and gated attention included) against the bytes the recorder measured
-    from the loaded weights, within 1% (0.981 before the attention output gate was costed)."""
+    Gated DeltaNet mixers, their recurrent state and gated attention included) against the bytes
+    the recorder measured from the loaded weights and vLLM's cache specs, within 1% (0.981 before
+    the attention output gate was costed; the state is over half the tiny model's step)."""
     deadline = time.monotonic() + 30
     while "moe_reuse_model_error_ratio" not in (text := srv.metrics_text()):
         assert time.monotonic() < deadline, "no live window closed"
