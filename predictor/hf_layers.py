@@ -208,9 +208,9 @@ def recurrent_state_elements(cfg: Mapping[str, Any], hidden: int) -> tuple[int, 
     `MambaStateShapeCalculator` sizes its cache (one rank, no speculative rows): Mamba2's conv
     over x, B and C and its (heads, head_dim, state) SSM state; Mamba1's (jamba: no heads) conv
     over x and its (inner, state) SSM state; Gated DeltaNet's conv over q, k and v and its
-    (value heads, value dim, key dim) state. (0, 0) where the config does not
-    give the shape, as for the weights. Why it matters: every running sequence's state is read
-    (and written back) each step, MiBs a sequence a layer on the full-size hybrids."""
+    (value heads, value dim, key dim) state. (0, 0) where the config does not give the shape,
+    as for the weights. Why it matters: every running sequence's state is read (and written
+    back) each step, MiBs a sequence a layer on the full-size hybrids."""
     heads = shape_int(cfg, "mamba_num_heads", "mamba_n_heads")
     state = shape_int(cfg, "ssm_state_size", "mamba_d_state")
     head_dim = shape_int(cfg, "mamba_head_dim", "mamba_d_head")
