@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import SpecError
 
@@ -163,22 +163,63 @@ def shape_int(cfg: Mapping[str, Any], *keys: str) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
 
 
+class _Mamba(NamedTuple):
+    """A Mamba mixer's shape: Mamba2 has heads (heads x head_dim = inner), Mamba1 (jamba) none;
+    conv_dim is the channels its depthwise conv runs over (x, and Mamba2's B and C)."""
+
+    heads: int
+    state: int
+    inner: int
+    conv_dim: int
+    kernel: int
+
+
+def _mamba_shape(cfg: Mapping[str, Any], hidden: int) -> _Mamba | None:
+    heads = shape_int(cfg, "mamba_num_heads", "mamba_n_heads")
+    state = shape_int(cfg, "ssm_state_size", "mamba_d_state")
+    head_dim = shape_int(cfg, "mamba_head_dim", "mamba_d_head")
+    inner = heads * head_dim or shape_int(cfg, "mamba_expand", "expand") * hidden
+    if not (state and inner):
+        return None
+    groups = (shape_int(cfg, "n_groups", "mamba_n_groups") or 1) if heads else 0
+    kernel = shape_int(cfg, "conv_kernel", "mamba_d_conv") or 4
+    return _Mamba(heads, state, inner, inner + 2 * groups * state, kernel)
+
+
+class _DeltaNet(NamedTuple):
+    """A Gated DeltaNet mixer's shape: key = key heads x key dim, value = value heads x value
+    dim; its conv runs over q, k and v."""
+
+    v_heads: int
+    k_dim: int
+    v_dim: int
+    key: int
+    value: int
+    kernel: int
+
+
+def _deltanet_shape(cfg: Mapping[str, Any]) -> _DeltaNet | None:
+    k_heads = shape_int(cfg, "linear_num_key_heads")
+    v_heads = shape_int(cfg, "linear_num_value_heads")
+    k_dim = shape_int(cfg, "linear_key_head_dim")
+    v_dim = shape_int(cfg, "linear_value_head_dim")
+    if not (k_heads and v_heads and k_dim and v_dim):
+        return None
+    kernel = shape_int(cfg, "linear_conv_kernel_dim") or 4
+    return _DeltaNet(v_heads, k_dim, v_dim, k_heads * k_dim, v_heads * v_dim, kernel)
+
+
 def mamba2_params(cfg: Mapping[str, Any], hidden: int) -> int:
     """Weights of one Mamba2 mixer (nemotron_h, granitemoehybrid spellings), as vLLM's
     MambaMixer2 holds them: in_proj to z, xBC and dt; the depthwise conv; A, D, dt_bias; the
     gated norm; out_proj. 0 (the mixer is then costed as attention) where the config does not
     give the shape: a better estimate, never a reason to refuse the model."""
-    heads = shape_int(cfg, "mamba_num_heads", "mamba_n_heads")
-    state = shape_int(cfg, "ssm_state_size", "mamba_d_state")
-    head_dim = shape_int(cfg, "mamba_head_dim", "mamba_d_head")
-    inner = heads * head_dim or shape_int(cfg, "mamba_expand", "expand") * hidden
-    if not (heads and state and inner):
+    m = _mamba_shape(cfg, hidden)
+    if m is None or not m.heads:
         return 0
-    conv_dim = inner + 2 * (shape_int(cfg, "n_groups", "mamba_n_groups") or 1) * state
-    kernel = shape_int(cfg, "conv_kernel", "mamba_d_conv") or 4
-    conv_bias = conv_dim if cfg.get("use_conv_bias", cfg.get("mamba_conv_bias", True)) else 0
-    return (hidden * (inner + conv_dim + heads) + conv_dim * kernel + conv_bias
-            + 3 * heads + inner + inner * hidden)
+    conv_bias = m.conv_dim if cfg.get("use_conv_bias", cfg.get("mamba_conv_bias", True)) else 0
+    return (hidden * (m.inner + m.conv_dim + m.heads) + m.conv_dim * m.kernel + conv_bias
+            + 3 * m.heads + m.inner + m.inner * hidden)
 
 
 def gated_deltanet_params(cfg: Mapping[str, Any], hidden: int) -> int:
@@ -186,16 +227,11 @@ def gated_deltanet_params(cfg: Mapping[str, Any], hidden: int) -> int:
     GDN layer holds them: in_proj_qkvz (q, k of key_dim, v, z of value_dim), in_proj_ba (b, a
     per value head), the depthwise conv over q, k, v, dt_bias and A_log, the gated norm, out_proj.
     0 where the config does not give the shape."""
-    k_heads = shape_int(cfg, "linear_num_key_heads")
-    v_heads = shape_int(cfg, "linear_num_value_heads")
-    k_dim = shape_int(cfg, "linear_key_head_dim")
-    v_dim = shape_int(cfg, "linear_value_head_dim")
-    if not (k_heads and v_heads and k_dim and v_dim):
+    d = _deltanet_shape(cfg)
+    if d is None:
         return 0
-    key, value = k_heads * k_dim, v_heads * v_dim
-    kernel = shape_int(cfg, "linear_conv_kernel_dim") or 4
-    return (hidden * (2 * key + 2 * value) + hidden * 2 * v_heads + (2 * key + value) * kernel
-            + 2 * v_heads + v_dim + value * hidden)
+    return (hidden * (2 * d.key + 2 * d.value) + hidden * 2 * d.v_heads
+            + (2 * d.key + d.value) * d.kernel + 2 * d.v_heads + d.v_dim + d.value * hidden)
 
 
 def recurrent_mixer_params(cfg: Mapping[str, Any], hidden: int) -> int:
@@ -205,30 +241,18 @@ def recurrent_mixer_params(cfg: Mapping[str, Any], hidden: int) -> int:
 
 def recurrent_state_elements(cfg: Mapping[str, Any], hidden: int) -> tuple[int, int]:
     """(convolution, SSM) state elements one sequence holds in one recurrent mixer, as vLLM's
-    `MambaStateShapeCalculator` sizes its cache (one rank, no speculative rows): Mamba2's conv
-    over x, B and C and its (heads, head_dim, state) SSM state; Mamba1's (jamba: no heads) conv
-    over x and its (inner, state) SSM state; Gated DeltaNet's conv over q, k and v and its
-    (value heads, value dim, key dim) state. (0, 0) where the config does not give the shape,
-    as for the weights. Why it matters: every running sequence's state is read (and written
-    back) each step, MiBs a sequence a layer on the full-size hybrids."""
-    heads = shape_int(cfg, "mamba_num_heads", "mamba_n_heads")
-    state = shape_int(cfg, "ssm_state_size", "mamba_d_state")
-    head_dim = shape_int(cfg, "mamba_head_dim", "mamba_d_head")
-    inner = heads * head_dim or shape_int(cfg, "mamba_expand", "expand") * hidden
-    if heads and state and inner:
-        conv_dim = inner + 2 * (shape_int(cfg, "n_groups", "mamba_n_groups") or 1) * state
-        kernel = shape_int(cfg, "conv_kernel", "mamba_d_conv") or 4
-        return conv_dim * (kernel - 1), heads * (inner // heads) * state
-    if not heads and state and inner:  # Mamba1
-        kernel = shape_int(cfg, "mamba_d_conv", "conv_kernel") or 4
-        return inner * (kernel - 1), inner * state
-    k_heads = shape_int(cfg, "linear_num_key_heads")
-    v_heads = shape_int(cfg, "linear_num_value_heads")
-    k_dim = shape_int(cfg, "linear_key_head_dim")
-    v_dim = shape_int(cfg, "linear_value_head_dim")
-    if k_heads and v_heads and k_dim and v_dim:
-        kernel = shape_int(cfg, "linear_conv_kernel_dim") or 4
-        return (2 * k_heads * k_dim + v_heads * v_dim) * (kernel - 1), v_heads * v_dim * k_dim
+    `MambaStateShapeCalculator` sizes its cache (one rank, no speculative rows): a Mamba conv
+    keeps kernel - 1 columns of its channels, and its SSM state is inner x state (Mamba2's
+    heads x head_dim x state); Gated DeltaNet's conv keeps as many over q, k and v, and its
+    state is value heads x value dim x key dim. (0, 0) where the config does not give the
+    shape, as for the weights. Why it matters: every running sequence's state is read (and
+    written back) each step, MiBs a sequence a layer on the full-size hybrids."""
+    m = _mamba_shape(cfg, hidden)
+    if m is not None:
+        return m.conv_dim * (m.kernel - 1), m.inner * m.state
+    d = _deltanet_shape(cfg)
+    if d is not None:
+        return (2 * d.key + d.value) * (d.kernel - 1), d.v_heads * d.v_dim * d.k_dim
     return 0, 0
 
 
