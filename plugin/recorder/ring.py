@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import count_kernel, device_clock
+from . import count_kernel, device_clock, step_calls
 
 PREFILL, DECODE, PAD = 0, 1, 2
 NUM_PHASES = 3
@@ -90,9 +90,10 @@ class RoutingRing:
     """Device counters plus the host-side protocol that fills `tok_base` around each step."""
 
     def __init__(self, layout: RingLayout, device: torch.device | str = "cpu",
-                 stage: bool | None = None) -> None:
+                 stage: bool | None = None, driver: Any = None) -> None:
         """`stage`: write the token map through host staging buffers and copies (the default
-        off the CPU); True on the CPU runs that path where tests can check it."""
+        off the CPU); True on the CPU runs that path where tests can check it. `driver`: a
+        stand-in for libcuda's calls (`step_calls.DriverCalls`; tests)."""
         self.layout = layout
         self.device = torch.device(device)
         lay = layout
@@ -144,9 +145,10 @@ class RoutingRing:
         ]
         self._stage_np = [t.numpy() for t in self._stage]
         self._stage_mv = [elements(a) for a in self._stage_np]
-        # the slot elements as views made once (a view is a Python object a step would pay for)
-        self._tok_slots = self.tok_base[self.SLOT:]
-        self._stage_slots = [t[self.SLOT:] for t in self._stage]
+        # the step's copies and events: the driver API on CUDA, torch's calls elsewhere
+        self._calls = step_calls.make(self.device, self.tok_base, self._stage, self._idle_host,
+                                      self.SLOT, driver)
+        self._waited: tuple[Any, Any] = (None, None)  # the flush event the step stream waited on
         self._stage_events: list[torch.cuda.Event | None] = [None] * len(self._stage)
         self._stage_next = 0
         self._copy_events: dict[int, torch.cuda.Event] = {}
@@ -239,23 +241,26 @@ class RoutingRing:
         assert elems is not None
         elems[self.BASE] = ring_slot * lay.slot_stride
         elems[self.SLOT] = ring_slot  # the slot, for the device clock's stamps
-        stream = None
+        calls, stream = self._calls, None
         if self.on_cuda:
-            stream = self._step_stream = torch.cuda.current_stream(self.device)
+            stream = self._step_stream = calls.stream()
             copy_done = self._copy_events.pop(ring_slot, None)
-            if copy_done is not None:  # the flusher's D2H copy of this slot must finish first
-                stream.wait_event(copy_done)
+            # the flusher's D2H copy of this slot must finish first: one event covers a batch
+            # of slots, so a stream that has waited on it once is past it for the rest
+            if copy_done is not None and (copy_done, stream) != self._waited:
+                calls.wait(stream, copy_done)
+                self._waited = (copy_done, stream)
         if i >= 0:  # 16 bytes for a layout the device holds (most decode steps)
             if changed:
-                self.tok_base[:upto].copy_(self._stage[i][:upto], non_blocking=True)
-            self._tok_slots.copy_(self._stage_slots[i], non_blocking=True)
+                calls.copy_rows(i, upto, stream)
+            calls.copy_slot(i, stream)
         if self._timing:
             # The slot's begin event, after the copy, also guards staging buffer i (a record
             # of it S steps later marks a later point: waiting on that is still safe). One
             # record per step, on events made once: the host cost of the protocol on a GPU
             # worker is mostly these CUDA calls (benchmarks/bench_step_protocol.py --device cuda).
             begin = self._timing[ring_slot][0]
-            begin.record(stream)
+            calls.record(begin, stream)
             self._timing_slot = ring_slot
             if stream is not None:
                 self._stage_events[i] = begin
@@ -286,7 +291,7 @@ class RoutingRing:
         if self._tok_mv is not None:
             self._tok_mv[self.SLOT], self._tok_mv[self.BASE] = self._idle_pair
         else:
-            self._tok_slots.copy_(self._idle_host, non_blocking=True)
+            self._calls.copy_idle()
 
     # ---- collective time on the device (CUDA, opt-in) -----------------------------------------
     def enable_device_comm(self) -> bool:
@@ -380,7 +385,7 @@ class RoutingRing:
         stream = self._step_stream if slot >= 0 else self._stream()
         if slot >= 0:
             end = self._timing[slot][1]
-            end.record(stream)
+            self._calls.record(end, stream)
             if stream is not None:
                 self._last_step_event = end
         elif stream is not None:  # no step begun (a probe of the flush): an event of its own
