@@ -201,9 +201,9 @@ def model_from_hf_config(
                      and bool(cfg.get("attn_output_gate", True))}
     window, window_layers = sliding_layers(cfg, model_type, layers)
     weight, expert, kv, act = _dtypes(cfg, weight_dtype, kv_dtype)
-    conv, ssm = recurrent_state_elements(cfg, hidden)
+    plain, ssm = recurrent_state_elements(cfg, hidden)  # model dtype; SSM state dtype
     state_bytes = recurrent_mixers * round(
-        conv * DTYPE_BYTES[act] + ssm * DTYPE_BYTES[_ssm_state_dtype(cfg, model_type, act)])
+        plain * DTYPE_BYTES[act] + ssm * DTYPE_BYTES[_ssm_state_dtype(cfg, model_type, act)])
     return ModelSpec(
         name=name
         or str(cfg.get("_name_or_path") or config.get("_name_or_path") or model_type or "hf-model"),

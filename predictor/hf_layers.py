@@ -234,17 +234,39 @@ def gated_deltanet_params(cfg: Mapping[str, Any], hidden: int) -> int:
             + (2 * d.key + d.value) * d.kernel + 2 * d.v_heads + d.v_dim + d.value * hidden)
 
 
+def short_conv_params(cfg: Mapping[str, Any], hidden: int) -> int:
+    """Weights of one LFM2 short-convolution mixer (lfm2, lfm2_moe), as vLLM's ShortConv holds
+    them at width hidden: in_proj to B, C and x, the depthwise conv of `conv_L_cache` taps,
+    out_proj, and their biases with `conv_bias`. 4 x hidden^2 against attention's 3 to 4 on a
+    GQA model: costing it as attention left a third of each conv layer's reads out. 0 where the
+    config does not give the taps."""
+    taps = shape_int(cfg, "conv_L_cache")
+    if not taps:
+        return 0
+    return 4 * hidden * hidden + taps * hidden + (5 * hidden if cfg.get("conv_bias") else 0)
+
+
 def recurrent_mixer_params(cfg: Mapping[str, Any], hidden: int) -> int:
-    """One recurrent mixer's weights by the shape keys its family gives; 0 if none."""
-    return mamba2_params(cfg, hidden) or gated_deltanet_params(cfg, hidden)
+    """One recurrent mixer's weights by the shape keys its family gives; 0 if none (linear
+    attention, minimax and bailing's, is costed as attention: it has the same projections)."""
+    return (mamba2_params(cfg, hidden) or gated_deltanet_params(cfg, hidden)
+            or short_conv_params(cfg, hidden))
+
+
+def _linear_attention(cfg: Mapping[str, Any]) -> bool:
+    """Lightning-style linear attention (minimax's `attn_type_list`, bailing's
+    `layer_group_size`): a heads x head_dim x head_dim state a layer, no conv."""
+    return "attn_type_list" in cfg or int_key(cfg, "layer_group_size") > 1
 
 
 def recurrent_state_elements(cfg: Mapping[str, Any], hidden: int) -> tuple[int, int]:
-    """(convolution, SSM) state elements one sequence holds in one recurrent mixer, as vLLM's
-    `MambaStateShapeCalculator` sizes its cache (one rank, no speculative rows): a Mamba conv
-    keeps kernel - 1 columns of its channels, and its SSM state is inner x state (Mamba2's
-    heads x head_dim x state); Gated DeltaNet's conv keeps as many over q, k and v, and its
-    state is value heads x value dim x key dim. (0, 0) where the config does not give the
+    """(elements in the model's dtype, elements in the SSM state's dtype) one sequence holds in
+    one recurrent mixer, as vLLM's `MambaStateShapeCalculator` sizes its cache (one rank, no
+    speculative rows): a Mamba conv keeps kernel - 1 columns of its channels, and its SSM state
+    is inner x state (Mamba2's heads x head_dim x state); Gated DeltaNet's conv keeps as many
+    over q, k and v, and its state is value heads x value dim x key dim; LFM2's short conv
+    keeps conv_L_cache - 1 columns of hidden; linear attention (minimax, bailing) a heads x
+    head_dim x head_dim state in the model's dtype. (0, 0) where the config does not give the
     shape, as for the weights. Why it matters: every running sequence's state is read (and
     written back) each step, MiBs a sequence a layer on the full-size hybrids."""
     m = _mamba_shape(cfg, hidden)
@@ -253,6 +275,13 @@ def recurrent_state_elements(cfg: Mapping[str, Any], hidden: int) -> tuple[int, 
     d = _deltanet_shape(cfg)
     if d is not None:
         return (2 * d.key + d.value) * (d.kernel - 1), d.v_heads * d.v_dim * d.k_dim
+    taps = shape_int(cfg, "conv_L_cache")
+    if taps:
+        return hidden * (taps - 1), 0
+    heads = shape_int(cfg, "num_attention_heads")
+    if _linear_attention(cfg) and heads:
+        head_dim = shape_int(cfg, "head_dim") or hidden // heads
+        return heads * head_dim * head_dim, 0
     return 0, 0
 
 
@@ -263,7 +292,8 @@ def recurrent_layers(cfg: Mapping[str, Any], num_layers: int) -> int:
     """Layers of a hybrid whose token mixer keeps a fixed state instead of a KV cache:
     `layer_types` / `layers_block_type` entries such as linear_attention (qwen3_next, minimax),
     mamba (granitemoehybrid, jamba) or conv (lfm2); jamba's attention period; minimax's
-    `attn_type_list` (0 = linear). Unknown entries count as attention, as before."""
+    `attn_type_list` (0 = linear); bailing's `layer_group_size` (each group's last layer is full
+    attention). Unknown entries count as attention, as before."""
     for key in ("layer_types", "layers_block_type"):
         types = cfg.get(key)
         if isinstance(types, Sequence) and not isinstance(types, str) and types:
@@ -276,6 +306,9 @@ def recurrent_layers(cfg: Mapping[str, Any], num_layers: int) -> int:
     kinds = cfg.get("attn_type_list")
     if isinstance(kinds, Sequence) and not isinstance(kinds, str):
         return sum(1 for k in list(kinds)[:num_layers] if k == 0)
+    group = int_key(cfg, "layer_group_size")
+    if group > 1:  # bailing_moe_linear.is_linear_layer: full attention closes each group
+        return sum(1 for i in range(num_layers) if (i + 1) % group)
     return 0
 
 

@@ -209,3 +209,46 @@ def test_the_qwen3_next_preset_is_its_config_json():
     assert preset == model_from_hf_config({**QWEN3_NEXT_GDN, "max_position_embeddings": 262144},
                                           name="qwen3-next-80b-a3b")
     assert preset.recurrent_state_bytes == 39518208  # 37.7 MiB a sequence
+
+
+LFM2_MOE = {  # shaped after LiquidAI/LFM2-8B-A1B: 18 short-conv and 6 attention layers
+    "architectures": ["Lfm2MoeForCausalLM"], "model_type": "lfm2_moe", "hidden_size": 2048,
+    "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "vocab_size": 65536, "intermediate_size": 7168, "moe_intermediate_size": 1792,
+    "num_experts": 32, "num_experts_per_tok": 4, "num_dense_layers": 2, "conv_L_cache": 3,
+    "conv_bias": False, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "layer_types": (["conv", "conv", "full_attention", "conv"] * 6),
+}
+
+
+def test_lfm2_short_conv_mixers_and_state():
+    """vLLM's ShortConv at width hidden: in_proj to 3 x hidden, a 3-tap depthwise conv, out_proj
+    (4 h^2 + 3 h weights, no biases), and a conv state of L_cache - 1 = 2 columns of hidden a
+    sequence, in the model's dtype (short_conv_state_shape / _dtype). They were costed as
+    attention (3 h^2 here) with no state."""
+    m = model_from_hf_config(LFM2_MOE)
+    h = 2048
+    assert (m.num_recurrent_layers, m.num_kv_layers) == (18, 6)
+    assert m.recurrent_mixer_params == 18 * (4 * h * h + 3 * h)
+    assert m.recurrent_state_bytes == 18 * h * 2 * 2
+    biased = model_from_hf_config({**LFM2_MOE, "conv_bias": True})
+    assert biased.recurrent_mixer_params - m.recurrent_mixer_params == 18 * 5 * h
+    assert active_params(m) / 1e9 == pytest.approx(1.5, rel=0.12)  # the card: 1.5B active
+
+
+SMALL_MOE = {"hidden_size": 256, "num_hidden_layers": 8, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "vocab_size": 1000, "intermediate_size": 512,
+             "moe_intermediate_size": 128, "num_experts": 16, "num_experts_per_tok": 2}
+
+
+@pytest.mark.parametrize(("extra", "linear"), [
+    ({"layer_group_size": 4}, 6),  # bailing_moe_linear: layers 3 and 7 close their groups
+    ({"attn_type_list": [0, 1] * 4}, 4),  # minimax: 0 = lightning attention
+])
+def test_linear_attention_keeps_a_head_dim_squared_state_per_head(extra, linear):
+    """linear_attention_state_shape: heads x head_dim x head_dim a sequence a layer, in the
+    model's dtype, and no KV cache on those layers (4 heads of 64)."""
+    m = model_from_hf_config({**SMALL_MOE, **extra, "torch_dtype": "bfloat16"})
+    assert (m.num_recurrent_layers, m.num_kv_layers) == (linear, 8 - linear)
+    assert m.recurrent_state_bytes == linear * 4 * 64 * 64 * 2
+    assert m.recurrent_mixer_params == 0  # projections as attention's
