@@ -22,6 +22,7 @@ from moe_reuse.plugin.live.window import (
     window_figures,
     window_gauges,
 )
+from moe_reuse.plugin.reader.rank import RankReader
 from moe_reuse.plugin.recorder.aggregate import BlockStats, ByteModel
 from moe_reuse.predictor import expected_distinct_experts, hardware_from_dict, step_time
 from moe_reuse.predictor.sizes import weight_bytes_breakdown
@@ -315,6 +316,40 @@ def test_monitor_publishes_and_never_raises() -> None:
     t[0] = 3.0
     mon(*block(B=4, n=5), session)  # the next window that closes fine clears it
     assert session.degraded == set() and "dense_speedup_ratio" in session.gauges
+
+
+def test_a_due_window_closes_on_an_idle_poll_once_it_holds_decode_steps() -> None:
+    """A burst shorter than window_s (a fast engine) used to wait for the next request to be
+    judged: windows closed only when a block arrived. An idle poll (`tick`) closes a due window
+    that holds decode steps, and leaves an empty one open (idle time makes no windows)."""
+    from types import SimpleNamespace
+
+    t = [0.0]
+    mon = LiveMonitor(big_specs(), PluginConfig(window_s=1.0), list(range(8)),
+                      kv_capacity=lambda: 4096, baseline=None, clock=lambda: t[0])
+    session = SimpleNamespace(gauges={}, bytes_model=BM, errors={}, degraded=set())
+    assert not mon.tick(session)  # nothing yet, not due
+    mon(*block(B=4, n=5), session)  # the whole burst, inside the first window
+    t[0] = 0.5
+    assert not mon.tick(session) and mon.windows == 0  # not due yet
+    t[0] = 1.2
+    assert mon.tick(session) and mon.windows == 1
+    assert session.gauges["dense_speedup_ratio"]["samples"][0][1] > 0
+    t[0] = 5.0
+    assert not mon.tick(session) and mon.windows == 1  # an idle window is not closed
+    reader = RankReader.__new__(RankReader)  # the reader's side: listeners with and without tick
+    reader.listeners, reader.broken, reader.gauges = [lambda *a: None, mon], False, {}
+    reader.bytes_model = BM
+    mon(*block(B=4, n=5), reader)  # due since 2.2: the block closes it, as before
+    assert mon.windows == 2
+    t[0] = 5.3
+    mon(*block(B=4, n=5), reader)
+    t[0] = 6.5
+    assert reader.tick() and mon.windows == 3
+    reader.broken = True  # a rank whose folding failed runs no listener
+    mon(*block(B=4, n=5), reader)
+    t[0] = 8.0
+    assert not reader.tick() and mon.windows == 3
 
 
 def test_resolve_hardware(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

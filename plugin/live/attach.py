@@ -119,24 +119,45 @@ class LiveMonitor:
                 if self.windows == 0 and "kv_capacity_tokens" not in session.gauges:
                     self.publish(session, self.static_figures(session))
                 return
-            faults.check("live_window")
-            w = self.acc.close(now)
-            self._reload_baseline()
-            fig = window_figures(w, self.specs, kv_capacity_moe=self._capacity(),
-                                 kv_bytes_per_token=session.bytes_model.kv_bytes_per_token,
-                                 cold_fraction=self.cfg.cold_fraction, baseline=self.baseline)
-            self.last_figures = fig
-            self.windows += 1
-            self.publish(session, fig)
-            _recovered(session, "live_window")
-            if publish_advice(session, w, self.specs, self.cfg, self.layer_ids,
-                              placement=self.placement,
-                              on_fault=lambda s, e: live_fault(s, e, "live_advisor")):
-                _recovered(session, "live_advisor")
+            self._close(now, session)
         except Exception as exc:  # noqa: BLE001 - never into the flusher (it would disable all)
-            live_fault(session, exc, "live_window")
-            session.gauges = {k: v for k, v in session.gauges.items()
-                              if k not in LIVE_GAUGES and k not in ADVISOR_GAUGES}
+            self._failed(session, exc)
+
+    def tick(self, session: Any) -> bool:
+        """A poll that brought no steps: close a window whose time is up if it holds decode
+        steps, so the last burst of traffic is judged on time rather than when the next request
+        comes (a short burst on a fast engine fits inside one window). True if one closed."""
+        try:
+            now = self.clock()
+            if not (self.acc.data.steps and self.acc.due(now)):
+                return False
+            self._close(now, session)
+            return True
+        except Exception as exc:  # noqa: BLE001
+            self._failed(session, exc)
+            return True
+
+    def _failed(self, session: Any, exc: BaseException) -> None:
+        live_fault(session, exc, "live_window")
+        session.gauges = {k: v for k, v in session.gauges.items()
+                          if k not in LIVE_GAUGES and k not in ADVISOR_GAUGES}
+
+    def _close(self, now: float, session: Any) -> None:
+        """End the window, publish its figures and the advisor's. Raises (the callers catch)."""
+        faults.check("live_window")
+        w = self.acc.close(now)
+        self._reload_baseline()
+        fig = window_figures(w, self.specs, kv_capacity_moe=self._capacity(),
+                             kv_bytes_per_token=session.bytes_model.kv_bytes_per_token,
+                             cold_fraction=self.cfg.cold_fraction, baseline=self.baseline)
+        self.last_figures = fig
+        self.windows += 1
+        self.publish(session, fig)
+        _recovered(session, "live_window")
+        if publish_advice(session, w, self.specs, self.cfg, self.layer_ids,
+                          placement=self.placement,
+                          on_fault=lambda s, e: live_fault(s, e, "live_advisor")):
+            _recovered(session, "live_advisor")
 
 
 def attach(session: Any, cfg: PluginConfig, facts: ServedFacts,

@@ -114,6 +114,16 @@ class RankReader:
         for listener in self.listeners:
             listener(stats, meta, self)
 
+    def tick(self) -> bool:
+        """A poll with no new steps: the listeners that keep time (the live window) may close
+        what is due. True if the exported figures changed."""
+        changed = False
+        for listener in self.listeners:
+            tick = getattr(listener, "tick", None)
+            if tick is not None and not self.broken:
+                changed = bool(tick(self)) or changed
+        return changed
+
     # ---- what is exported ----------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         """The rank's exported snapshot: the worker's status with the reader's figures."""

@@ -208,6 +208,8 @@ class RunReader:
             if folded or missed:
                 rank.reader.add_block(counts, meta, missed)
                 rank.dirty = True
+            elif rank.reader.tick():
+                rank.dirty = True
         if rank.reader.measure_hbm():
             rank.dirty = True
         if rank.dirty:
