@@ -33,6 +33,7 @@ EXPECTED_MOE_LAYERS = {
     "ernie45-moe": (1, 2, 3),  # moe_layer_start_index = 1
     "qwen3-next": (0, 1, 2, 3),  # every layer MoE; layers 0 and 2 Gated DeltaNet, 1 and 3 attention
     "gpt-oss": (0, 1, 2, 3),
+    "lfm2-moe": (1, 2, 3),  # num_dense_layers = 1; layers 0 and 2 short convolutions
     "dense": (),
     "big-moe": tuple(range(8)),
 }

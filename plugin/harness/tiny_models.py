@@ -174,6 +174,10 @@ def _facts_from_config(name: str, cfg: Mapping[str, Any], dead: tuple[int, ...])
         step = int(text.get("interleave_moe_layer_step", 1))
         moe = [i for i in range(n) if step > 0 and (i + 1) % step == 0]
         shared, moe_inter = 1, int(text["intermediate_size"])
+    elif arch == "Lfm2MoeForCausalLM":  # lfm2_moe.py: layer_idx >= num_dense_layers, no shared
+        experts, top_k = int(text["num_experts"]), int(text["num_experts_per_tok"])
+        moe = list(range(int(text.get("num_dense_layers", 0)), n))
+        moe_inter = int(text["moe_intermediate_size"])
     elif arch == "GptOssForCausalLM":  # gpt_oss.py: every layer is MoE, no shared expert
         experts, top_k = int(text["num_local_experts"]), int(text["num_experts_per_tok"])
         moe, moe_inter = list(range(n)), int(text["intermediate_size"])

