@@ -337,19 +337,21 @@ def test_a_due_window_closes_on_an_idle_poll_once_it_holds_decode_steps() -> Non
     assert session.gauges["dense_speedup_ratio"]["samples"][0][1] > 0
     t[0] = 5.0
     assert not mon.tick(session) and mon.windows == 1  # an idle window is not closed
+    broken = SimpleNamespace(gauges={}, bytes_model=None, errors={}, degraded=set())
+    mon.acc.data.steps = 1  # a due window whose figures fail: counted once, then dropped
+    assert mon.tick(broken) and broken.errors == {"live_window": 1}
+    assert not mon.tick(broken) and broken.errors == {"live_window": 1}
     reader = RankReader.__new__(RankReader)  # the reader's side: listeners with and without tick
     reader.listeners, reader.broken, reader.gauges = [lambda *a: None, mon], False, {}
     reader.bytes_model = BM
-    mon(*block(B=4, n=5), reader)  # due since 2.2: the block closes it, as before
-    assert mon.windows == 2
-    t[0] = 5.3
-    mon(*block(B=4, n=5), reader)
+    mon(*block(B=4, n=5), reader)  # the dropped window restarted at 5.0: not due
+    assert mon.windows == 1
     t[0] = 6.5
-    assert reader.tick() and mon.windows == 3
+    assert reader.tick() and mon.windows == 2
     reader.broken = True  # a rank whose folding failed runs no listener
     mon(*block(B=4, n=5), reader)
     t[0] = 8.0
-    assert not reader.tick() and mon.windows == 3
+    assert not reader.tick() and mon.windows == 2
 
 
 def test_resolve_hardware(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]

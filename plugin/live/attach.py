@@ -16,6 +16,7 @@ it next succeeds; the recorder's own counters keep flowing.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -135,6 +136,8 @@ class LiveMonitor:
             return True
         except Exception as exc:  # noqa: BLE001
             self._failed(session, exc)
+            with contextlib.suppress(Exception):  # dropped, not retried on every idle poll
+                self.acc.close(self.clock())
             return True
 
     def _failed(self, session: Any, exc: BaseException) -> None:

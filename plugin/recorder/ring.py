@@ -145,7 +145,7 @@ class RoutingRing:
         ]
         self._stage_np = [t.numpy() for t in self._stage]
         self._stage_mv = [elements(a) for a in self._stage_np]
-        # the step's copies and events: the driver API on CUDA, torch's calls elsewhere
+        # the step's copies and events: torch's calls, or the driver API's (opt-in, step_calls)
         self._calls = step_calls.make(self.device, self.tok_base, self._stage, self._idle_host,
                                       self.SLOT, driver)
         self._waited: tuple[Any, Any] = (None, None)  # the flush event the step stream waited on
