@@ -5,8 +5,8 @@ calls. Through torch, a 16-byte pinned copy goes through the dispatcher, TensorI
 caching host allocator's event bookkeeping, and taking the current stream builds a Python object:
 40 to 49 us a step on an H200 host's vCPU against 21 to 25 us for the same protocol with the ring
 on that host's CPU (docs/gpu.md, benchmarks/results/bench_step_protocol-h200.txt). The driver
-API does the same work in four plain calls (`cuMemcpyHtoDAsync`, `cuEventRecord`), through
-ctypes, on pointers taken once at start-up.
+API does the same work in four plain calls a step (two `cuMemcpyHtoDAsync`, two
+`cuEventRecord`), through ctypes, on pointers taken once at start-up.
 
 Same semantics either way: the copies are stream-ordered and read pinned staging buffers that the
 ring guards with its events; events stay torch's (`torch.cuda.Event`), so the flusher's reads
@@ -35,7 +35,8 @@ ITEM = 8  # bytes of one tok_base element (int64)
 
 
 class TorchCalls:
-    """torch's API: the fallback, and the ring's staged path on the CPU (tests)."""
+    """torch's API: the default, the driver path's fallback, and the ring's staged path on the
+    CPU (tests)."""
 
     name = "torch"
 
@@ -76,12 +77,14 @@ def _libcuda() -> Any:
     """The driver library with the three calls' prototypes, or None where it cannot load."""
     try:
         lib = ctypes.CDLL("libcuda.so.1")
-    except OSError:
+        lib.cuMemcpyHtoDAsync_v2.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t,
+                                             ctypes.c_void_p]
+        lib.cuEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+        lib.cuStreamWaitEvent.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
+    except (OSError, AttributeError):  # no driver library, or one without these symbols
+        logger.warning("moe_reuse: MOE_REUSE_STEP_CALLS=driver, but libcuda.so.1 with "
+                       "cuMemcpyHtoDAsync_v2 could not be loaded; using torch's calls")
         return None
-    lib.cuMemcpyHtoDAsync_v2.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t,
-                                         ctypes.c_void_p]
-    lib.cuEventRecord.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
-    lib.cuStreamWaitEvent.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
     for fn in (lib.cuMemcpyHtoDAsync_v2, lib.cuEventRecord, lib.cuStreamWaitEvent):
         fn.restype = ctypes.c_int
     return lib
