@@ -120,10 +120,8 @@ class DriverCalls(TorchCalls):
         """At start-up (a sync is fine here): one driver copy of the idle pair must land where
         torch's would, on the stream torch calls current; else torch's calls from the start."""
         try:
-            stream = self._raw()
-            rc = self._memcpy(self._tok_ptr + self._slot_off, self._idle_ptr, 2 * ITEM, stream)
-            if rc:
-                self._fail("cuMemcpyHtoDAsync", rc)
+            if not self._copy(self._tok_ptr + self._slot_off, self._idle_ptr, 2 * ITEM,
+                              self._raw()):
                 return
             torch.cuda.current_stream(self.device).synchronize()
             if tok_base[slot_at:].tolist() != idle_host.tolist():
@@ -140,31 +138,27 @@ class DriverCalls(TorchCalls):
                        "calls from now on (unset MOE_REUSE_STEP_CALLS to start that way)",
                        call, rc)
 
-    def copy_rows(self, i: int, upto: int, stream: Any) -> None:
-        if not self.failed:
-            rc = self._memcpy(self._tok_ptr, self._stage_ptrs[i], upto * ITEM, stream)
-            if rc == 0:
-                return
+    def _copy(self, dst: int, src: int, nbytes: int, stream: Any) -> bool:
+        """One driver copy; False, with torch's calls from then on, where it failed."""
+        if self.failed:
+            return False
+        rc = self._memcpy(dst, src, nbytes, stream)
+        if rc:
             self._fail("cuMemcpyHtoDAsync", rc)
-        super().copy_rows(i, upto, stream)
+        return rc == 0
+
+    def copy_rows(self, i: int, upto: int, stream: Any) -> None:
+        if not self._copy(self._tok_ptr, self._stage_ptrs[i], upto * ITEM, stream):
+            super().copy_rows(i, upto, stream)
 
     def copy_slot(self, i: int, stream: Any) -> None:
-        if not self.failed:
-            rc = self._memcpy(self._tok_ptr + self._slot_off, self._stage_ptrs[i] + self._slot_off,
-                              2 * ITEM, stream)
-            if rc == 0:
-                return
-            self._fail("cuMemcpyHtoDAsync", rc)
-        super().copy_slot(i, stream)
+        off = self._slot_off
+        if not self._copy(self._tok_ptr + off, self._stage_ptrs[i] + off, 2 * ITEM, stream):
+            super().copy_slot(i, stream)
 
     def copy_idle(self) -> None:
-        if not self.failed:
-            rc = self._memcpy(self._tok_ptr + self._slot_off, self._idle_ptr, 2 * ITEM,
-                              self._raw())
-            if rc == 0:
-                return
-            self._fail("cuMemcpyHtoDAsync", rc)
-        super().copy_idle()
+        if not self._copy(self._tok_ptr + self._slot_off, self._idle_ptr, 2 * ITEM, self._raw()):
+            super().copy_idle()
 
     def record(self, event: Any, stream: Any) -> None:
         # 0 until torch first records it (it creates events lazily)
