@@ -17,10 +17,13 @@ names (`escaping=allow-utf-8`), which skips that character-by-character escape.
 - `8 ranks + junk`: the same plus 200 files the reader must refuse (symlinks, a FIFO, oversized,
   corrupt, zip bombs, foreign names);
 - `512 ranks`: a directory at the rank-file cap.
+Each case runs twice, side by side: with prometheus_client's own escapers (`orig`), then with
+the escapes remembered as the plugin installs them where it serves /metrics (`memo`,
+`moe_reuse.plugin.exporters.render_names`); the last lines print memo/orig per column.
 The budgets: 100 ms a scrape whatever the directory holds (issue 13); 20 ms for the default
 series of 8 ranks, 100 ms with per-expert series (issue 15). Last run: benchmarks/results/bench_scrape.txt.
 
-    python benchmarks/bench_scrape.py [--repeat 20]
+    python benchmarks/bench_scrape.py [--repeat 20] [--cases default,per-expert,...]
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics import exposition as openmetrics
 
+from moe_reuse.plugin.exporters import render_names
 from moe_reuse.plugin.exporters.prometheus import SnapshotCollector
 from moe_reuse.plugin.recorder.aggregate import ByteModel
 from moe_reuse.plugin.recorder.ring import RingLayout
@@ -156,40 +160,63 @@ class _Fixed:
         return self.fams
 
 
+CASES = {
+    "per-expert": ("8 ranks, per-expert on", 8, True, 0, False),
+    "files": ("8 ranks, per-expert off", 8, False, 0, False),
+    "default": ("8 ranks, default, in-process", 8, False, 0, True),
+    "junk": ("8 ranks + 200 junk files", 8, True, 200, False),
+    "512": ("512 ranks, per-expert off", 512, False, 0, False),
+}
+COLUMNS = ("collector ms", "render ms", "om render ms", "scrape ms", "prom 2.x ms", "prom 3.x ms",
+           "max ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=20)
+    ap.add_argument("--cases", default=",".join(CASES),
+                    help=f"comma-separated, of {', '.join(CASES)}")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
-    cases = [("8 ranks, per-expert on", 8, True, 0, False),
-             ("8 ranks, per-expert off", 8, False, 0, False),
-             ("8 ranks, default, in-process", 8, False, 0, True),
-             ("8 ranks + 200 junk files", 8, True, 200, False),
-             ("512 ranks, per-expert off", 512, False, 0, False)]
     # the render is prometheus_client's, and its cost depends on the version (0.22 added UTF-8
     # name escaping per label: text renders about twice as slowly as 0.21's)
     print(f"prometheus_client {importlib.metadata.version('prometheus_client')}")
-    print(f"{'case':29s} {'collector ms':>12s} {'render ms':>10s} {'om render ms':>12s} "
-          f"{'scrape ms':>10s} {'prom 2.x ms':>11s} {'prom 3.x ms':>11s} {'max ms':>7s} "
-          f"{'bytes':>9s}")
-    for name, ranks, pe, n_junk, here in cases:
+    print(f"{'case':29s} {'escapes':7s} " + " ".join(f"{c:>{max(len(c), 7)}s}" for c in COLUMNS)
+          + f" {'bytes':>9s}")
+    ratios: dict[str, list[float]] = {}
+    for key in args.cases.split(","):
+        name, ranks, pe, n_junk, here = CASES[key]
         with tempfile.TemporaryDirectory() as tmp:
             base = Path(tmp) / "base"
             d = base / RUN
             d.mkdir(parents=True, mode=0o700)
             if n_junk:  # first: zip bombs take seconds to write, and the ranks must be fresh
                 junk(d, n_junk)
-            for r in range(ranks):
-                write_snapshot(snapshot_path(d, "0", str(r)), rank_snapshot(r, pe, rng),
-                               remember=here)
-            gc.collect()
-            gc.freeze()  # as vLLM's API server does once it has started (freeze_gc_heap)
-            collect, render, om, total, p2, p3, worst, size = time_scrapes(base, args.repeat)
-            gc.unfreeze()
-            WRITTEN_HERE.clear()
-            print(f"{name:29s} {collect:12.1f} {render:10.1f} {om:12.1f} {total:10.1f} "
-                  f"{p2:11.1f} {p3:11.1f} {worst:7.1f} {int(size):9d}", flush=True)
+            snaps = [rank_snapshot(r, pe, rng) for r in range(ranks)]
+            rows = {}
+            for escapes in ("orig", "memo"):
+                # written afresh for each: a rank not rewritten for 10 s is stale (STALE_AFTER_S)
+                for r, snap in enumerate(snaps):
+                    write_snapshot(snapshot_path(d, "0", str(r)), snap, remember=here)
+                gc.collect()
+                gc.freeze()  # as vLLM's API server does once it has started (freeze_gc_heap)
+                render_names.uninstall()
+                if escapes == "memo" and not render_names.install():
+                    raise SystemExit("render_names.install() refused this prometheus_client")
+                rows[escapes] = time_scrapes(base, args.repeat)
+                *ms, size = rows[escapes]
+                print(f"{name:29s} {escapes:7s} "
+                      + " ".join(f"{v:{max(len(c), 7)}.1f}" for c, v in zip(COLUMNS, ms))
+                      + f" {int(size):9d}", flush=True)
+                gc.unfreeze()
+                WRITTEN_HERE.clear()
+            ratios[name] = [m / o for m, o in zip(rows["memo"][:-1], rows["orig"][:-1])]
+            render_names.uninstall()
+    print("memo/orig, side by side in this run:")
+    for name, r in ratios.items():
+        print(f"{name:29s} {'ratio':7s} "
+              + " ".join(f"{v:{max(len(c), 7)}.2f}" for c, v in zip(COLUMNS, r)))
 
 
 if __name__ == "__main__":

@@ -95,10 +95,13 @@ def check_vllm_version() -> None:
 
 def register_collector() -> None:
     """Expose the ranks' snapshots on this process's /metrics (single-API-server mode; with
-    several, vLLM serves the multiprocess files the reader writes)."""
+    several, vLLM serves the multiprocess files the reader writes), and have prometheus_client
+    escape each name once, not once a sample (`render_names`: it is most of a scrape's cost)."""
     from prometheus_client import REGISTRY
 
+    from .exporters import render_names
     from .exporters.prometheus import SnapshotCollector
     from .snapshot import run_dir
 
+    render_names.install()
     REGISTRY.register(SnapshotCollector(run_dir, frontend=STATE))  # type: ignore[arg-type]

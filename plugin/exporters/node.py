@@ -29,6 +29,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, start_http_server
 
 from ..snapshot import base_dir, scan_base
+from . import render_names
 from .prometheus import SnapshotCollector
 
 logger = logging.getLogger("vllm.moe_reuse")
@@ -53,7 +54,9 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def node_registry(base: Path) -> CollectorRegistry:
     """A registry holding only the node's snapshot collector (no process or GC series: the
-    exporter's own health is `up` and moe_reuse_errors_total{stage="collector"})."""
+    exporter's own health is `up` and moe_reuse_errors_total{stage="collector"}), rendered with
+    each name escaped once (`render_names`)."""
+    render_names.install()
     reg = CollectorRegistry(auto_describe=False)
     reg.register(SnapshotCollector(lambda: base, whole_base=True))  # type: ignore[arg-type]
     return reg

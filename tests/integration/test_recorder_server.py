@@ -245,6 +245,8 @@ def test_conservation(run: tuple[str, str, bool, bool]) -> None:
         assert "moe_reuse_moe_comm_seconds_total" not in text  # no collective: no fake zero
         log = srv.log_text()
         assert log.count(f"runner {runner}, sources") == 1  # detected and logged once
+        # the API server renders /metrics with the escapes remembered (render_names), once
+        assert log.count("renders with prometheus_client's escapes remembered") == 1
         if name in HYBRIDS:  # the live comparison sizes the linear-attention mixers as loaded
             _check_step_bytes_predicted(srv)
 
