@@ -237,9 +237,9 @@ def gated_deltanet_params(cfg: Mapping[str, Any], hidden: int) -> int:
 def short_conv_params(cfg: Mapping[str, Any], hidden: int) -> int:
     """Weights of one LFM2 short-convolution mixer (lfm2, lfm2_moe), as vLLM's ShortConv holds
     them at width hidden: in_proj to B, C and x, the depthwise conv of `conv_L_cache` taps,
-    out_proj, and their biases with `conv_bias`. 4 x hidden^2 against attention's 3 to 4 on a
-    GQA model: costing it as attention left a third of each conv layer's reads out. 0 where the
-    config does not give the taps."""
+    out_proj, and their biases with `conv_bias`. 4 x hidden^2 against attention's 2 + 2 x
+    kv_heads / heads (2.5 on LFM2-8B-A1B's GQA): costing it as attention left a third of each
+    conv layer's reads out. 0 where the config does not give the taps."""
     taps = shape_int(cfg, "conv_L_cache")
     if not taps:
         return 0
