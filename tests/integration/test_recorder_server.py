@@ -307,7 +307,12 @@ def test_two_api_servers_prometheus_multiprocess_mode(runner: str) -> None:
         build_model("qwen3-moe"), enforce_eager=True, additional_config={"moe_reuse": FLUSH},
         extra_args=["--api-server-count", "2"], runner=runner,
     ).start() as srv:
-        assert "ApiServer_1" in srv.log_text()
+        log = srv.log_text()
+        assert "ApiServer_1" in log
+        # each API server renders its /metrics with the escapes remembered (render_names)
+        said = [line for line in log.splitlines() if "escapes remembered" in line]
+        assert {s for s in ("ApiServer_0", "ApiServer_1") if any(s in line for line in said)} == {
+            "ApiServer_0", "ApiServer_1"}, said
         before = srv.metrics_text()
         sent = _workload(facts.vocab_size, seed=3)
         run_concurrent(srv.url, sent, concurrency=len(sent))
