@@ -11,16 +11,17 @@ thirds of rendering our 2,472 default samples for 8 DeepSeek-V3-shaped ranks
 Names are few (a few dozen metric and label names in a whole /metrics) while samples are
 thousands, and each escape is a pure function of its arguments (the string, the escaping scheme
 and, for `_escape`, the rune predicate). So the three escapers of
-`prometheus_client.openmetrics.exposition` (`escape_metric_name`, `escape_label_name`, `_escape`),
-and its name check (`_is_valid_legacy_metric_name`, a regular expression on every sample's name
-when the scrape asks for UTF-8 names, as Prometheus 3.x does), are put behind functools' bounded LRU cache, which calls the original on a miss and returns what
-it returned: the rendered bytes are the same, byte for byte (checked at install on strings that
-need escaping, and by tests/test_render_names.py on whole scrapes of every Accept header
-Prometheus sends). `_escape` also escapes label values and help texts; those are remembered too,
-because a cache hit (in C) is cheaper than the three `str.replace` calls behind a Python call it
-saves, and label values are bounded like the series themselves. The cache is capped
-(`MAX_ENTRIES` entries a function, least recently used first out), so a process that makes label
-values without end costs about what it cost before, never memory.
+`prometheus_client.openmetrics.exposition` (`escape_metric_name`, `escape_label_name`,
+`_escape`), and its name check (`_is_valid_legacy_metric_name`, a regular expression on every
+sample's name when the scrape asks for UTF-8 names, as Prometheus 3.x does), are put behind
+functools' bounded LRU cache, which calls the original on a miss and returns what it returned:
+the rendered bytes are the same, byte for byte (checked at install on strings that need
+escaping, and by tests/test_render_names.py on whole scrapes of every Accept header Prometheus
+sends). `_escape` also escapes label values and help texts; those are remembered too, because a
+cache hit (in C) is cheaper than the three `str.replace` calls behind a Python call it saves,
+and label values are bounded like the series themselves. The cache is capped (`MAX_ENTRIES`
+entries a function, least recently used first out), so a process that makes label values
+without end costs about what it cost before, never memory.
 
 The patch is process-wide (it is the renderer's module that vLLM's /metrics handler calls), it
 is installed where the reader serves /metrics (vLLM's API server through `frontend`, and the
