@@ -29,8 +29,8 @@ ACCEPT = [
     "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
     "text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
     "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
-    "application/openmetrics-text;version=0.0.1;q=0.4,text/plain;version=1.0.0;escaping=allow-utf-8;"
-    "q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1",
+    "application/openmetrics-text;version=0.0.1;q=0.4,"
+    "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1",
     *(f"text/plain;version=1.0.0;escaping={e}"
       for e in ("underscores", "dots", "values", "allow-utf-8")),
     *(f"application/openmetrics-text;version=1.0.0;escaping={e}"
