@@ -17,8 +17,14 @@ setup:
 demo: setup
 	$(PY) -m moe_reuse.plugin.cli demo
 
+# Two pytest-xdist workers: a vLLM server's start-up is mostly single-threaded imports, so two tests
+# side by side keep both cores of a 2-core CI machine busy (tests/conftest.py gives each worker's
+# servers a core of their own). TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist worksteal
+
 test: setup lint install-wheel check-generated
-	MOE_REUSE_EXPECT_INSTALLED=1 MOE_REUSE_DIST_DIR=$(DIST) $(PY) -m pytest -q -p no:cacheprovider --durations=40 tests
+	MOE_REUSE_EXPECT_INSTALLED=1 MOE_REUSE_DIST_DIR=$(DIST) $(PY) -m pytest -q -p no:cacheprovider --durations=40 $(XDIST) tests
 
 # The sdist, and the wheel built from it, under $(DIST).
 dist: setup
@@ -37,7 +43,7 @@ unit: setup
 	$(PY) -m pytest -q -m "not integration" tests
 
 integration: setup
-	$(PY) -m pytest -q -m integration tests
+	$(PY) -m pytest -q -m integration $(XDIST) tests
 
 lint: setup
 	$(PY) -m ruff check plugin predictor dashboards tests benchmarks

@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 import vllm_figures
 
 from moe_reuse.plugin.harness import load, server, tiny_models
@@ -150,6 +151,7 @@ def test_concurrent_builders(tmp_path: pathlib.Path) -> None:
         except BaseException as e:  # pragma: no cover - reported below
             errors.append(e)
 
+    dtype = torch.get_default_dtype()
     threads = [threading.Thread(target=run) for _ in range(3)]
     for t in threads:
         t.start()
@@ -157,6 +159,18 @@ def test_concurrent_builders(tmp_path: pathlib.Path) -> None:
         t.join()
     assert not errors and len(set(out)) == 1
     assert [p.name for p in tmp_path.iterdir()] == [out[0].name]
+    # the builders' bfloat16 does not leak into the process (transformers sets the default dtype)
+    assert torch.get_default_dtype() == dtype == torch.float32
+
+
+def test_a_builder_that_loses_the_rename_uses_the_winners(tmp_path: pathlib.Path) -> None:
+    # another process renamed its build into place first: this one's rename fails, it keeps theirs
+    won = build_model("dense", tmp_path)
+    spec = tiny_models.model_spec("dense")
+    sidecar = (won / tiny_models.SIDECAR).read_text()
+    assert tiny_models._build("dense", spec, tmp_path, won, lambda _m: None) == won
+    assert [p.name for p in tmp_path.iterdir()] == [won.name]  # its own build removed
+    assert (won / tiny_models.SIDECAR).read_text() == sidecar
 
 
 def test_unknown_model() -> None:

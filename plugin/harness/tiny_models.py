@@ -21,6 +21,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -236,6 +237,21 @@ def build_model(
     if (final / SIDECAR).exists():
         return final
     say = progress or (lambda _msg: None)
+    with _BUILD_LOCK:
+        if (final / SIDECAR).exists():  # another thread of this process built it meanwhile
+            return final
+        return _build(name, spec, root, final, say)
+
+
+_BUILD_LOCK = threading.Lock()
+"""One build at a time in a process: transformers' lazy imports and its `from_config(dtype=)`,
+which sets torch's process-wide default dtype and puts back the one it saw, are not thread-safe
+(two threads building at once left bfloat16 as the default for the whole process). Processes
+building the same model race on the final rename instead (`_build`)."""
+
+
+def _build(name: str, spec: Mapping[str, Any], root: pathlib.Path, final: pathlib.Path,
+           say: Callable[[str], None]) -> pathlib.Path:
     root.mkdir(parents=True, exist_ok=True)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{name}-building-", dir=root))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared
@@ -282,13 +298,17 @@ def _write_checkpoint(
     config = AutoConfig.for_model(model_type, **cfg_dict)
     config.architectures = [spec["architecture"]]
     seed = int(_spec_hash(spec)[:8], 16)
-    torch.manual_seed(seed)
-    say(f"initialising {spec['architecture']} weights")
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    _rig(model, spec.get("rig", {}), config)
-    say("saving weights")
-    model.save_pretrained(out, safe_serialization=True)
-    del model
+    before = torch.get_default_dtype()
+    try:
+        torch.manual_seed(seed)
+        say(f"initialising {spec['architecture']} weights")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        _rig(model, spec.get("rig", {}), config)
+        say("saving weights")
+        model.save_pretrained(out, safe_serialization=True)
+        del model
+    finally:
+        torch.set_default_dtype(before)  # from_config(dtype=) sets it process-wide
     # transformers drops keys it does not model (e.g. DeepSeek-V3's topk_method/scoring_func);
     # vLLM reads them from config.json, so write the spec's values back on top.
     saved = json.loads((out / "config.json").read_text())
