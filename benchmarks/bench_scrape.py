@@ -34,6 +34,7 @@ import gzip
 import importlib.metadata
 import os
 import statistics
+import sys
 import tempfile
 import time
 import zipfile
@@ -47,9 +48,6 @@ from prometheus_client.openmetrics import exposition as openmetrics
 
 from moe_reuse.plugin.exporters import render_names
 from moe_reuse.plugin.exporters.prometheus import SnapshotCollector
-from moe_reuse.plugin.recorder.aggregate import ByteModel
-from moe_reuse.plugin.recorder.ring import RingLayout
-from moe_reuse.plugin.recorder.session import RecorderSession
 from moe_reuse.plugin.snapshot import (
     MAX_SNAPSHOT_BYTES,
     WRITTEN_HERE,
@@ -57,23 +55,18 @@ from moe_reuse.plugin.snapshot import (
     write_snapshot,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
+from scrape_inputs import PROMETHEUS_ACCEPT, rank_snapshot  # noqa: E402
+
 LAYERS, EXPERTS, TOP_K = 61, 256, 8
 RUN = "4000000-abcdef01"
 
 
-def rank_snapshot(rank: int, per_expert: bool, rng: np.random.Generator) -> dict[str, Any]:
-    s = RecorderSession(
-        RingLayout(LAYERS, EXPERTS, TOP_K, 8, 8), ByteModel((1,) * LAYERS),
-        labels={"model": "ds", "engine": "0", "rank": str(rank)}, info={"top_k": str(TOP_K)},
-        layer_ids=list(range(3, 3 + LAYERS)), publish=lambda _: None,
-    )
+def ds_rank(rank: int, per_expert: bool, rng: np.random.Generator) -> dict[str, Any]:
+    """A DeepSeek-V3-shaped rank (61 MoE layers from layer 3, 256 experts), random loads."""
     et = rng.integers(0, 1000, size=(LAYERS, 2, EXPERTS))
-    s.totals.expert_tokens[:] = et
-    s.totals.assignments[:] = et.sum(axis=2)
-    snap = s.snapshot()
-    snap["options"] = {"per_expert_series": per_expert, "max_expert_series": 2000,
-                       "flush_interval_s": 1.0}
-    return snap
+    return rank_snapshot(rank, et, top_k=TOP_K, per_expert=per_expert, max_expert_series=2000,
+                         layer_ids=range(3, 3 + LAYERS), flush_interval_s=1.0)
 
 
 def junk(d: Path, n: int) -> None:
@@ -93,19 +86,6 @@ def junk(d: Path, n: int) -> None:
         else:
             with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as zf:  # a zip bomb
                 zf.writestr("header.npy", b"\0" * (64 << 20))
-
-
-PROMETHEUS_ACCEPT = {
-    "2.x": "application/openmetrics-text;version=1.0.0,application/openmetrics-text;"
-           "version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
-    "3.x": "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
-           "application/openmetrics-text;version=0.0.1;escaping=allow-utf-8;q=0.4,"
-           "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,"
-           "text/plain;version=0.0.4;escaping=allow-utf-8;q=0.2,*/*;q=0.1",
-}
-"""The Accept headers Prometheus sends (2.x: `strings /usr/bin/prometheus` of Debian's 2.42; 3.x:
-scrape.acceptHeader with the default UTF-8 name validation, which adds escaping=allow-utf-8).
-Both send Accept-Encoding: gzip by default."""
 
 
 def served(reg: CollectorRegistry, accept: str) -> bytes:
@@ -193,7 +173,7 @@ def main() -> None:
             d.mkdir(parents=True, mode=0o700)
             if n_junk:  # first: zip bombs take seconds to write, and the ranks must be fresh
                 junk(d, n_junk)
-            snaps = [rank_snapshot(r, pe, rng) for r in range(ranks)]
+            snaps = [ds_rank(r, pe, rng) for r in range(ranks)]
             rows = {}
             for escapes in ("orig", "memo"):
                 # written afresh for each: a rank not rewritten for 10 s is stale (STALE_AFTER_S)
@@ -212,7 +192,6 @@ def main() -> None:
                 gc.unfreeze()
                 WRITTEN_HERE.clear()
             ratios[name] = [m / o for m, o in zip(rows["memo"][:-1], rows["orig"][:-1])]
-            render_names.uninstall()
     print("memo/orig, side by side in this run:")
     for name, r in ratios.items():
         print(f"{name:29s} {'ratio':7s} "

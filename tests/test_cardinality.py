@@ -17,34 +17,25 @@ from typing import Any
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
+from scrape_inputs import rank_snapshot
 
 from moe_reuse.plugin.config import ConfigError, parse_config
 from moe_reuse.plugin.config_checks import validate_for_model
 from moe_reuse.plugin.exporters.families import EXPERT_SERIES_PER_SCRAPE, snapshot_families
 from moe_reuse.plugin.metrics_text import samples
-from moe_reuse.plugin.recorder.aggregate import PHASES, ByteModel
-from moe_reuse.plugin.recorder.ring import RingLayout
-from moe_reuse.plugin.recorder.session import RecorderSession
+from moe_reuse.plugin.recorder.aggregate import PHASES
 
 LAYERS, EXPERTS, RANKS, TOP_K = 61, 256, 8, 8
 LAYER_IDS = list(range(3, 3 + LAYERS))  # DeepSeek-V3 style: the first dense layers carry no MoE
 
 
 def _rank_snapshot(rank: int, rng: np.random.Generator, cap: int) -> dict[str, Any]:
-    s = RecorderSession(
-        RingLayout(LAYERS, EXPERTS, TOP_K, 8, 8), ByteModel((1,) * LAYERS),
-        labels={"model": "ds", "engine": "0", "rank": str(rank)}, info={"top_k": str(TOP_K)},
-        layer_ids=LAYER_IDS, publish=lambda _: None,
-    )
     # Zipf-skewed loads, some experts never routed (dead), distinct per rank, layer and phase.
     weights = rng.zipf(1.3, size=(LAYERS, 2, EXPERTS)).astype(np.float64)
     weights[:, :, rng.choice(EXPERTS, 5, replace=False)] = 0
     et = np.floor(weights / weights.sum(axis=2, keepdims=True) * 100_000).astype(np.int64)
-    s.totals.expert_tokens[:] = et
-    s.totals.assignments[:] = et.sum(axis=2)  # [L, 2]: what each layer routed, per phase
-    snap = s.snapshot()
-    snap["options"] = {"per_expert_series": True, "max_expert_series": cap}
-    return snap
+    return rank_snapshot(rank, et, top_k=TOP_K, per_expert=True, max_expert_series=cap,
+                         layer_ids=LAYER_IDS)
 
 
 def _exposition(snaps: list[dict[str, Any]]) -> str:

@@ -15,22 +15,15 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics import exposition as om
+from scrape_inputs import PROMETHEUS_ACCEPT, rank_snapshot
 
 from moe_reuse.plugin.exporters import render_names
 from moe_reuse.plugin.exporters.families import snapshot_families
-from moe_reuse.plugin.recorder.aggregate import ByteModel
-from moe_reuse.plugin.recorder.ring import RingLayout
-from moe_reuse.plugin.recorder.session import RecorderSession
 
 ACCEPT = [
     "",  # curl
     "text/plain;version=0.0.4",
-    # Prometheus 2.x (Debian's 2.42) and 3.x (UTF-8 names on)
-    "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,"
-    "text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
-    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
-    "application/openmetrics-text;version=0.0.1;q=0.4,"
-    "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,text/plain;version=0.0.4;q=0.2,*/*;q=0.1",
+    *PROMETHEUS_ACCEPT.values(),  # Prometheus 2.x (Debian's 2.42) and 3.x (UTF-8 names on)
     *(f"text/plain;version=1.0.0;escaping={e}"
       for e in ("underscores", "dots", "values", "allow-utf-8")),
     *(f"application/openmetrics-text;version=1.0.0;escaping={e}"
@@ -47,17 +40,9 @@ def originals(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 
 
 def _rank(rank: int, per_expert: bool) -> dict[str, Any]:
-    layers, experts = 5, 16
-    s = RecorderSession(
-        RingLayout(layers, experts, 4, 8, 8), ByteModel((1,) * layers),
-        labels={"model": 'odd "model"\\name\n', "engine": "0", "rank": str(rank)},
-        info={"top_k": "4"}, layer_ids=list(range(1, 1 + layers)), publish=lambda _: None)
-    et = np.random.default_rng(rank).integers(0, 1000, size=(layers, 2, experts))
-    s.totals.expert_tokens[:] = et
-    s.totals.assignments[:] = et.sum(axis=2)
-    snap = s.snapshot()
-    snap["options"] = {"per_expert_series": per_expert, "max_expert_series": 64}
-    return snap
+    et = np.random.default_rng(rank).integers(0, 1000, size=(5, 2, 16))
+    return rank_snapshot(rank, et, top_k=4, per_expert=per_expert, max_expert_series=64,
+                         layer_ids=range(1, 6), model='odd "model"\\name\n')
 
 
 def _registry() -> CollectorRegistry:
