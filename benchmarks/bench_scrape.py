@@ -21,7 +21,8 @@ Each case runs twice, side by side: with prometheus_client's own escapers (`orig
 the escapes remembered as the plugin installs them where it serves /metrics (`memo`,
 `moe_reuse.plugin.exporters.render_names`); the last lines print memo/orig per column.
 The budgets: 100 ms a scrape whatever the directory holds (issue 13); 20 ms for the default
-series of 8 ranks, 100 ms with per-expert series (issue 15). Last run: benchmarks/results/bench_scrape.txt.
+series of 8 ranks, 100 ms with per-expert series (issue 15).
+Last run: benchmarks/results/bench_scrape.txt.
 
     python benchmarks/bench_scrape.py [--repeat 20] [--cases default,per-expert,...]
 """

@@ -3,9 +3,10 @@
 Synthetic snapshots in the real format (a RecorderSession's own `snapshot()`), skewed routing so
 the cap has to choose, read back through prometheus_client's parser from the exposition text.
 Checks: each rank stays within `max_expert_series`, and all ranks together within the scrape's
-budget (`EXPERT_SERIES_PER_SCRAPE`, shared evenly: rendering is what a scrape pays per series); per (rank, layer, phase) the `expert="other"`
-series holds exactly the experts that were not kept; every series together equals the layer
-totals (`moe_reuse_expert_assignments_total`), rank by rank and overall.
+budget (`EXPERT_SERIES_PER_SCRAPE`, shared evenly: rendering is what a scrape pays per series);
+per (rank, layer, phase) the `expert="other"` series holds exactly the experts that were not kept;
+every series together equals the layer totals (`moe_reuse_expert_assignments_total`), rank by rank
+and overall.
 """
 
 from __future__ import annotations
